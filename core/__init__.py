@@ -1,0 +1,56 @@
+"""distillzoo: a plugin-based loss and algorithm zoo for distilling LLMs into small Qwen students.
+
+    import distillzoo as dz
+    dz.list_objectives()
+    loss_fn = dz.objective("fkl", temperature=2.0)
+    loss = loss_fn(student_logits, teacher_logits, labels)
+    loss = loss_fn.from_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight, labels)
+"""
+
+from .config import build_objective, load_config, starter_config
+from .errors import (
+    ConfigError,
+    DistillzooError,
+    ParameterError,
+    PluginError,
+    PluginWarning,
+    UnknownNameError,
+)
+from .hookspecs import hookimpl
+from .manager import (
+    DEFAULT_PLUGINS,
+    components,
+    get_plugin_manager,
+    list_objectives,
+    objective,
+    objective_spec,
+    objective_specs,
+    plugins_info,
+)
+from .base import LogitObjective, Mixture, Objective
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "DEFAULT_PLUGINS",
+    "DistillzooError",
+    "LogitObjective",
+    "Mixture",
+    "Objective",
+    "ParameterError",
+    "PluginError",
+    "PluginWarning",
+    "UnknownNameError",
+    "build_objective",
+    "components",
+    "get_plugin_manager",
+    "hookimpl",
+    "list_objectives",
+    "load_config",
+    "objective",
+    "objective_spec",
+    "objective_specs",
+    "plugins_info",
+    "starter_config",
+]

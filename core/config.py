@@ -1,0 +1,216 @@
+"""Config: omegaconf YAML in struct mode, ``key=value`` overrides, objectives by name.
+
+A config selects one objective or a weighted list::
+
+    objective: {name: fkl, temperature: 2.0}
+    # or
+    objectives:
+      - {name: fkl, weight: 0.5}
+      - {name: rkl, weight: 0.5}
+
+Unknown keys, unknown objective names and invalid parameters fail with the file
+and line (or the override) that caused them, the valid choices and a "did you mean".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from .errors import ConfigError, DistillzooError, did_you_mean
+
+
+@dataclass
+class DistillConfig:
+    """The schema every config is merged into (struct mode: unknown keys fail)."""
+
+    objective: Optional[Dict[str, Any]] = None
+    objectives: Optional[List[Dict[str, Any]]] = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ObjectiveTerm:
+    """One validated entry of ``objective`` / ``objectives``."""
+
+    name: str
+    weight: float
+    params: dict
+    path: str
+
+
+class _Locator:
+    """Maps config paths (``objectives[1].name``) to ``file:line`` or the override that set them."""
+
+    def __init__(self, source: str, text: str, overrides: Sequence[str]) -> None:
+        self.source = source
+        self.lines: dict[str, int] = {}
+        try:
+            self._walk(yaml.compose(text), "")
+        except yaml.YAMLError:
+            pass  # reported by the loader with its own mark
+        self.overrides = {o.split("=", 1)[0].strip(): o for o in overrides}
+
+    def _walk(self, node: Any, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = f"{path}.{key.value}" if path else str(key.value)
+                self.lines[sub] = key.start_mark.line + 1
+                self._walk(value, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                sub = f"{path}[{i}]"
+                self.lines[sub] = item.start_mark.line + 1
+                self._walk(item, sub)
+
+    def __call__(self, path: str) -> str:
+        if path in self.overrides:
+            return f"override {self.overrides[path]!r}"
+        probe = path
+        while probe:
+            if probe in self.lines:
+                return f"{self.source}:{self.lines[probe]}"
+            probe = probe.rpartition(".")[0] if "." in probe else probe.rpartition("[")[0]
+        return self.source
+
+
+def load_config(source: str | Path | dict, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load a YAML file (or a dict), apply ``key=value`` overrides, validate, return it.
+
+    The result is a struct-mode DictConfig; its objectives are checked against the
+    catalogue, so :func:`build_objective` on it cannot fail on names or params.
+    """
+    if isinstance(source, dict):
+        text, where = yaml.safe_dump(source), "<dict>"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        text, where = path.read_text(encoding="utf-8"), str(path)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    locate = _Locator(where, text, overrides)
+    schema = OmegaConf.structured(DistillConfig)
+    cfg = _merge(schema, OmegaConf.create(raw), locate)
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} is not of the form key=value")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([override]), locate)
+    OmegaConf.set_struct(cfg, True)
+    objective_terms(cfg, locate)
+    return cfg
+
+
+def _merge(base: DictConfig, update: DictConfig, locate: _Locator) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, update)
+    except ConfigKeyError as e:
+        key = str(e.full_key)
+        parent = key.rpartition(".")[0]
+        node = OmegaConf.select(base, parent) if parent else base
+        valid = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+        leaf = key.rpartition(".")[2]
+        raise ConfigError(
+            f"{locate(key)}: unknown config key {key!r}. Valid keys"
+            f"{' under ' + repr(parent) if parent else ''}: {', '.join(valid)}." + did_you_mean(leaf, valid)
+        ) from None
+    except OmegaConfBaseException as e:
+        key = str(getattr(e, "full_key", "") or "")
+        raise ConfigError(f"{locate(key) if key else locate.source}: {key + ': ' if key else ''}{e.msg if hasattr(e, 'msg') else e}") from None
+
+
+def objective_terms(cfg: DictConfig, locate: _Locator | None = None) -> list[ObjectiveTerm]:
+    """The validated objective terms of a config: (name, weight, params, config path)."""
+    from .manager import objective_spec, objective_specs
+
+    locate = locate or _Locator("<config>", "", ())
+    single, many = cfg.get("objective"), cfg.get("objectives")
+    if single is not None and many is not None:
+        raise ConfigError(f"{locate('objectives')}: give either 'objective' or 'objectives', not both")
+    if single is None and many is None:
+        raise ConfigError(
+            f"{locate.source}: no objective selected: add `objective: {{name: fkl}}` or a weighted "
+            f"`objectives:` list. Available: {', '.join(sorted(objective_specs()))}"
+        )
+    if single is not None:
+        entries = [("objective", single)]
+    else:
+        if not isinstance(many, ListConfig) or len(many) == 0:
+            raise ConfigError(f"{locate('objectives')}: 'objectives' must be a non-empty list of {{name, weight, ...}}")
+        entries = [(f"objectives[{i}]", item) for i, item in enumerate(many)]
+    terms = []
+    for path, node in entries:
+        if not isinstance(node, DictConfig):
+            raise ConfigError(f"{locate(path)}: {path} must be a mapping with a 'name', got {node!r}")
+        body = OmegaConf.to_container(node, resolve=True)
+        name = body.pop("name", None)
+        if name is None:
+            raise ConfigError(f"{locate(path)}: {path} has no 'name'. Available: {', '.join(sorted(objective_specs()))}")
+        try:
+            spec = objective_spec(str(name), where=f"{locate(path + '.name')}: {path}.name")
+        except DistillzooError as e:
+            raise ConfigError(str(e)) from None
+        weight = body.pop("weight", 1.0)
+        if single is not None and weight != 1.0:
+            raise ConfigError(f"{locate(path + '.weight')}: a single 'objective' takes no weight; use 'objectives:' to mix")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigError(f"{locate(path + '.weight')}: {path}.weight must be a number, got {weight!r}")
+        params = {}
+        for key, value in body.items():
+            key_path = f"{path}.{key}"
+            try:
+                where = f"{locate(key_path)}: {key_path} (objective {spec.name!r})"
+                params[key] = spec.validate_params({key: value}, where=where)[key]
+            except DistillzooError as e:
+                raise ConfigError(str(e)) from None
+        terms.append(ObjectiveTerm(spec.name, float(weight), params, path))
+    return terms
+
+
+def build_objective(cfg: DictConfig):
+    """The objective a config selects: one objective, or a weighted Mixture of them."""
+    from .manager import objective
+    from .base import Mixture
+
+    terms = objective_terms(cfg)
+    if cfg.get("objective") is not None:
+        return objective(terms[0].name, **terms[0].params)
+    try:
+        return Mixture([(t.weight, objective(t.name, **t.params)) for t in terms])
+    except DistillzooError as e:
+        raise ConfigError(f"objectives: {e}") from None
+
+
+def starter_config(name: str) -> str:
+    """A commented YAML selecting objective ``name`` with its defaults, accepted by load_config."""
+    from .manager import objective_spec
+
+    spec = objective_spec(name)
+    lines = [
+        f"# distillzoo config: {spec.name} - {spec.summary}",
+        f"# formula: {spec.formula}",
+        "# Override any key on the command line: key=value (e.g. objective.temperature=2.0)",
+        "objective:",
+        f"  name: {spec.name}",
+    ]
+    for pname, p in spec.params.items():
+        value = yaml.safe_dump(p.default, default_flow_style=True).strip().removesuffix("...").strip()
+        doc = f"  # {p.doc}" if p.doc else ""
+        lines.append(f"  {pname}: {value}{doc}")
+    lines.append(f"seed: {DistillConfig.seed}")
+    return "\n".join(lines) + "\n"
+
+

@@ -1,0 +1,6 @@
+"""Built-in distillzoo plugins.
+
+Each module here is a plugin exactly like a third-party one: ``@dz.hookimpl``
+functions, loaded by the core through ``DEFAULT_PLUGINS`` (never through entry
+points), and described by the repository's registry.yaml.
+"""

@@ -1,0 +1,34 @@
+import os
+
+import pytest
+
+# Third-party plugins installed in the environment stay out of the test suite
+# (an empty allow-list); tests that want entry points set it themselves.
+os.environ["DISTILLZOO_PLUGINS"] = ""
+
+import distillzoo as dz  # noqa: E402
+from distillzoo.manager import reset_plugin_manager  # noqa: E402
+
+
+@pytest.fixture
+def register_plugin():
+    """Register throwaway plugin objects on the process-wide manager; always unregistered."""
+    pm = dz.get_plugin_manager()
+    names = []
+
+    def register(plugin, name):
+        pm.register(plugin, name=name)
+        names.append(name)
+        return plugin
+
+    yield register
+    for name in names:
+        pm.unregister(name=name)
+
+
+@pytest.fixture
+def fresh_plugin_manager():
+    """Rebuild the process-wide manager before and after (for entry-point tests)."""
+    reset_plugin_manager()
+    yield
+    reset_plugin_manager()
