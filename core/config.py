@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -71,6 +71,9 @@ class _Locator:
     def __call__(self, path: str) -> str:
         if path in self.overrides:
             return f"override {self.overrides[path]!r}"
+        return self.in_file(path)
+
+    def in_file(self, path: str) -> str:
         probe = path
         while probe:
             if probe in self.lines:
@@ -104,17 +107,17 @@ def load_config(source: str | Path | dict, overrides: Sequence[str] = ()) -> Dic
         raise ConfigError(f"{where}: the top level must be a mapping of keys, got {type(raw).__name__}")
     locate = _Locator(where, text, overrides)
     schema = OmegaConf.structured(DistillConfig)
-    cfg = _merge(schema, OmegaConf.create(raw), locate)
+    cfg = _merge(schema, OmegaConf.create(raw), locate.in_file)
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r} is not of the form key=value")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([override]), locate)
+        cfg = _merge(cfg, OmegaConf.from_dotlist([override]), lambda key: f"override {override!r}")
     OmegaConf.set_struct(cfg, True)
     objective_terms(cfg, locate)
     return cfg
 
 
-def _merge(base: DictConfig, update: DictConfig, locate: _Locator) -> DictConfig:
+def _merge(base: DictConfig, update: DictConfig, locate: Callable[[str], str]) -> DictConfig:
     try:
         return OmegaConf.merge(base, update)
     except ConfigKeyError as e:
@@ -129,7 +132,8 @@ def _merge(base: DictConfig, update: DictConfig, locate: _Locator) -> DictConfig
         ) from None
     except OmegaConfBaseException as e:
         key = str(getattr(e, "full_key", "") or "")
-        raise ConfigError(f"{locate(key) if key else locate.source}: {key + ': ' if key else ''}{e.msg if hasattr(e, 'msg') else e}") from None
+        reason = str(e).splitlines()[0]  # omegaconf appends full_key/object_type lines
+        raise ConfigError(f"{locate(key)}: {key + ': ' if key else ''}{reason}") from None
 
 
 def objective_terms(cfg: DictConfig, locate: _Locator | None = None) -> list[ObjectiveTerm]:

@@ -1,0 +1,75 @@
+"""The distillzoo command line, called in-process."""
+
+import json
+
+import pytest
+
+from distillzoo.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_is_a_table_with_kind_and_package(capsys):
+    code, out, _ = run(capsys, "list")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["NAME", "KIND", "PACKAGE", "SUMMARY"]
+    rows = {line.split()[0]: line.split()[1:3] for line in lines[1:]}
+    assert rows["fkl"] == ["logit", "distillzoo"] and rows["rkl"] == ["logit", "distillzoo"]
+
+
+def test_list_json(capsys):
+    code, out, _ = run(capsys, "list", "--json")
+    entries = {e["name"]: e for e in json.loads(out)}
+    assert entries["fkl"]["params"]["temperature"] == {
+        "type": "float", "default": 1.0, "range": "(0, inf)",
+        "doc": "softmax temperature tau for both models, p = softmax(z_t / tau), q = softmax(z_s / tau)",
+    }
+
+
+def test_show_prints_formula_params_and_paper(capsys):
+    code, out, _ = run(capsys, "show", "rkl")
+    assert code == 0
+    assert "formula:  tau^2 * sum_v q_v (log q_v - log p_v)" in out
+    assert "temperature: float = 1.0 in (0, inf)" in out
+    assert "MiniLLM: Knowledge Distillation of Large Language Models (Gu, Dong, Wei, Huang, 2024)" in out
+
+
+def test_show_unknown_name_fails_with_suggestion(capsys):
+    code, out, err = run(capsys, "show", "rkll")
+    assert code == 2 and out == ""
+    assert err.strip() == "distillzoo show: error: unknown objective 'rkll'. Available: fkl, rkl. Did you mean 'rkl'?"
+
+
+def test_plugins_json(capsys):
+    code, out, _ = run(capsys, "plugins")
+    [builtin] = [p for p in json.loads(out) if p["name"] == "distillzoo.plugins.divergences"]
+    assert builtin["package"] == "distillzoo" and builtin["version"] == "0.1.0"
+    assert builtin["objectives"] == ["fkl", "rkl"] and builtin["hooks"] == ["register_objectives"]
+
+
+def test_config_output_is_accepted_by_check(capsys, tmp_path):
+    code, out, _ = run(capsys, "config", "fkl")
+    assert code == 0 and out.startswith("# distillzoo config: fkl")
+    path = tmp_path / "fkl.yaml"
+    path.write_text(out)
+    code, out, err = run(capsys, "check", str(path), "objective.temperature=2.5")
+    assert code == 0, err
+    assert "temperature: 2.5" in out and "ForwardKL(temperature=2.5," in out
+
+
+def test_check_reports_config_errors(capsys, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("objective:\n  name: fkl\n  reduction: avg\n")
+    code, _, err = run(capsys, "check", str(path))
+    assert code == 2
+    assert f"{path}:3: objective.reduction (objective 'fkl'): parameter 'reduction' = 'avg' is not one of" in err
+
+
+def test_no_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2

@@ -1,0 +1,84 @@
+"""Entry-point discovery from real (throwaway) distributions on sys.path."""
+
+import importlib
+import sys
+import textwrap
+import warnings
+
+import pytest
+
+import distillzoo as dz
+
+GOOD_MODULE = '''
+import distillzoo as dz
+
+class Bhattacharyya(dz.LogitObjective):
+    name = "bhattacharyya"
+    def token_loss(self, student_logprobs, teacher_logprobs, labels):
+        return -(0.5 * (student_logprobs + teacher_logprobs)).logsumexp(-1)
+
+@dz.hookimpl
+def register_objectives(register):
+    register(Bhattacharyya, entry={
+        "kind": "logit", "summary": "Bhattacharyya distance", "formula": "-log sum_v sqrt(p_v q_v)",
+        "params": {}, "inputs": ["student_logits", "teacher_logits", "labels"], "paper": {},
+    })
+'''
+
+
+def add_distribution(root, dist, version, ep_name, module, source):
+    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[distillzoo]\n{ep_name} = {module}\n")
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch, fresh_plugin_manager):
+    add_distribution(tmp_path, "kd-bhatta", "1.2", "bhatta", "kd_bhatta", GOOD_MODULE)
+    add_distribution(tmp_path, "kd-broken", "0.1", "broken", "kd_broken", "raise ImportError('needs a GPU library')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    yield monkeypatch
+    for module in ("kd_bhatta", "kd_broken"):
+        sys.modules.pop(module, None)
+
+
+def load(monkeypatch, allow):
+    if allow is None:
+        monkeypatch.delenv("DISTILLZOO_PLUGINS", raising=False)
+    else:
+        monkeypatch.setenv("DISTILLZOO_PLUGINS", allow)
+    dz.manager.reset_plugin_manager()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        names = dz.list_objectives()
+    return names, [w for w in caught if issubclass(w.category, dz.PluginWarning)]
+
+
+def test_broken_plugin_warns_once_naming_its_package_and_the_rest_load(site):
+    names, warned = load(site, None)
+    assert "bhattacharyya" in names and {"fkl", "rkl"} <= set(names)
+    assert len(warned) == 1
+    assert str(warned[0].message) == (
+        "distillzoo: plugin 'broken' from package 'kd-broken' failed to load and was skipped: ImportError: needs a GPU library"
+    )
+    assert dz.objective_spec("bhattacharyya").package == "kd-bhatta"
+    [info] = [p for p in dz.plugins_info() if p["name"] == "bhatta"]
+    assert (info["package"], info["version"], info["objectives"]) == ("kd-bhatta", "1.2", ["bhattacharyya"])
+
+
+@pytest.mark.parametrize("allow, expect_loaded, expect_warning", [
+    ("kd-bhatta", True, False),   # by distribution name
+    ("KD_Bhatta", True, False),   # names are normalised like pip's
+    ("bhatta", True, False),      # by entry-point name
+    ("", False, False),           # empty: no third-party plugin at all
+    ("kd-broken", False, True),
+    ("kd-bhatta,kd-broken", True, True),
+])
+def test_allow_list(site, allow, expect_loaded, expect_warning):
+    names, warned = load(site, allow)
+    assert ("bhattacharyya" in names) is expect_loaded
+    assert bool(warned) is expect_warning
+    assert {"fkl", "rkl"} <= set(names)  # built-ins always load

@@ -1,0 +1,59 @@
+"""The example plugin package, installed into a throwaway directory, is found through its entry point."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "distillzoo-renyi"
+
+
+def run(args, cwd, target):
+    env = {k: v for k, v in os.environ.items() if k != "DISTILLZOO_PLUGINS"}  # load every plugin
+    env["PYTHONPATH"] = str(target)
+    result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
+                    "--target", str(target), str(EXAMPLE)], check=True, capture_output=True, timeout=600)
+    return target
+
+
+@pytest.mark.slow
+def test_listed_with_its_package(installed, tmp_path):
+    out = run(["-m", "distillzoo", "list"], tmp_path, installed)
+    rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines()[1:]}
+    assert rows["renyi"] == ["logit", "distillzoo-renyi"]
+    assert rows["fkl"] == ["logit", "distillzoo"]
+
+
+@pytest.mark.slow
+def test_usable_by_name_with_validated_params(installed, tmp_path):
+    probe = (
+        "import torch, distillzoo as dz\n"
+        "t = torch.log(torch.tensor([[0.5, 0.5]], dtype=torch.float64))\n"
+        "s = torch.log(torch.tensor([[0.25, 0.75]], dtype=torch.float64))\n"
+        "print(dz.objective('renyi', alpha=0.5)(s, t, torch.tensor([0])).item())\n"
+        "print(dz.objective_spec('renyi').package)\n"
+        "try:\n    dz.objective('renyi', alpha=1.5)\nexcept dz.ParameterError as e:\n    print(e)\n"
+    )
+    value, package, error = run(["-c", probe], tmp_path, installed).splitlines()
+    assert float(value) == pytest.approx(-2 * math.log(math.sqrt(1 / 8) + math.sqrt(3 / 8)), rel=1e-12)
+    assert package == "distillzoo-renyi"
+    assert error == "objective 'renyi': parameter 'alpha' = 1.5 is out of range (0, 1)"
+
+
+@pytest.mark.slow
+def test_its_own_conformance_tests_pass(installed, tmp_path):
+    out = run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(EXAMPLE),
+               "-c", str(EXAMPLE / "pyproject.toml"), str(EXAMPLE / "tests")], tmp_path, installed)
+    assert "10 passed" in out

@@ -1,0 +1,68 @@
+"""Packaging: the wheel ships registry.yaml, and no generic top-level module becomes importable."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERIC = ("core", "plugins", "kernels")
+PROBE = (
+    "import importlib.util, distillzoo as dz; "
+    "print(dz.__file__); "
+    "print([m for m in %r if importlib.util.find_spec(m) is not None]); "
+    "print(dz.list_objectives()); "
+    "print(dz.objective('fkl', temperature=2.0).temperature)"
+) % (GENERIC,)
+
+
+def python(*args, cwd, env_path=None):
+    env = {"PATH": "/usr/bin:/bin", "DISTILLZOO_PLUGINS": ""}
+    if env_path:
+        env["PYTHONPATH"] = str(env_path)
+    result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    python("-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT), cwd=out)
+    [built] = out.glob("distillzoo-*.whl")
+    return built
+
+
+@pytest.mark.slow
+def test_wheel_contents(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"distillzoo"}
+    assert {"distillzoo/registry.yaml", "distillzoo/plugins/divergences.py", "distillzoo/kernels/__init__.py"} <= set(names)
+    shipped = zipfile.ZipFile(wheel).read("distillzoo/registry.yaml")
+    assert shipped == (ROOT / "registry.yaml").read_bytes()
+
+
+@pytest.mark.slow
+def test_installed_wheel_reads_its_registry(wheel, tmp_path):
+    target = tmp_path / "site"
+    python("-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel), cwd=tmp_path)
+    out = python("-c", PROBE, cwd=tmp_path, env_path=target)
+    assert out[0] == str(target / "distillzoo" / "__init__.py")  # the wheel, not the source tree
+    assert out[1:] == ["[]", "['fkl', 'rkl']", "2.0"]
+
+
+def test_development_install_exposes_only_distillzoo(tmp_path):
+    out = python("-c", PROBE, cwd=tmp_path)
+    assert out[1:] == ["[]", "['fkl', 'rkl']", "2.0"]
+
+
+def test_console_script_lists_the_zoo(tmp_path):
+    script = Path(sys.executable).parent / "distillzoo"
+    result = subprocess.run([str(script), "list"], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "DISTILLZOO_PLUGINS": ""})
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split()[1:3] for line in result.stdout.splitlines()[1:]}
+    assert rows["fkl"] == ["logit", "distillzoo"] and rows["rkl"] == ["logit", "distillzoo"]
