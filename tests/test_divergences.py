@@ -164,3 +164,25 @@ def test_shape_errors_name_the_tensors():
         loss_fn(torch.randn(4, 10), torch.randn(3, 10), torch.zeros(4, dtype=torch.long))
     with pytest.raises(dz.ParameterError, match=r"expected teacher_weight \[vocab, 6\]"):
         loss_fn.from_hidden(torch.randn(4, 8), torch.randn(10, 8), torch.randn(4, 6), torch.randn(10, 8), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the GPU machine)")
+@pytest.mark.parametrize("name", ["fkl", "rkl"])
+def test_cuda_bf16_from_hidden_matches_float64_reference(name):
+    g = torch.Generator().manual_seed(11)
+    n = 64
+    hs, ht = torch.randn(n, 896, generator=g), torch.randn(n, 1536, generator=g)
+    ws, wt = torch.randn(QWEN_VOCAB, 896, generator=g) / 30, torch.randn(QWEN_TEACHER_VOCAB, 1536, generator=g) / 40
+    labels = torch.randint(0, QWEN_VOCAB, (n,), generator=g)
+    labels[:10] = -100
+    h = hs.cuda().bfloat16().requires_grad_(True)
+    w = ws.cuda().bfloat16().requires_grad_(True)
+    loss = dz.objective(name).from_hidden(h, w, ht.cuda().bfloat16(), wt.cuda().bfloat16(), labels.cuda(), chunk_size=16)
+    loss.backward()
+    h64, w64 = hs.bfloat16().double().requires_grad_(True), ws.bfloat16().double().requires_grad_(True)
+    expected = reference_loss(name, h64 @ w64.T, ht.bfloat16().double() @ wt.bfloat16().double().T, labels)
+    expected.backward()
+    # bf16 logits (8 mantissa bits) bound the agreement.
+    assert loss.item() == pytest.approx(expected.item(), rel=2e-2)
+    assert (h.grad.double().cpu() - h64.grad).norm() / h64.grad.norm() < 3e-2
+    assert (w.grad.double().cpu() - w64.grad).norm() / w64.grad.norm() < 3e-2
