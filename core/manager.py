@@ -116,9 +116,12 @@ def _version(dist_name: str) -> str | None:
         return None
 
 
-def _call_each(pm: PluginManager, hook_name: str, make_register: Callable[[str, str], Callable]) -> None:
-    """Call every implementation of a register-style hook with its own ``register``."""
+def _call_each(pm: PluginManager, hook_name: str, make_register: Callable[[str, str], Callable],
+               only: str | None = None) -> None:
+    """Call every implementation of a register-style hook (or plugin ``only``'s) with its own ``register``."""
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
+        if only is not None and impl.plugin_name != only:
+            continue
         register = make_register(impl.plugin_name, pm.package_of(impl.plugin_name))
         impl.function(*[register for _ in impl.argnames])
 
@@ -230,7 +233,6 @@ def plugins_info(pm: PluginManager | None = None) -> list[dict]:
 def _names_from(pm: PluginManager, plugin_name: str, hook_name: str) -> list[str]:
     """Names one plugin registers through one hook (its implementation called alone)."""
     names: list[str] = []
-    for impl in getattr(pm.hook, hook_name).get_hookimpls():
-        if impl.plugin_name == plugin_name:
-            impl.function(*[lambda obj, *args, **kwargs: names.append(getattr(obj, "name", obj)) for _ in impl.argnames])
+    record = lambda obj, *args, **kwargs: names.append(getattr(obj, "name", obj))  # noqa: E731
+    _call_each(pm, hook_name, lambda plugin, package: record, only=plugin_name)
     return names

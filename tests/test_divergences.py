@@ -186,3 +186,12 @@ def test_cuda_bf16_from_hidden_matches_float64_reference(name):
     assert loss.item() == pytest.approx(expected.item(), rel=2e-2)
     assert (h.grad.double().cpu() - h64.grad).norm() / h64.grad.norm() < 3e-2
     assert (w.grad.double().cpu() - w64.grad).norm() / w64.grad.norm() < 3e-2
+
+
+def test_int32_labels_as_stored_for_qwen_ids():
+    student, teacher = torch.randn(4, 70_000), torch.randn(4, 70_000)
+    labels64 = torch.tensor([69_999, -100, 65_536, 151])
+    loss_fn = dz.objective("fkl", reduction="none")
+    out32 = loss_fn(student, teacher, labels64.to(torch.int32))
+    torch.testing.assert_close(out32, loss_fn(student, teacher, labels64))
+    assert out32[1] == 0 and (out32[[0, 2, 3]] > 0).all()
