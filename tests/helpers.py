@@ -16,14 +16,47 @@ def rkl_reference(student_logits, teacher_logits, labels=None):
     return fkl_reference(teacher_logits, student_logits)
 
 
-REFERENCES = {"fkl": fkl_reference, "rkl": rkl_reference}
+def kl_of_probs(a, b):
+    """KL(a || b) per row for probability tensors, with 0 log 0 = 0."""
+    return torch.where(a > 0, a * (torch.log(a) - torch.log(b)), torch.zeros_like(a)).sum(-1)
 
 
-def reference_loss(name, student_logits, teacher_logits, labels, *, tau=1.0, vocab=None, ignore_index=-100, reduction="mean"):
+def jsd_reference(student_logits, teacher_logits, labels=None, beta=0.5):
+    p, q = torch.softmax(teacher_logits, -1), torch.softmax(student_logits, -1)
+    m = beta * p + (1 - beta) * q
+    return beta * kl_of_probs(p, m) + (1 - beta) * kl_of_probs(q, m)
+
+
+def skl_reference(student_logits, teacher_logits, labels=None, alpha=0.1):
+    p, q = torch.softmax(teacher_logits, -1), torch.softmax(student_logits, -1)
+    return kl_of_probs(p, alpha * p + (1 - alpha) * q)
+
+
+def srkl_reference(student_logits, teacher_logits, labels=None, alpha=0.1):
+    p, q = torch.softmax(teacher_logits, -1), torch.softmax(student_logits, -1)
+    return kl_of_probs(q, (1 - alpha) * p + alpha * q)
+
+
+def tvd_reference(student_logits, teacher_logits, labels=None):
+    return 0.5 * (torch.softmax(teacher_logits, -1) - torch.softmax(student_logits, -1)).abs().sum(-1)
+
+
+REFERENCES = {
+    "fkl": fkl_reference,
+    "rkl": rkl_reference,
+    "jsd": jsd_reference,
+    "skl": skl_reference,
+    "srkl": srkl_reference,
+    "tvd": tvd_reference,
+}
+
+
+def reference_loss(name, student_logits, teacher_logits, labels, *, tau=1.0, vocab=None, ignore_index=-100,
+                   reduction="mean", **params):
     """Whole-objective reference: truncate to the shared vocab, temperature, tau^2, mask, reduce."""
     vocab = vocab or min(student_logits.shape[-1], teacher_logits.shape[-1])
     valid = labels != ignore_index
-    per_token = REFERENCES[name](student_logits[valid, :vocab] / tau, teacher_logits[valid, :vocab] / tau) * tau**2
+    per_token = REFERENCES[name](student_logits[valid, :vocab] / tau, teacher_logits[valid, :vocab] / tau, **params) * tau**2
     if reduction == "sum":
         return per_token.sum()
     if reduction == "mean":

@@ -41,14 +41,14 @@ def test_show_prints_formula_params_and_paper(capsys):
 def test_show_unknown_name_fails_with_suggestion(capsys):
     code, out, err = run(capsys, "show", "rkll")
     assert code == 2 and out == ""
-    assert err.strip() == "distillzoo show: error: unknown objective 'rkll'. Available: fkl, rkl. Did you mean 'rkl'?"
+    assert err.strip() == "distillzoo show: error: unknown objective 'rkll'. Available: fkl, jsd, rkl, skl, srkl, tvd. Did you mean 'rkl'?"
 
 
 def test_plugins_json(capsys):
     code, out, _ = run(capsys, "plugins")
     [builtin] = [p for p in json.loads(out) if p["name"] == "distillzoo.plugins.divergences"]
     assert builtin["package"] == "distillzoo" and builtin["version"] == "0.1.0"
-    assert builtin["objectives"] == ["fkl", "rkl"] and builtin["hooks"] == ["register_objectives"]
+    assert builtin["objectives"] == ["fkl", "jsd", "rkl", "skl", "srkl", "tvd"] and builtin["hooks"] == ["register_objectives"]
 
 
 def test_config_output_is_accepted_by_check(capsys, tmp_path):

@@ -48,7 +48,7 @@ def test_list_objectives_and_build_by_name():
 def test_unknown_objective_lists_names_and_suggests():
     with pytest.raises(dz.UnknownNameError) as err:
         dz.objective("fkll")
-    assert str(err.value) == "unknown objective 'fkll'. Available: fkl, rkl. Did you mean 'fkl'?"
+    assert str(err.value) == "unknown objective 'fkll'. Available: fkl, jsd, rkl, skl, srkl, tvd. Did you mean 'fkl'?"
 
 
 def test_unknown_parameter_lists_valid_ones_and_suggests():
@@ -208,7 +208,7 @@ def test_plugins_info_reports_hooks_and_names(register_plugin):
     register_plugin(ComponentPlugin(), "components-plugin")
     info = {p["name"]: p for p in dz.plugins_info()}
     builtin = info["distillzoo.plugins.divergences"]
-    assert builtin["package"] == "distillzoo" and builtin["objectives"] == ["fkl", "rkl"]
+    assert builtin["package"] == "distillzoo" and builtin["objectives"] == ["fkl", "jsd", "rkl", "skl", "srkl", "tvd"]
     assert builtin["hooks"] == ["register_objectives"]
     mine = info["components-plugin"]
     assert mine["hooks"] == ["register_data_formats", "register_scorers", "register_trainer_callbacks"]
