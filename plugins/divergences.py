@@ -69,27 +69,27 @@ class JensenShannon(LogitObjective):
         return beta * kl(teacher_logprobs, log_m) + (1 - beta) * kl(student_logprobs, log_m)
 
 
-class SkewKL(LogitObjective):
-    """DistiLLM skew KL: KL(p || alpha p + (1 - alpha) q); alpha = 0 is forward KL."""
-
-    name = "skl"
+class _Skewed(LogitObjective):
+    """A DistiLLM skew divergence: its mixture weight alpha in [0, 1)."""
 
     def __init__(self, *, alpha: float = 0.1, **common) -> None:
         super().__init__(**common)
         self.alpha = float(alpha)
+
+
+class SkewKL(_Skewed):
+    """DistiLLM skew KL: KL(p || alpha p + (1 - alpha) q); alpha = 0 is forward KL."""
+
+    name = "skl"
 
     def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, labels: Tensor) -> Tensor:
         return kl(teacher_logprobs, log_mixture(teacher_logprobs, student_logprobs, self.alpha))
 
 
-class SkewReverseKL(LogitObjective):
+class SkewReverseKL(_Skewed):
     """DistiLLM skew reverse KL: KL(q || (1 - alpha) p + alpha q); alpha = 0 is reverse KL."""
 
     name = "srkl"
-
-    def __init__(self, *, alpha: float = 0.1, **common) -> None:
-        super().__init__(**common)
-        self.alpha = float(alpha)
 
     def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, labels: Tensor) -> Tensor:
         return kl(student_logprobs, log_mixture(student_logprobs, teacher_logprobs, self.alpha))
