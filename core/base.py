@@ -11,26 +11,119 @@ log-probabilities. The base class owns everything around it:
   ``vocab_size`` entries (default: the smaller vocab), as if the rest were -inf;
 * reductions: ``mean`` over valid tokens, ``sum``, ``none`` (per token, 0 where ignored);
 * :meth:`LogitObjective.from_hidden`, the fused path from final hidden states and
-  lm_head weights that never holds a [tokens, vocab] tensor.
+  lm_head weights that never holds a [tokens, vocab] tensor;
+* sparse (top-k) teachers, :class:`SparseTeacher`, for objectives that accept them.
+
+Both paths reach an objective through one method, :meth:`LogitObjective.loss_and_grad`:
+per-token loss of a block of rows plus d(loss)/d(student logits) added into a
+buffer. Its default runs autograd over ``token_loss``; :class:`PointwiseDivergence`
+(a sum over the vocab of an elementwise term) replaces it with the vocab-chunked
+torch path of ``distillzoo.kernels.vocab_chunked``, whose temporaries are
+O(rows x chunk).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import ClassVar, Sequence
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from .errors import ParameterError
+from .kernels import vocab_chunked
 
 REDUCTIONS = ("mean", "sum", "none")
 # Budget for the fp32 [chunk, vocab] temporaries of one fused chunk (logits of both
 # models, log-probs, gradient). Overridable per call (chunk_size=) or by environment.
 DEFAULT_CHUNK_BYTES = 1 << 30
 _TEMPORARIES_PER_ROW = 8  # fp32 [vocab] rows live at once per token in a chunk
+
+
+@dataclass(frozen=True)
+class SparseTeacher:
+    """A top-k teacher, as an offline teacher cache stores it.
+
+    Args:
+        ids: ``[..., k]`` int, the kept vocab ids of each token (distinct, in ``[0, vocab)``).
+        logprobs: ``[..., k]`` float, ``log p`` at those ids **of the full softmax**
+            at the objective's temperature (never renormalised over the top k).
+        tail_logprob: ``[...]``, log of the teacher mass outside the ids. Default:
+            ``log(1 - sum exp(logprobs))`` (0 mass when that sum rounds to >= 1);
+            a cache should store it, since it is exact only when computed from the
+            full logits.
+
+    The divergence is taken between the (k + 1)-bucket distributions of teacher and
+    student: the k ids plus one tail bucket on both sides. With k equal to the vocab
+    the tail is empty and the result is the dense divergence.
+    """
+
+    ids: Tensor
+    logprobs: Tensor
+    tail_logprob: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.ids.dtype.is_floating_point or self.ids.dtype == torch.bool:
+            raise ParameterError(f"SparseTeacher: ids must be an integer tensor, got {self.ids.dtype}")
+        if not self.logprobs.dtype.is_floating_point:
+            raise ParameterError(f"SparseTeacher: logprobs must be a float tensor, got {self.logprobs.dtype}")
+        if self.ids.dim() < 1 or self.ids.shape != self.logprobs.shape:
+            raise ParameterError(
+                f"SparseTeacher: ids has shape {tuple(self.ids.shape)} and logprobs has shape "
+                f"{tuple(self.logprobs.shape)}; they must match, [..., k]"
+            )
+        if self.tail_logprob is not None and tuple(self.tail_logprob.shape) != tuple(self.ids.shape[:-1]):
+            raise ParameterError(
+                f"SparseTeacher: tail_logprob has shape {tuple(self.tail_logprob.shape)} but ids has shape "
+                f"{tuple(self.ids.shape)}; expected {tuple(self.ids.shape[:-1])}"
+            )
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[-1]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.ids.shape
+
+    def flatten(self) -> "SparseTeacher":
+        """Rows ``[N, k]`` (leading dims flattened), the tail filled in, detached."""
+        ids = self.ids.reshape(-1, self.k).long()
+        logprobs = self.logprobs.reshape(-1, self.k).detach()
+        if self.tail_logprob is None:
+            total = torch.logsumexp(logprobs.to(vocab_chunked.compute_dtype(logprobs.dtype)), dim=-1).clamp(max=0.0)
+            tail = torch.log(-torch.expm1(total))
+        else:
+            tail = self.tail_logprob.reshape(-1).detach()
+        return SparseTeacher(ids, logprobs, tail)
+
+    def select(self, rows: Tensor | slice) -> "SparseTeacher":
+        tail = None if self.tail_logprob is None else self.tail_logprob[rows]
+        return SparseTeacher(self.ids[rows], self.logprobs[rows], tail)
+
+    def validate(self, vocab: int, where: str) -> "SparseTeacher":
+        """Flattened, checked against the compared vocab; with k == vocab the tail is empty."""
+        flat = self.flatten()
+        if self.k > vocab:
+            raise ParameterError(f"{where}: the sparse teacher keeps k={self.k} ids per token but the compared vocab has "
+                                 f"only {vocab} entries; k must be <= vocab")
+        if flat.ids.numel():
+            low, high = int(flat.ids.min()), int(flat.ids.max())
+            if low < 0 or high >= vocab:
+                raise ParameterError(f"{where}: sparse teacher ids must be in [0, {vocab}) (the compared vocab); "
+                                     f"found {low if low < 0 else high}")
+            ordered = flat.ids.sort(dim=-1).values
+            repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=-1).nonzero()
+            if repeated.numel():
+                row = int(repeated[0])
+                raise ParameterError(f"{where}: sparse teacher ids repeat within token {row} "
+                                     f"({ordered[row].tolist()[:16]}...); each kept id must be distinct")
+        if self.k == vocab:
+            return SparseTeacher(flat.ids, flat.logprobs, torch.full_like(flat.tail_logprob, -torch.inf))
+        return flat
+
 
 
 class Objective(torch.nn.Module):
@@ -50,6 +143,10 @@ class LogitObjective(Objective):
     """
 
     kind: ClassVar[str] = "logit"
+    #: False for objectives that use only the student and the labels (ce).
+    needs_teacher: ClassVar[bool] = True
+    #: True for objectives computed from the two distributions alone, which accept a SparseTeacher.
+    accepts_sparse_teacher: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -70,61 +167,95 @@ class LogitObjective(Objective):
         self.vocab_size = vocab_size
 
     # ------------------------------------------------------------------ the one method
-    def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, labels: Tensor) -> Tensor:
+    def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor | None, labels: Tensor) -> Tensor:
         """Per-token loss of ``n`` valid rows.
 
         Args:
             student_logprobs: ``[n, V]`` fp32 (float64 for float64 inputs),
                 ``log softmax(z_s / tau)`` over the shared vocab.
             teacher_logprobs: ``[n, V]`` fp32, ``log softmax(z_t / tau)``; may hold -inf.
+                None for objectives with ``needs_teacher = False``.
             labels: ``[n]`` int, the target ids of these rows (never ``ignore_index``).
         Returns:
             ``[n]`` in the dtype of the log-probs, before the ``tau**2`` factor.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement token_loss")
 
-    # ------------------------------------------------------------------ shared machinery
-    def chunk_loss(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:
-        """Per-token loss ``[n]`` of valid rows given raw logits (any float dtype, full widths)."""
-        vocab = self.shared_vocab(student_logits.shape[-1], teacher_logits.shape[-1])
+    @property
+    def loss_scale(self) -> float:
+        """The tau^2 factor (1 when switched off or at tau = 1)."""
         tau = self.temperature
-        # fp32 accumulation for fp32/bf16/fp16 inputs; float64 stays float64 (gradcheck).
-        dtype = torch.promote_types(student_logits.dtype, torch.float32)
-        student = torch.log_softmax(student_logits[:, :vocab].to(dtype) / tau, dim=-1)
-        teacher = torch.log_softmax(teacher_logits[:, :vocab].to(dtype) / tau, dim=-1)
-        loss = self.token_loss(student, teacher, labels)
-        if self.scale_by_temperature_squared and tau != 1.0:
-            loss = loss * (tau * tau)
-        return loss
+        return tau * tau if self.scale_by_temperature_squared and tau != 1.0 else 1.0
 
-    def shared_vocab(self, student_vocab: int, teacher_vocab: int) -> int:
+    def loss_and_grad(self, student_logits: Tensor, teacher: "Tensor | SparseTeacher | None", labels: Tensor,
+                      grad: Tensor | None = None, grad_scale: float = 1.0) -> Tensor:
+        """Per-token loss ``[r]`` (tau^2 included) of a block of valid rows; optionally its gradient.
+
+        Args:
+            student_logits: ``[r, V]`` raw logits over the compared vocab (any float dtype; a view).
+            teacher: ``[r, V]`` raw teacher logits, a :class:`SparseTeacher` of ``r`` rows, or None.
+            labels: ``[r]`` target ids.
+            grad: if given, an ``[r, V]`` buffer (fp32, float64 for float64 logits) into which
+                ``grad_scale * d(sum of the loss)/d(student_logits)`` is added.
+        Returns:
+            ``[r]`` detached, fp32 (float64 for float64 logits).
+
+        The default takes log-softmaxes of whole rows and runs autograd through
+        :meth:`token_loss`, so its temporaries are O(r x V); the callers bound r.
+        """
+        if isinstance(teacher, SparseTeacher):
+            raise ParameterError(f"{self.name or type(self).__name__} does not accept a sparse teacher")
+        dtype = vocab_chunked.compute_dtype(student_logits.dtype)
+        tau = self.temperature
+        student = student_logits.detach().to(dtype).requires_grad_(grad is not None)
+        with torch.set_grad_enabled(grad is not None):
+            log_q = torch.log_softmax(student / tau, dim=-1)
+            log_p = None if teacher is None else torch.log_softmax(teacher.detach().to(dtype) / tau, dim=-1)
+            loss = self.token_loss(log_q, log_p, labels) * self.loss_scale
+            if grad is not None:
+                (d_student,) = torch.autograd.grad(loss.sum(), student)
+                grad.add_(d_student, alpha=grad_scale)
+        return loss.detach()
+
+    # ------------------------------------------------------------------ shared machinery
+    def shared_vocab(self, student_vocab: int, teacher_vocab: int | None = None) -> int:
         """The number of leading vocab entries the divergence is taken over."""
+        widest = student_vocab if teacher_vocab is None else min(student_vocab, teacher_vocab)
         if self.vocab_size is None:
-            return min(student_vocab, teacher_vocab)
-        if self.vocab_size > min(student_vocab, teacher_vocab):
+            return widest
+        if self.vocab_size > widest:
             raise ParameterError(
                 f"{self.name or type(self).__name__}: vocab_size={self.vocab_size} exceeds the student vocab "
-                f"({student_vocab}) or the teacher vocab ({teacher_vocab})"
+                f"({student_vocab})" + ("" if teacher_vocab is None else f" or the teacher vocab ({teacher_vocab})")
             )
         return self.vocab_size
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Loss from logits ``[..., Vs]`` and ``[..., Vt]`` with labels ``[...]`` (fp32 result, float64 for float64)."""
+    def forward(self, student_logits: Tensor, teacher_logits: "Tensor | SparseTeacher | None" = None,
+                labels: Tensor | None = None) -> Tensor:
+        """Loss from logits ``[..., Vs]`` and a teacher with labels ``[...]`` (fp32 result, float64 for float64).
+
+        The teacher is raw logits ``[..., Vt]``, a :class:`SparseTeacher`, or None for
+        objectives that need none (ce).
+        """
         lead = tuple(student_logits.shape[:-1])
-        _check_lead("student_logits", student_logits, "teacher_logits", teacher_logits)
+        teacher = self._teacher(teacher_logits, "teacher_logits", "student_logits", student_logits)
         labels = self._labels(labels, lead, student_logits.device, "student_logits")
         student = student_logits.reshape(-1, student_logits.shape[-1])
-        teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1]).detach()
+        vocab, teacher = self._compared_vocab(student.shape[-1], teacher)
         valid = self._valid_rows(labels)
-        per_token = self.chunk_loss(student[valid], teacher[valid], labels[valid])
-        return self._reduce(per_token, valid, labels.numel(), lead)
+        need_grad = torch.is_grad_enabled() and student.requires_grad
+        if self.reduction == "none":
+            per_token = _LogitLoss.apply(self, student, teacher, labels, valid, vocab, need_grad, None)
+            return self._reduce(per_token, valid, labels.numel(), lead)
+        scale = 1.0 / max(valid.numel(), 1) if self.reduction == "mean" else 1.0
+        return _LogitLoss.apply(self, student, teacher, labels, valid, vocab, need_grad, scale)
 
     def from_hidden(
         self,
         student_hidden: Tensor,
         student_weight: Tensor,
-        teacher_hidden: Tensor,
-        teacher_weight: Tensor,
+        teacher_hidden: "Tensor | SparseTeacher | None" = None,
+        teacher_weight: Tensor | None = None,
         labels: Tensor | None = None,
         *,
         chunk_size: int | None = None,
@@ -133,7 +264,9 @@ class LogitObjective(Objective):
 
         Args:
             student_hidden: ``[..., Hs]``; student_weight: ``[Vs, Hs]`` (lm_head, no bias).
-            teacher_hidden: ``[..., Ht]``; teacher_weight: ``[Vt, Ht]``. Ht may differ from Hs.
+            teacher_hidden: ``[..., Ht]`` with teacher_weight ``[Vt, Ht]`` (Ht may differ
+                from Hs); or a :class:`SparseTeacher` with teacher_weight None; or None
+                for objectives that need no teacher.
             labels: ``[...]`` matching the hidden states' leading dims.
             chunk_size: tokens per chunk; default from a 1 GiB budget
                 (``DISTILLZOO_CHUNK_BYTES`` overrides) for the fp32 [chunk, V] temporaries.
@@ -141,34 +274,73 @@ class LogitObjective(Objective):
         Gradients flow to the student hidden states and weight; the teacher is treated
         as constant. With ``mean``/``sum`` the gradients are computed chunk by chunk in
         the forward pass (dW accumulated in fp32); with ``none`` each chunk is
-        recomputed in the backward pass.
+        recomputed in the backward pass, scaled by its tokens' incoming gradients.
         """
         _check_weight("student", student_hidden, student_weight)
-        _check_weight("teacher", teacher_hidden, teacher_weight)
-        _check_lead("student_hidden", student_hidden, "teacher_hidden", teacher_hidden)
         lead = tuple(student_hidden.shape[:-1])
+        if isinstance(teacher_hidden, Tensor):
+            if teacher_weight is None:
+                raise ParameterError("from_hidden: teacher_hidden is a tensor but teacher_weight is None; pass the "
+                                     "teacher's lm_head weight, or a SparseTeacher as teacher_hidden")
+            _check_weight("teacher", teacher_hidden, teacher_weight)
+        elif teacher_weight is not None:
+            raise ParameterError("from_hidden: teacher_weight is given but teacher_hidden is "
+                                 f"{type(teacher_hidden).__name__}; pass teacher hidden states with it")
+        teacher = self._teacher(teacher_hidden, "teacher_hidden", "student_hidden", student_hidden)
         labels = self._labels(labels, lead, student_hidden.device, "student_hidden")
-        vocab = self.shared_vocab(student_weight.shape[0], teacher_weight.shape[0])
+        teacher_vocab = teacher_weight.shape[0] if isinstance(teacher, Tensor) else None
+        vocab, teacher = self._compared_vocab(student_weight.shape[0], teacher, teacher_vocab)
         hs = student_hidden.reshape(-1, student_hidden.shape[-1])
-        ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
-        ws, wt = student_weight[:vocab], teacher_weight[:vocab].detach()
+        ws = student_weight[:vocab]
+        if isinstance(teacher, Tensor):
+            wt = teacher_weight[:vocab].detach()
+
+            def teacher_rows(rows: Tensor) -> Tensor:
+                return teacher[rows] @ wt.T
+        elif teacher is None:
+            def teacher_rows(rows: Tensor) -> None:
+                return None
+        else:
+            def teacher_rows(rows: Tensor) -> SparseTeacher:
+                return teacher.select(rows)
         valid = self._valid_rows(labels)
         chunk = chunk_size or auto_chunk_rows(vocab)
         if chunk < 1:
             raise ParameterError(f"from_hidden: chunk_size must be >= 1, got {chunk}")
         if self.reduction == "none":
-            parts = [
-                checkpoint(self._hidden_chunk_loss, hs[rows], ws, ht[rows], wt, labels[rows], use_reentrant=False)
-                for rows in valid.split(chunk)
-            ]
-            per_token = torch.cat(parts) if parts else hs.new_zeros(0, dtype=torch.promote_types(hs.dtype, torch.float32))
+            per_token = _FusedLinearPerToken.apply(self, hs, ws, teacher_rows, labels, valid, chunk)
             return self._reduce(per_token, valid, labels.numel(), lead)
         scale = 1.0 / max(valid.numel(), 1) if self.reduction == "mean" else 1.0
         need_grad = torch.is_grad_enabled() and (hs.requires_grad or ws.requires_grad)
-        return _FusedLinearLoss.apply(self, hs, ws, ht, wt, labels, valid, chunk, scale, need_grad)
+        return _FusedLinearLoss.apply(self, hs, ws, teacher_rows, labels, valid, chunk, scale, need_grad)
 
-    def _hidden_chunk_loss(self, hs: Tensor, ws: Tensor, ht: Tensor, wt: Tensor, labels: Tensor) -> Tensor:
-        return self.chunk_loss(hs @ ws.T, ht @ wt.T, labels)
+    def _teacher(self, teacher, what: str, against: str, reference: Tensor):
+        """The teacher flattened to rows: [N, Vt] detached, a flat SparseTeacher, or None."""
+        name = self.name or type(self).__name__
+        if teacher is None:
+            if self.needs_teacher:
+                raise ParameterError(f"{name} needs a teacher: {what} is None")
+            return None
+        if isinstance(teacher, SparseTeacher):
+            if not self.accepts_sparse_teacher:
+                raise ParameterError(f"{name} does not accept a sparse (top-k) teacher; it needs the full "
+                                     f"teacher distribution ({what} as a tensor)")
+            if tuple(teacher.shape[:-1]) != tuple(reference.shape[:-1]):
+                raise ParameterError(f"{against} has shape {tuple(reference.shape)} and the sparse teacher's ids "
+                                     f"have shape {tuple(teacher.shape)}: their leading (token) dims must match")
+            return teacher
+        if not isinstance(teacher, Tensor):
+            raise ParameterError(f"{name}: {what} must be a tensor, a SparseTeacher or None, got {type(teacher).__name__}")
+        _check_lead(against, reference, what, teacher)
+        return teacher.reshape(-1, teacher.shape[-1]).detach()
+
+    def _compared_vocab(self, student_vocab: int, teacher, teacher_vocab: int | None = None):
+        if isinstance(teacher, Tensor):
+            return self.shared_vocab(student_vocab, teacher_vocab or teacher.shape[-1]), teacher
+        vocab = self.shared_vocab(student_vocab)
+        if isinstance(teacher, SparseTeacher):
+            teacher = teacher.validate(vocab, self.name or type(self).__name__)
+        return vocab, teacher
 
     def _labels(self, labels: Tensor | None, lead: tuple, device: torch.device, against: str) -> Tensor:
         if labels is None:
@@ -200,12 +372,50 @@ class LogitObjective(Objective):
         )
 
 
-class Mixture(LogitObjective):
-    """A weighted sum of logit objectives, e.g. ``0.5 * fkl + 0.5 * rkl``.
+class PointwiseDivergence(LogitObjective):
+    """A divergence that is a sum over the vocab of an elementwise term, ``D = sum_v f(log p_v, log q_v)``.
 
-    The terms share one pass over the logits (and one lm_head matmul per chunk in
-    :meth:`from_hidden`). They must agree on ``ignore_index``, ``reduction`` and
-    ``vocab_size``; each keeps its own temperature.
+    Subclasses implement :meth:`pointwise`, which returns ``f`` and its partial
+    derivative w.r.t. ``log q``. In exchange they get the vocab-chunked path
+    (temporaries O(rows x chunk), the gradient written once, no autograd graph)
+    and sparse (top-k) teachers: the same ``f`` summed over the k kept ids and
+    one tail bucket.
+    """
+
+    accepts_sparse_teacher: ClassVar[bool] = True
+
+    def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+        """Elementwise ``f(log p, log q)`` and ``df/d(log q)``, same shape as the inputs.
+
+        Entries with zero mass on the weighting side must give 0 (``0 * log 0 = 0``), not NaN.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement pointwise")
+
+    def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, labels: Tensor) -> Tensor:
+        return self.pointwise(teacher_logprobs, student_logprobs)[0].sum(-1)
+
+    def loss_and_grad(self, student_logits: Tensor, teacher: "Tensor | SparseTeacher", labels: Tensor,
+                      grad: Tensor | None = None, grad_scale: float = 1.0) -> Tensor:
+        scale = self.loss_scale
+        if isinstance(teacher, SparseTeacher):
+            loss = vocab_chunked.sparse_pointwise_loss_and_grad(
+                self.pointwise, student_logits, teacher.ids, teacher.logprobs, teacher.tail_logprob,
+                self.temperature, grad, grad_scale * scale)
+        else:
+            loss = vocab_chunked.pointwise_loss_and_grad(
+                self.pointwise, student_logits, teacher, self.temperature, grad, grad_scale * scale)
+        return loss * scale if scale != 1.0 else loss
+
+
+class Mixture(LogitObjective):
+    """A weighted sum of logit objectives, e.g. ``0.5 * ce + 0.5 * fkl``.
+
+    The terms share one pass over the rows (and one lm_head matmul per chunk in
+    :meth:`from_hidden`), adding their gradients into one buffer. They must agree
+    on ``ignore_index``, ``reduction`` and ``vocab_size``; each keeps its own
+    temperature. After each call, :attr:`term_losses` holds every term's own
+    (unweighted, tau^2 included) loss averaged over the valid tokens, keyed by
+    name (``fkl``, ``fkl#2`` for a repeated name), for logging.
     """
 
     name = "mixture"
@@ -229,55 +439,154 @@ class Mixture(LogitObjective):
         super().__init__(ignore_index=first.ignore_index, reduction=first.reduction, vocab_size=first.vocab_size)
         self.weights = [float(w) for w, _ in terms]
         self.terms = torch.nn.ModuleList([t for _, t in terms])
+        self.needs_teacher = any(t.needs_teacher for t in self.terms)
+        self.accepts_sparse_teacher = all(t.accepts_sparse_teacher or not t.needs_teacher for t in self.terms)
+        self.term_names = _term_names([t.name for t in self.terms])
+        self.term_losses: dict[str, Tensor] = {}
+        self._sums: list[Tensor | float] = []
 
-    def chunk_loss(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:
+    def loss_and_grad(self, student_logits, teacher, labels, grad=None, grad_scale=1.0):
         total = None
-        for weight, term in zip(self.weights, self.terms):
-            part = weight * term.chunk_loss(student_logits, teacher_logits, labels)
-            total = part if total is None else total + part
+        for i, (weight, term) in enumerate(zip(self.weights, self.terms)):
+            part = term.loss_and_grad(student_logits, teacher if term.needs_teacher else None, labels,
+                                      grad, grad_scale * weight)
+            if i < len(self._sums):
+                self._sums[i] = self._sums[i] + part.sum()
+            total = weight * part if total is None else total + weight * part
         return total
+
+    def forward(self, student_logits, teacher_logits=None, labels=None):
+        return self._recording(labels, super().forward, student_logits, teacher_logits, labels)
+
+    def from_hidden(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, *,
+                    chunk_size=None):
+        return self._recording(labels, super().from_hidden, student_hidden, student_weight, teacher_hidden,
+                               teacher_weight, labels, chunk_size=chunk_size)
+
+    def _recording(self, labels, call, *args, **kwargs):
+        self._sums = [0.0] * len(self.terms)
+        try:
+            out = call(*args, **kwargs)
+            n_valid = 1 if labels is None else max(int((labels != self.ignore_index).sum()), 1)
+            self.term_losses = {name: torch.as_tensor(s).detach() / n_valid for name, s in zip(self.term_names, self._sums)}
+        finally:
+            self._sums = []  # a recomputation in backward (reduction none) records nothing
+        return out
 
     def extra_repr(self) -> str:
         return " + ".join(f"{w:g}*{t.name}" for w, t in zip(self.weights, self.terms))
 
 
+def _term_names(names: Sequence[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return out
+
+
 def auto_chunk_rows(vocab: int, budget_bytes: int | None = None) -> int:
-    """Tokens per fused chunk so that the fp32 [chunk, vocab] temporaries fit the budget."""
+    """Tokens per fused chunk (or row block) so that the fp32 [chunk, vocab] temporaries fit the budget."""
     budget = budget_bytes or int(os.environ.get("DISTILLZOO_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
     rows = budget // (vocab * 4 * _TEMPORARIES_PER_ROW)
     return max(8, rows - rows % 8)
 
 
-class _FusedLinearLoss(torch.autograd.Function):
-    """Chunked lm_head + loss whose gradients are computed during the forward pass.
+class _LogitLoss(torch.autograd.Function):
+    """Loss of the valid rows of ``[N, Vs]`` logits, the gradient computed in the forward pass.
 
-    Per chunk of valid rows: logits = h @ W.T for both models, the loss and its
-    gradient w.r.t. the student logits (autograd on the chunk alone), then
-    dX = dZ @ W and dW += dZ.T @ h. Peak extra memory is O(chunk x V).
+    ``scale`` given (mean/sum): returns ``scale * sum`` of the per-token losses and
+    keeps ``scale * d/dlogits`` in one ``[N, Vs]`` buffer in the logits' dtype, which
+    the backward pass hands back as is (times a non-unit incoming gradient).
+    ``scale`` None (reduction none): returns the per-token losses ``[n_valid]`` and
+    scales the buffer's rows by the incoming per-token gradients. Rows are taken in
+    blocks (a budget bounds the block's [rows, V] buffers); the vocab inside a block
+    is walked in chunks by the objective.
     """
 
     @staticmethod
-    def forward(ctx, objective, hs, ws, ht, wt, labels, valid, chunk, scale, need_grad):
-        grad_h = torch.zeros_like(hs) if need_grad and hs.requires_grad else None
-        acc_dtype = torch.float32 if ws.dtype in (torch.float16, torch.bfloat16) else ws.dtype
-        grad_w = torch.zeros(ws.shape, dtype=acc_dtype, device=ws.device) if need_grad and ws.requires_grad else None
-        total = torch.zeros((), dtype=torch.promote_types(hs.dtype, torch.float32), device=hs.device)
+    def forward(ctx, objective, student, teacher, labels, valid, vocab, need_grad, scale):
+        dtype = vocab_chunked.compute_dtype(student.dtype)
+        n = valid.numel()
+        per_token = torch.empty(n, dtype=dtype, device=student.device)
+        buf = torch.zeros_like(student) if need_grad else None
+        grad_scale = 1.0 if scale is None else scale
+        block = auto_chunk_rows(vocab)
+        all_valid = n == student.shape[0]  # rows can then be sliced, never copied
+        for start in range(0, n, block):
+            stop = min(start + block, n)
+            rows = slice(start, stop) if all_valid else valid[start:stop]
+            s = student[rows][:, :vocab]
+            t = teacher if teacher is None else (teacher.select(rows) if isinstance(teacher, SparseTeacher)
+                                                 else teacher[rows][:, :vocab])
+            in_place = need_grad and all_valid and buf.dtype == dtype
+            g = None
+            if need_grad:
+                g = buf[rows, :vocab] if in_place else torch.zeros(stop - start, vocab, dtype=dtype, device=student.device)
+            per_token[start:stop] = objective.loss_and_grad(s, t, labels[rows], g, grad_scale)
+            if need_grad and not in_place:
+                if all_valid:
+                    buf[rows, :vocab] = g
+                else:
+                    buf[:, :vocab].index_copy_(0, rows, g.to(buf.dtype))
+        ctx.buf, ctx.per_token_mode = buf, scale is None
+        ctx.save_for_backward(valid)
+        return per_token if scale is None else per_token.sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        buf = ctx.buf
+        if ctx.per_token_mode:
+            (valid,) = ctx.saved_tensors
+            rows = grad_output.new_zeros(buf.shape[0]).index_copy(0, valid, grad_output)
+            grad = buf * rows[:, None]
+        else:
+            grad = buf if bool(grad_output == 1) else buf * grad_output
+        return None, grad, None, None, None, None, None, None
+
+
+def _chunk_grads(objective, hs, ws, teacher_rows, labels, rows, dtype, want_grad):
+    """Loss ``[c]`` of one chunk of rows and, if wanted, d(sum)/d(student logits) ``[c, V]`` (fp32)."""
+    logits = hs[rows] @ ws.T
+    grad = torch.zeros(logits.shape, dtype=dtype, device=logits.device) if want_grad else None
+    return objective.loss_and_grad(logits, teacher_rows(rows), labels[rows], grad), grad
+
+
+def _apply_chunk_grads(grad, rows, hs, ws, grad_h, grad_w):
+    acc = grad_w.dtype if grad_w is not None else grad.dtype
+    if grad_h is not None:
+        grad_h.index_add_(0, rows, (grad.to(ws.dtype) @ ws).to(hs.dtype))
+    if grad_w is not None:
+        grad_w.addmm_(grad.T.to(acc), hs[rows].to(acc))
+
+
+def _grad_buffers(hs, ws, need_h, need_w):
+    acc_dtype = torch.float32 if ws.dtype in (torch.float16, torch.bfloat16) else ws.dtype
+    grad_h = torch.zeros_like(hs) if need_h else None
+    grad_w = torch.zeros(ws.shape, dtype=acc_dtype, device=ws.device) if need_w else None
+    return grad_h, grad_w
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    """Chunked lm_head + loss (mean/sum) whose gradients are computed during the forward pass.
+
+    Per chunk of valid rows: logits = h @ W.T (and the teacher's), the loss and
+    d(logits) through ``objective.loss_and_grad``, then dX = dZ @ W and
+    dW += dZ.T @ h in fp32. Peak extra memory is O(chunk x V).
+    """
+
+    @staticmethod
+    def forward(ctx, objective, hs, ws, teacher_rows, labels, valid, chunk, scale, need_grad):
+        dtype = vocab_chunked.compute_dtype(hs.dtype)
+        grad_h, grad_w = _grad_buffers(hs, ws, need_grad and hs.requires_grad, need_grad and ws.requires_grad)
+        want = grad_h is not None or grad_w is not None
+        total = torch.zeros((), dtype=dtype, device=hs.device)
         for rows in valid.split(chunk):
-            h_chunk = hs[rows]
-            teacher_logits = ht[rows] @ wt.T
-            student_logits = (h_chunk @ ws.T).to(total.dtype)
-            if grad_h is None and grad_w is None:
-                total += objective.chunk_loss(student_logits, teacher_logits, labels[rows]).sum()
-                continue
-            student_logits.requires_grad_(True)
-            with torch.enable_grad():
-                loss = objective.chunk_loss(student_logits, teacher_logits, labels[rows]).sum()
-                (d_logits,) = torch.autograd.grad(loss, student_logits)
-            total += loss.detach()
-            if grad_h is not None:
-                grad_h.index_copy_(0, rows, (d_logits.to(ws.dtype) @ ws).to(hs.dtype))
-            if grad_w is not None:
-                grad_w.addmm_(d_logits.T.to(acc_dtype), h_chunk.to(acc_dtype))
+            loss, grad = _chunk_grads(objective, hs, ws, teacher_rows, labels, rows, dtype, want)
+            total += loss.sum()
+            if want:
+                _apply_chunk_grads(grad, rows, hs, ws, grad_h, grad_w)
         if grad_h is not None and scale != 1.0:
             grad_h.mul_(scale)
         if grad_w is not None:
@@ -295,7 +604,41 @@ class _FusedLinearLoss(torch.autograd.Function):
             grad_h = grad_h * grad_output
         if grad_w is not None:
             grad_w = grad_w * grad_output
-        return None, grad_h, grad_w, None, None, None, None, None, None, None
+        return None, grad_h, grad_w, None, None, None, None, None, None
+
+
+class _FusedLinearPerToken(torch.autograd.Function):
+    """Chunked lm_head + per-token loss (reduction none): the backward pass recomputes each chunk.
+
+    The forward pass keeps no [chunk, V] tensor; the backward pass redoes each
+    chunk's logits and gradient, scales its rows by their incoming gradients and
+    accumulates dX and dW (fp32) as :class:`_FusedLinearLoss` does.
+    """
+
+    @staticmethod
+    def forward(ctx, objective, hs, ws, teacher_rows, labels, valid, chunk):
+        dtype = vocab_chunked.compute_dtype(hs.dtype)
+        parts = [_chunk_grads(objective, hs, ws, teacher_rows, labels, rows, dtype, False)[0] for rows in valid.split(chunk)]
+        ctx.objective, ctx.teacher_rows, ctx.chunk = objective, teacher_rows, chunk
+        ctx.save_for_backward(hs, ws, labels, valid)
+        return torch.cat(parts) if parts else hs.new_zeros(0, dtype=dtype)
+
+    @staticmethod
+    def backward(ctx, grad_per_token):
+        hs, ws, labels, valid = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_h, grad_w = _grad_buffers(hs, ws, need_h, need_w)
+        dtype = vocab_chunked.compute_dtype(hs.dtype)
+        start = 0
+        for rows in valid.split(ctx.chunk):
+            with torch.no_grad():
+                _, grad = _chunk_grads(ctx.objective, hs, ws, ctx.teacher_rows, labels, rows, dtype, True)
+            grad.mul_(grad_per_token[start:start + rows.numel(), None].to(dtype))
+            start += rows.numel()
+            _apply_chunk_grads(grad, rows, hs, ws, grad_h, grad_w)
+        if grad_w is not None:
+            grad_w = grad_w.to(ws.dtype)
+        return None, grad_h, grad_w, None, None, None, None
 
 
 def _check_lead(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:

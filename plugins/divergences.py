@@ -1,8 +1,10 @@
 """Built-in divergences between teacher (p) and student (q) next-token distributions.
 
-All take ``log p`` and ``log q`` over the shared vocab, ``[n, V]`` fp32, and return
-``[n]``; the base class applies temperature, masking, vocab truncation and reduction.
-Terms with zero mass on the weighting side contribute 0 (``0 * log 0 = 0``).
+The divergences are :class:`~distillzoo.base.PointwiseDivergence` subclasses: each
+states its elementwise term ``f(log p_v, log q_v)`` and ``df/d(log q_v)``; the base
+class sums over the vocab in chunks, applies temperature, masking, vocab
+truncation and reduction, and handles sparse (top-k) teachers. Terms with zero
+mass on the weighting side are 0 (``0 * log 0 = 0``), never NaN.
 """
 
 from __future__ import annotations
@@ -12,14 +14,19 @@ import math
 import torch
 from torch import Tensor
 
+from distillzoo.base import PointwiseDivergence
 from distillzoo.hookspecs import hookimpl
-from distillzoo.base import LogitObjective
+
+
+def kl_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """Elementwise a (log a - log b), 0 where a = 0."""
+    a = log_a.exp()
+    return torch.where(a > 0, a * (log_a - log_b), 0.0)
 
 
 def kl(log_a: Tensor, log_b: Tensor) -> Tensor:
     """KL(a || b) = sum_v a_v (log a_v - log b_v) per row, with 0 where a_v = 0."""
-    a = log_a.exp()
-    return torch.where(a > 0, a * (log_a - log_b), 0.0).sum(-1)
+    return kl_terms(log_a, log_b).sum(-1)
 
 
 def log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
@@ -28,7 +35,7 @@ def log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
     return torch.logaddexp(log_a + log_w, log_b + math.log1p(-weight_a))
 
 
-class ForwardKL(LogitObjective):
+class ForwardKL(PointwiseDivergence):
     """Forward KL, KL(p || q) = sum_v p_v (log p_v - log q_v): mean-seeking.
 
     The true KL (teacher entropy included), so a student equal to the teacher
@@ -37,24 +44,31 @@ class ForwardKL(LogitObjective):
 
     name = "fkl"
 
-    def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, labels: Tensor) -> Tensor:
-        return kl(teacher_logprobs, student_logprobs)
+    def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+        p = log_p.exp()
+        return torch.where(p > 0, p * (log_p - log_q), 0.0), -p
 
 
-class ReverseKL(LogitObjective):
-    """Reverse KL, KL(q || p) = sum_v q_v (log q_v - log p_v): mode-seeking (MiniLLM)."""
+class ReverseKL(PointwiseDivergence):
+    """Reverse KL, KL(q || p) = sum_v q_v (log q_v - log p_v): mode-seeking (MiniLLM).
+
+    Infinite where the teacher has no mass (log p = -inf) but the student has some.
+    """
 
     name = "rkl"
 
-    def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, labels: Tensor) -> Tensor:
-        return kl(student_logprobs, teacher_logprobs)
+    def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+        q = log_q.exp()
+        ratio = torch.where(q > 0, log_q - log_p, 0.0)
+        return q * ratio, q * (ratio + 1)
 
 
-class JensenShannon(LogitObjective):
+class JensenShannon(PointwiseDivergence):
     """Generalised JSD (GKD): beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q.
 
     beta is strictly inside (0, 1): jsd / beta tends to fkl as beta -> 0 and
     jsd / (1 - beta) to rkl as beta -> 1, with no special-cased endpoints.
+    d/dlog q = (1 - beta) q (log q - log m): the terms through m cancel.
     """
 
     name = "jsd"
@@ -63,13 +77,14 @@ class JensenShannon(LogitObjective):
         super().__init__(**common)
         self.beta = float(beta)
 
-    def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, labels: Tensor) -> Tensor:
+    def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
         beta = self.beta
-        log_m = log_mixture(teacher_logprobs, student_logprobs, beta)
-        return beta * kl(teacher_logprobs, log_m) + (1 - beta) * kl(student_logprobs, log_m)
+        log_m = log_mixture(log_p, log_q, beta)
+        student_side = kl_terms(log_q, log_m)
+        return beta * kl_terms(log_p, log_m) + (1 - beta) * student_side, (1 - beta) * student_side
 
 
-class _Skewed(LogitObjective):
+class _Skewed(PointwiseDivergence):
     """A DistiLLM skew divergence: its mixture weight alpha in [0, 1)."""
 
     def __init__(self, *, alpha: float = 0.1, **common) -> None:
@@ -82,8 +97,13 @@ class SkewKL(_Skewed):
 
     name = "skl"
 
-    def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, labels: Tensor) -> Tensor:
-        return kl(teacher_logprobs, log_mixture(teacher_logprobs, student_logprobs, self.alpha))
+    def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+        alpha = self.alpha
+        log_m = log_mixture(log_p, log_q, alpha)
+        p = log_p.exp()
+        value = torch.where(p > 0, p * (log_p - log_m), 0.0)
+        # d/dlog q of -p log m = -p (1 - alpha) q / m
+        return value, torch.where(p > 0, -(1 - alpha) * p * (log_q - log_m).exp(), 0.0)
 
 
 class SkewReverseKL(_Skewed):
@@ -91,17 +111,24 @@ class SkewReverseKL(_Skewed):
 
     name = "srkl"
 
-    def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, labels: Tensor) -> Tensor:
-        return kl(student_logprobs, log_mixture(student_logprobs, teacher_logprobs, self.alpha))
+    def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+        alpha = self.alpha
+        log_m = log_mixture(log_q, log_p, alpha)
+        q = log_q.exp()
+        ratio = torch.where(q > 0, log_q - log_m, 0.0)
+        # d/dlog q of q (log q - log m) = q (log q - log m) + q - q * alpha q / m
+        return q * ratio, q * (ratio + 1 - alpha * ratio.exp())
 
 
-class TotalVariation(LogitObjective):
-    """Total variation distance, 1/2 sum_v |p_v - q_v|."""
+class TotalVariation(PointwiseDivergence):
+    """Total variation distance, 1/2 sum_v |p_v - q_v| (subgradient 0 where p = q)."""
 
     name = "tvd"
 
-    def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, labels: Tensor) -> Tensor:
-        return 0.5 * (teacher_logprobs.exp() - student_logprobs.exp()).abs().sum(-1)
+    def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+        p, q = log_p.exp(), log_q.exp()
+        diff = q - p
+        return 0.5 * diff.abs(), 0.5 * torch.sign(diff) * q
 
 
 @hookimpl

@@ -41,6 +41,22 @@ def tvd_reference(student_logits, teacher_logits, labels=None):
     return 0.5 * (torch.softmax(teacher_logits, -1) - torch.softmax(student_logits, -1)).abs().sum(-1)
 
 
+def ce_reference(student_logits, teacher_logits=None, labels=None, label_smoothing=0.0):
+    """torch's own cross_entropy, an independent implementation."""
+    return torch.nn.functional.cross_entropy(student_logits, labels, reduction="none", label_smoothing=label_smoothing)
+
+
+def dpkd_token_reference(student_logits, teacher_logits, labels=None, beta=0.1, eps=0.0, loss_type="sigmoid"):
+    """Token-level DPKD from SPEC section 3, spelled out with log-softmaxes and log(sigmoid)."""
+    log_q, log_p = torch.log_softmax(student_logits, -1), torch.log_softmax(teacher_logits, -1)
+    rows = torch.arange(log_q.shape[0])
+    chosen, rejected = log_p.argmax(-1), log_q.detach().argmax(-1)
+    h = (log_q[rows, chosen] - log_q[rows, rejected]) - (log_p[rows, chosen] - log_p[rows, rejected])
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    return -(1 - eps) * torch.log(torch.sigmoid(beta * h)) - eps * torch.log(torch.sigmoid(-beta * h))
+
+
 REFERENCES = {
     "fkl": fkl_reference,
     "rkl": rkl_reference,
@@ -48,6 +64,8 @@ REFERENCES = {
     "skl": skl_reference,
     "srkl": srkl_reference,
     "tvd": tvd_reference,
+    "ce": ce_reference,
+    "dpkd_token": dpkd_token_reference,
 }
 
 
@@ -56,7 +74,8 @@ def reference_loss(name, student_logits, teacher_logits, labels, *, tau=1.0, voc
     """Whole-objective reference: truncate to the shared vocab, temperature, tau^2, mask, reduce."""
     vocab = vocab or min(student_logits.shape[-1], teacher_logits.shape[-1])
     valid = labels != ignore_index
-    per_token = REFERENCES[name](student_logits[valid, :vocab] / tau, teacher_logits[valid, :vocab] / tau, **params) * tau**2
+    per_token = REFERENCES[name](student_logits[valid, :vocab] / tau, teacher_logits[valid, :vocab] / tau,
+                                 labels[valid], **params) * tau**2
     if reduction == "sum":
         return per_token.sum()
     if reduction == "mean":

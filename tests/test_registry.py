@@ -48,7 +48,7 @@ def test_list_objectives_and_build_by_name():
 def test_unknown_objective_lists_names_and_suggests():
     with pytest.raises(dz.UnknownNameError) as err:
         dz.objective("fkll")
-    assert str(err.value) == "unknown objective 'fkll'. Available: fkl, jsd, rkl, skl, srkl, tvd. Did you mean 'fkl'?"
+    assert str(err.value) == "unknown objective 'fkll'. Available: ce, dpkd_token, fkl, jsd, rkl, skl, srkl, tvd. Did you mean 'fkl'?"
 
 
 def test_unknown_parameter_lists_valid_ones_and_suggests():

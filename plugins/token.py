@@ -1,0 +1,108 @@
+"""Built-in token-level objectives that are not divergences: ce (hard labels) and dpkd_token.
+
+Both implement ``loss_and_grad`` directly on the vocab-chunked torch path: ce
+needs one logsumexp and a gather, dpkd_token two argmaxes and four gathers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distillzoo.base import LogitObjective, SparseTeacher
+from distillzoo.errors import ParameterError
+from distillzoo.hookspecs import hookimpl
+from distillzoo.kernels import vocab_chunked
+
+
+class CrossEntropy(LogitObjective):
+    """Cross-entropy on hard labels, -log q(label), with optional label smoothing; no teacher.
+
+    With smoothing eps: (1 - eps) * (-log q(label)) + eps * mean_v(-log q_v), the
+    uniform part over the compared vocab (torch's convention). Used for SFT and
+    for sequence-level KD on teacher-generated responses.
+    """
+
+    name = "ce"
+    needs_teacher = False
+
+    def __init__(self, *, label_smoothing: float = 0.0, **common) -> None:
+        super().__init__(**common)
+        self.label_smoothing = float(label_smoothing)
+
+    def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor | None, labels: Tensor) -> Tensor:
+        eps = self.label_smoothing
+        picked = student_logprobs.gather(1, labels[:, None]).squeeze(1)
+        return -(1 - eps) * picked - eps * student_logprobs.mean(-1)
+
+    def loss_and_grad(self, student_logits, teacher, labels, grad=None, grad_scale=1.0):
+        _check_labels(self.name, labels, student_logits.shape[-1])
+        scale = self.loss_scale
+        loss = vocab_chunked.cross_entropy_loss_and_grad(
+            student_logits, labels.long(), self.temperature, self.label_smoothing, grad, grad_scale * scale)
+        return loss * scale if scale != 1.0 else loss
+
+
+class TokenDPKD(LogitObjective):
+    """Token-level DPKD (microsoft/LMOps): a DPO-style preference at every position.
+
+    y+ = argmax p (the teacher's choice) and y- = argmax q (the student's);
+    h = [log q(y+) - log q(y-)] - [log p(y+) - log p(y-)] (the normalisers cancel,
+    so only four logits are read). sigmoid: -(1 - eps) log s(beta h) - eps log s(-beta h);
+    ipo: (h - 1/(2 beta))^2. Where the argmaxes agree, h = 0 and there is no gradient.
+    """
+
+    name = "dpkd_token"
+
+    def __init__(self, *, beta: float = 0.1, eps: float = 0.0, loss_type: str = "sigmoid", **common) -> None:
+        super().__init__(**common)
+        if loss_type not in ("sigmoid", "ipo"):
+            raise ParameterError(f"dpkd_token: loss_type {loss_type!r} is not one of ['sigmoid', 'ipo']")
+        self.beta, self.eps, self.loss_type = float(beta), float(eps), loss_type
+
+    def margin_loss(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """The loss of a margin h and its derivative."""
+        beta, eps = self.beta, self.eps
+        if self.loss_type == "ipo":
+            gap = h - 1 / (2 * beta)
+            return gap * gap, 2 * gap
+        loss = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+        return loss, beta * (-(1 - eps) * torch.sigmoid(-beta * h) + eps * torch.sigmoid(beta * h))
+
+    def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, labels: Tensor) -> Tensor:
+        chosen = teacher_logprobs.argmax(-1, keepdim=True)
+        rejected = student_logprobs.detach().argmax(-1, keepdim=True)
+        h = (student_logprobs.gather(1, chosen) - student_logprobs.gather(1, rejected)
+             - teacher_logprobs.gather(1, chosen) + teacher_logprobs.gather(1, rejected)).squeeze(1)
+        return self.margin_loss(h)[0]
+
+    def loss_and_grad(self, student_logits, teacher, labels, grad=None, grad_scale=1.0):
+        if isinstance(teacher, SparseTeacher):
+            raise ParameterError("dpkd_token does not accept a sparse teacher")
+        tau, scale = self.temperature, self.loss_scale
+        dtype = vocab_chunked.compute_dtype(student_logits.dtype)
+        teacher_best, chosen = vocab_chunked.argmax(teacher)
+        student_best, rejected = vocab_chunked.argmax(student_logits)
+        student_chosen = student_logits.gather(1, chosen[:, None]).squeeze(1).to(dtype)
+        teacher_rejected = teacher.gather(1, rejected[:, None]).squeeze(1).to(dtype)
+        h = ((student_chosen - student_best) - (teacher_best - teacher_rejected)) / tau
+        loss, d_h = self.margin_loss(h)
+        if grad is not None:
+            d = (d_h * (grad_scale * scale / tau))[:, None].to(grad.dtype)
+            grad.scatter_add_(1, chosen[:, None], d)
+            grad.scatter_add_(1, rejected[:, None], -d)
+        return loss * scale if scale != 1.0 else loss
+
+
+def _check_labels(name: str, labels: Tensor, vocab: int) -> None:
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= vocab):
+        bad = labels[(labels < 0) | (labels >= vocab)][0].item()
+        raise ParameterError(f"{name}: label {bad} is outside the compared vocab [0, {vocab}); "
+                             "positions without a target must hold ignore_index")
+
+
+@hookimpl
+def register_objectives(register):
+    register(CrossEntropy)
+    register(TokenDPKD)
