@@ -27,7 +27,7 @@ from .manager import (
     objective_specs,
     plugins_info,
 )
-from .base import LogitObjective, Mixture, Objective
+from .base import LogitObjective, Mixture, Objective, PointwiseDivergence, SparseTeacher
 
 __version__ = "0.1.0"
 

@@ -317,10 +317,10 @@ class LogitObjective(Objective):
     def _teacher(self, teacher, what: str, against: str, reference: Tensor):
         """The teacher flattened to rows: [N, Vt] detached, a flat SparseTeacher, or None."""
         name = self.name or type(self).__name__
+        if not self.needs_teacher:
+            return None  # ce and the like: a teacher given anyway is ignored
         if teacher is None:
-            if self.needs_teacher:
-                raise ParameterError(f"{name} needs a teacher: {what} is None")
-            return None
+            raise ParameterError(f"{name} needs a teacher: {what} is None")
         if isinstance(teacher, SparseTeacher):
             if not self.accepts_sparse_teacher:
                 raise ParameterError(f"{name} does not accept a sparse (top-k) teacher; it needs the full "

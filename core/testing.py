@@ -27,7 +27,8 @@ from typing import Callable, Mapping
 
 import torch
 
-from .base import LogitObjective
+from .base import LogitObjective, SparseTeacher
+from .errors import ParameterError
 
 Reference = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 IGNORE = -100
@@ -187,6 +188,31 @@ def check_from_hidden(cls: type, params: Mapping = {}) -> None:
     assert empty.item() == 0 and (h.grad == 0).all(), f"{cls.__name__}: all-ignored from_hidden is not 0 with zero gradient"
 
 
+def check_sparse_teacher(cls: type, params: Mapping = {}) -> None:
+    """A SparseTeacher with k = V (ids shuffled) equals the dense teacher, loss and gradient;
+    an objective that does not accept sparse teachers refuses one with a ParameterError."""
+    student, teacher, labels = make_inputs(dtype=torch.float64)
+    objective = _build(cls, params, temperature=1.3)
+    order = torch.argsort(torch.rand(teacher.shape, generator=torch.Generator().manual_seed(3)), dim=-1)
+    sparse = SparseTeacher(order, torch.log_softmax(teacher / 1.3, dim=-1).gather(1, order))
+    if not cls.accepts_sparse_teacher:
+        if not cls.needs_teacher:  # no teacher at all: any teacher is ignored
+            _close(objective(student, sparse, labels), objective(student, None, labels), 0, 0,
+                   f"{cls.__name__} needs no teacher but a sparse one changed its loss")
+            return
+        try:
+            objective(student, sparse, labels)
+        except ParameterError as err:
+            assert "sparse" in str(err), f"{cls.__name__}: the error for a sparse teacher does not say so: {err}"
+            return
+        raise AssertionError(f"{cls.__name__} does not accept sparse teachers but computed a loss from one")
+    s1, s2 = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    dense_loss, sparse_loss = objective(s1, teacher, labels), objective(s2, sparse, labels)
+    dense_loss.backward(), sparse_loss.backward()
+    _close(sparse_loss, dense_loss, 1e-9, 1e-9, f"{cls.__name__}: sparse teacher with k = V vs dense loss")
+    _close(s2.grad, s1.grad, 1e-9, 1e-9, f"{cls.__name__}: sparse teacher with k = V vs dense gradient")
+
+
 CHECKS = {
     "reference": check_reference,
     "gradcheck": check_gradcheck,
@@ -196,6 +222,7 @@ CHECKS = {
     "reductions": check_reductions,
     "dtypes": check_dtypes,
     "from_hidden": check_from_hidden,
+    "sparse_teacher": check_sparse_teacher,
 }
 
 

@@ -14,8 +14,10 @@ and ``G_v = df/d(log q_v)``, the gradient is::
 
     dD/ds_v = G_v - q_v * sum_u G_u
 
-so two reductions per row (both logsumexps, then the loss and ``sum G``) and one
-write of the gradient suffice: three passes over the vocab.
+so two reductions per row (the softmax statistics, then the loss and ``sum G``)
+and one write of the gradient suffice. The statistics are an online softmax (row
+max, then the sum of ``exp(s - max)``); this path takes the max in its own pass,
+four reads of the logits in all, where the Triton kernels fuse it into the sum.
 """
 
 from __future__ import annotations
@@ -46,13 +48,53 @@ def _columns(width: int, chunk: int):
         yield start, min(start + chunk, width)
 
 
-def logsumexp(x: Tensor, tau: float = 1.0, chunk: int | None = None) -> Tensor:
-    """Row-wise ``logsumexp(x / tau)`` of ``[r, V]``, chunk by chunk (online, fp32 or float64)."""
+def softmax_stats(x: Tensor, tau: float = 1.0, chunk: int | None = None, ids: Tensor | None = None):
+    """Row-wise online-softmax statistics of ``x / tau`` ``[r, V]``, chunk by chunk.
+
+    Returns ``(m, log_d)`` with ``m`` the row max and ``log_d = log sum_v exp(x_v / tau - m)``,
+    so that ``log q_v = (x_v / tau - m) - log_d``: the difference to the max is taken
+    first, as torch's log_softmax does. (``m + log_d`` rounded to fp32 at |x| ~ 1e4
+    loses 1e-3, which a divergence of size 1e4 turns into an error of 10.)
+    With ``ids`` ([r, k]), also returns ``log_d_out``: the same sum over the entries
+    outside the ids, relative to the same ``m`` (-inf when nothing is left).
+    """
+    chunk = vocab_chunk(chunk)
     dtype = compute_dtype(x.dtype)
-    out = torch.full((x.shape[0],), -torch.inf, dtype=dtype, device=x.device)
-    for a, b in _columns(x.shape[1], vocab_chunk(chunk)):
-        out = torch.logaddexp(out, torch.logsumexp(x[:, a:b].to(dtype) / tau, dim=-1))
-    return out
+    rows = x.shape[0]
+    m = torch.full((rows,), -torch.inf, dtype=dtype, device=x.device)
+    for a, b in _columns(x.shape[1], chunk):
+        m = torch.maximum(m, x[:, a:b].to(dtype).amax(dim=-1) / tau)
+    m = torch.where(torch.isfinite(m), m, 0.0)  # a row of -inf has no distribution; keep it NaN-free
+    d = torch.zeros(rows, dtype=dtype, device=x.device)
+    d_out = torch.zeros_like(d) if ids is not None else None
+    for a, b in _columns(x.shape[1], chunk):
+        shifted = x[:, a:b].to(dtype) / tau - m[:, None]
+        d += shifted.exp().sum(-1)
+        if ids is not None:
+            d_out += _mask_ids(shifted, ids, a, b).exp().sum(-1)
+    if ids is None:
+        return m, d.log()
+    return m, d.log(), d_out.log()
+
+
+def logsumexp(x: Tensor, tau: float = 1.0, chunk: int | None = None) -> Tensor:
+    """Row-wise ``logsumexp(x / tau)`` of ``[r, V]``, chunk by chunk."""
+    m, log_d = softmax_stats(x, tau, chunk)
+    return m + log_d
+
+
+def _mask_ids(shifted: Tensor, ids: Tensor, a: int, b: int) -> Tensor:
+    """A copy of the [r, b - a] chunk with -inf at the ids that fall inside [a, b)."""
+    buf = torch.empty(shifted.shape[0], b - a + 1, dtype=shifted.dtype, device=shifted.device)
+    buf[:, : b - a] = shifted
+    inside = (ids >= a) & (ids < b)
+    # ids outside this chunk land in the spare last column, which is dropped.
+    buf.scatter_(1, torch.where(inside, ids - a, b - a), -torch.inf)
+    return buf[:, : b - a]
+
+
+def _log_probs(x: Tensor, tau: float, m: Tensor, log_d: Tensor, dtype: torch.dtype) -> Tensor:
+    return (x.to(dtype) / tau - m[:, None]) - log_d[:, None]
 
 
 def argmax(x: Tensor, chunk: int | None = None) -> tuple[Tensor, Tensor]:
@@ -78,28 +120,27 @@ def pointwise_loss_and_grad(pointwise: Pointwise, student: Tensor, teacher: Tens
     """
     chunk = vocab_chunk(chunk)
     dtype = compute_dtype(student.dtype)
-    lse_s = logsumexp(student, tau, chunk)
-    lse_t = logsumexp(teacher, tau, chunk)
+    stats_s = softmax_stats(student, tau, chunk)
+    stats_t = softmax_stats(teacher, tau, chunk)
     loss = torch.zeros(student.shape[0], dtype=dtype, device=student.device)
     sum_g = torch.zeros_like(loss)
     for a, b in _columns(student.shape[1], chunk):
-        log_q = student[:, a:b].to(dtype) / tau - lse_s[:, None]
-        log_p = teacher[:, a:b].to(dtype) / tau - lse_t[:, None]
+        log_q = _log_probs(student[:, a:b], tau, *stats_s, dtype)
+        log_p = _log_probs(teacher[:, a:b], tau, *stats_t, dtype)
         value, g = pointwise(log_p, log_q)
         loss += value.sum(-1)
         if grad is not None:
             sum_g += g.sum(-1)
             grad[:, a:b].add_(g, alpha=grad_scale / tau)
     if grad is not None:
-        _subtract_softmax(grad, student, tau, lse_s, sum_g * (grad_scale / tau), chunk)
+        _subtract_softmax(grad, student, tau, stats_s, sum_g * (grad_scale / tau), chunk)
     return loss
 
 
-def _subtract_softmax(grad: Tensor, student: Tensor, tau: float, lse: Tensor, coef: Tensor, chunk: int) -> None:
+def _subtract_softmax(grad: Tensor, student: Tensor, tau: float, stats, coef: Tensor, chunk: int) -> None:
     """grad[:, v] -= coef * q_v, chunk by chunk (the softmax part of d log q / d z)."""
-    dtype = grad.dtype
     for a, b in _columns(student.shape[1], chunk):
-        q = torch.exp(student[:, a:b].to(dtype) / tau - lse[:, None])
+        q = _log_probs(student[:, a:b], tau, *stats, grad.dtype).exp_()
         grad[:, a:b].addcmul_(q, coef[:, None], value=-1.0)
 
 
@@ -116,46 +157,33 @@ def sparse_pointwise_loss_and_grad(pointwise: Pointwise, student: Tensor, ids: T
 
         dD/ds_v = G_i - q_v sum G                    for v = ids[i]
         dD/ds_v = q_v (G_tail / Q_tail - sum G)       for v outside the ids
+
+    Passes over the vocab: the logsumexp, the logsumexp outside the ids, the gradient.
     """
     chunk = vocab_chunk(chunk)
     dtype = compute_dtype(student.dtype)
-    rows, width = student.shape
     k = ids.shape[1]
-    lse_s = logsumexp(student, tau, chunk)
-    lse_out = torch.full((rows,), -torch.inf, dtype=dtype, device=student.device)
-    for a, b, masked in _masked_columns(student, ids, tau, chunk, dtype):
-        lse_out = torch.logaddexp(lse_out, torch.logsumexp(masked, dim=-1))
-    kept = student.gather(1, ids).to(dtype) / tau - lse_s[:, None]
-    log_q = torch.cat([kept, (lse_out - lse_s)[:, None]], dim=1)
+    m, log_d, log_d_out = softmax_stats(student, tau, chunk, ids)
+    kept = _log_probs(student.gather(1, ids), tau, m, log_d, dtype)
+    log_q = torch.cat([kept, (log_d_out - log_d)[:, None]], dim=1)
     log_p = torch.cat([teacher_logprobs.to(dtype), teacher_tail.to(dtype)[:, None]], dim=1)
     value, g = pointwise(log_p, log_q)
     loss = value.sum(-1)
     if grad is None:
         return loss
     scale = grad_scale / tau
-    sum_g = g.sum(-1)
-    has_tail = torch.isfinite(lse_out)
-    tail_coef = torch.where(has_tail, g[:, k], 0.0) * scale
-    tail_lse = torch.where(has_tail, lse_out, 0.0)
-    if k < width:
-        for a, b, masked in _masked_columns(student, ids, tau, chunk, dtype):
-            # exp(-inf - lse) = 0 at the kept ids, so only the tail entries get G_tail q_v / Q_tail.
-            grad[:, a:b].addcmul_(torch.exp(masked - tail_lse[:, None]), tail_coef[:, None])
-    _subtract_softmax(grad, student, tau, lse_s, sum_g * scale, chunk)
-    grad.scatter_add_(1, ids, g[:, :k] * scale)
+    has_tail = torch.isfinite(log_d_out)
+    log_tail = torch.where(has_tail, log_q[:, k], 0.0)
+    g_tail = torch.where(has_tail, g[:, k], 0.0)
+    # Outside the ids: q_v (G_tail / Q_tail - sum G) = q_v (G_tail S / Q_tail - sum_i G_i), S = sum_i q_i
+    # the student's kept mass, so no O(1) terms cancel when Q_tail ~ 1 (the usual case for small k).
+    kept_mass_over_tail = torch.exp(torch.logsumexp(kept, dim=-1) - log_tail)
+    outside = torch.where(has_tail, g_tail * kept_mass_over_tail, 0.0) - g[:, :k].sum(-1)
+    _subtract_softmax(grad, student, tau, (m, log_d), -outside * scale, chunk)
+    # At the ids the total is G_i - q_i sum G = q_i * outside + (G_i - q_i G_tail / Q_tail).
+    fix = g[:, :k] - kept.exp() * (g_tail * torch.exp(-log_tail))[:, None]
+    grad.scatter_add_(1, ids, fix * scale)
     return loss
-
-
-def _masked_columns(student: Tensor, ids: Tensor, tau: float, chunk: int, dtype: torch.dtype):
-    """Yield (a, b, s[:, a:b] / tau with -inf at the kept ids), one [r, c] buffer per chunk."""
-    rows = student.shape[0]
-    for a, b in _columns(student.shape[1], chunk):
-        buf = torch.empty(rows, b - a + 1, dtype=dtype, device=student.device)
-        buf[:, : b - a] = student[:, a:b].to(dtype) / tau
-        inside = (ids >= a) & (ids < b)
-        # ids outside this chunk land in the spare last column, which is dropped.
-        buf.scatter_(1, torch.where(inside, ids - a, b - a), -torch.inf)
-        yield a, b, buf[:, : b - a]
 
 
 def cross_entropy_loss_and_grad(student: Tensor, labels: Tensor, tau: float, label_smoothing: float = 0.0,
@@ -165,19 +193,19 @@ def cross_entropy_loss_and_grad(student: Tensor, labels: Tensor, tau: float, lab
     chunk = vocab_chunk(chunk)
     dtype = compute_dtype(student.dtype)
     rows, width = student.shape
-    lse = logsumexp(student, tau, chunk)
-    picked = student.gather(1, labels[:, None]).squeeze(1).to(dtype) / tau
-    loss = (1.0 - label_smoothing) * (lse - picked)
+    m, log_d = softmax_stats(student, tau, chunk)
+    picked = _log_probs(student.gather(1, labels[:, None]), tau, m, log_d, dtype).squeeze(1)
+    loss = -(1.0 - label_smoothing) * picked
     if label_smoothing:
         total = torch.zeros(rows, dtype=dtype, device=student.device)
         for a, b in _columns(width, chunk):
-            total += student[:, a:b].to(dtype).sum(-1)
-        loss = loss + label_smoothing * (lse - total / (tau * width))
+            total += _log_probs(student[:, a:b], tau, m, log_d, dtype).sum(-1)
+        loss = loss - label_smoothing * total / width
     if grad is not None:
         scale = grad_scale / tau
         if label_smoothing:
             grad.sub_(label_smoothing * scale / width)
-        _subtract_softmax(grad, student, tau, lse, torch.full_like(lse, -scale), chunk)
+        _subtract_softmax(grad, student, tau, (m, log_d), torch.full_like(m, -scale), chunk)
         grad.scatter_add_(1, labels[:, None], torch.full((rows, 1), -(1.0 - label_smoothing) * scale,
                                                          dtype=grad.dtype, device=grad.device))
     return loss

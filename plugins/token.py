@@ -50,7 +50,9 @@ class TokenDPKD(LogitObjective):
     y+ = argmax p (the teacher's choice) and y- = argmax q (the student's);
     h = [log q(y+) - log q(y-)] - [log p(y+) - log p(y-)] (the normalisers cancel,
     so only four logits are read). sigmoid: -(1 - eps) log s(beta h) - eps log s(-beta h);
-    ipo: (h - 1/(2 beta))^2. Where the argmaxes agree, h = 0 and there is no gradient.
+    ipo: (h - 1/(2 beta))^2. Where the argmaxes agree, h = 0 and there is no gradient;
+    where the student's argmax is an entry the teacher masks (-inf), h = -inf and so is
+    the sigmoid loss, as the formula says.
     """
 
     name = "dpkd_token"

@@ -21,6 +21,23 @@ def kl_of_probs(a, b):
     return torch.where(a > 0, a * (torch.log(a) - torch.log(b)), torch.zeros_like(a)).sum(-1)
 
 
+def log_space_reference(name, student_logits, teacher_logits, beta=0.5, alpha=0.1):
+    """jsd/skl/srkl with the mixture taken in log space: for logits whose probabilities underflow float64."""
+    log_p, log_q = torch.log_softmax(teacher_logits, -1), torch.log_softmax(student_logits, -1)
+
+    def kl_log(log_a, log_b):
+        return torch.where(log_a > -torch.inf, log_a.exp() * (log_a - log_b), 0.0).sum(-1)
+
+    def mix(log_a, log_b, w):
+        return torch.logaddexp(log_a + torch.log(torch.tensor(w, dtype=log_a.dtype)), log_b + torch.log1p(torch.tensor(-w, dtype=log_a.dtype)))
+    if name == "jsd":
+        log_m = mix(log_p, log_q, beta)
+        return beta * kl_log(log_p, log_m) + (1 - beta) * kl_log(log_q, log_m)
+    if name == "skl":
+        return kl_log(log_p, mix(log_p, log_q, alpha))
+    return kl_log(log_q, mix(log_q, log_p, alpha))
+
+
 def jsd_reference(student_logits, teacher_logits, labels=None, beta=0.5):
     p, q = torch.softmax(teacher_logits, -1), torch.softmax(student_logits, -1)
     m = beta * p + (1 - beta) * q
@@ -47,14 +64,15 @@ def ce_reference(student_logits, teacher_logits=None, labels=None, label_smoothi
 
 
 def dpkd_token_reference(student_logits, teacher_logits, labels=None, beta=0.1, eps=0.0, loss_type="sigmoid"):
-    """Token-level DPKD from SPEC section 3, spelled out with log-softmaxes and log(sigmoid)."""
+    """Token-level DPKD from SPEC section 3, spelled out with log-softmaxes."""
     log_q, log_p = torch.log_softmax(student_logits, -1), torch.log_softmax(teacher_logits, -1)
     rows = torch.arange(log_q.shape[0])
     chosen, rejected = log_p.argmax(-1), log_q.detach().argmax(-1)
     h = (log_q[rows, chosen] - log_q[rows, rejected]) - (log_p[rows, chosen] - log_p[rows, rejected])
     if loss_type == "ipo":
         return (h - 1 / (2 * beta)) ** 2
-    return -(1 - eps) * torch.log(torch.sigmoid(beta * h)) - eps * torch.log(torch.sigmoid(-beta * h))
+    logsigmoid = torch.nn.functional.logsigmoid
+    return -(1 - eps) * logsigmoid(beta * h) - eps * logsigmoid(-beta * h)
 
 
 REFERENCES = {

@@ -56,4 +56,4 @@ def test_usable_by_name_with_validated_params(installed, tmp_path):
 def test_its_own_conformance_tests_pass(installed, tmp_path):
     out = run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(EXAMPLE),
                "-c", str(EXAMPLE / "pyproject.toml"), str(EXAMPLE / "tests")], tmp_path, installed)
-    assert "10 passed" in out
+    assert "11 passed" in out
