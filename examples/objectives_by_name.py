@@ -18,8 +18,8 @@ import distillzoo as dz
 
 CONFIG = """\
 objectives:
+  - {name: ce, weight: 0.5}
   - {name: fkl, weight: 0.5, temperature: 2.0}
-  - {name: rkl, weight: 0.5}
 """
 
 
@@ -45,6 +45,7 @@ def main():
     fused.backward()
     fused_grad = student_hidden.grad.clone()
     print(f"fused from_hidden: loss {fused.item():.6f}  ({time.perf_counter() - start:.2f} s)")
+    print("  per term:", ", ".join(f"{name} {value.item():.6f}" for name, value in loss_fn.term_losses.items()))
 
     student_hidden.grad = None
     logits = loss_fn(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, labels)

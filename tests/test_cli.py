@@ -36,6 +36,8 @@ def test_show_prints_formula_params_and_paper(capsys):
     assert "formula:  tau^2 * sum_v q_v (log q_v - log p_v)" in out
     assert "temperature: float = 1.0 in (0, inf)" in out
     assert "MiniLLM: Knowledge Distillation of Large Language Models (Gu, Dong, Wei, Huang, 2024)" in out
+    code, out, _ = run(capsys, "show", "jsd")
+    assert code == 0 and "formula:  tau^2 * [beta KL(p||m) + (1-beta) KL(q||m)],  m = beta p + (1-beta) q" in out
 
 
 def test_show_unknown_name_fails_with_suggestion(capsys):

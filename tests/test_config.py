@@ -30,6 +30,22 @@ def test_weighted_list_builds_the_weighted_sum(tmp_path):
     torch.testing.assert_close(mix(student, teacher, labels), expected)
 
 
+def test_ce_plus_fkl_mixture_by_config_reports_each_term(tmp_path):
+    path = write(tmp_path, "objectives:\n  - {name: ce, weight: 0.5, label_smoothing: 0.1}\n  - {name: fkl, weight: 0.5}\n")
+    mix = dz.build_objective(dz.load_config(path))
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(8, 30, generator=g, dtype=torch.float64), torch.randn(8, 30, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 30, (8,), generator=g)
+    labels[2] = -100
+    ce = torch.nn.functional.cross_entropy(student, labels, label_smoothing=0.1)
+    valid = labels != -100
+    p, log_q = torch.softmax(teacher[valid], -1), torch.log_softmax(student[valid], -1)
+    fkl = (p * (p.log() - log_q)).sum(-1).mean()
+    torch.testing.assert_close(mix(student, teacher, labels), 0.5 * ce + 0.5 * fkl)
+    torch.testing.assert_close(mix.term_losses["ce"], ce)
+    torch.testing.assert_close(mix.term_losses["fkl"], fkl)
+
+
 def test_unknown_top_level_key_names_file_line_and_suggests(tmp_path):
     path = write(tmp_path, "objective: {name: fkl}\nsede: 3\n")
     with pytest.raises(dz.ConfigError) as err:
