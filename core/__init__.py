@@ -41,6 +41,8 @@ __all__ = [
     "ParameterError",
     "PluginError",
     "PluginWarning",
+    "PointwiseDivergence",
+    "SparseTeacher",
     "UnknownNameError",
     "build_objective",
     "components",

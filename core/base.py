@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Sequence
+from typing import ClassVar, Sequence
 
 import torch
 from torch import Tensor
@@ -404,7 +404,7 @@ class PointwiseDivergence(LogitObjective):
         else:
             loss = vocab_chunked.pointwise_loss_and_grad(
                 self.pointwise, student_logits, teacher, self.temperature, grad, grad_scale * scale)
-        return loss * scale if scale != 1.0 else loss
+        return loss * scale
 
 
 class Mixture(LogitObjective):

@@ -41,7 +41,7 @@ class CrossEntropy(LogitObjective):
         scale = self.loss_scale
         loss = vocab_chunked.cross_entropy_loss_and_grad(
             student_logits, labels.long(), self.temperature, self.label_smoothing, grad, grad_scale * scale)
-        return loss * scale if scale != 1.0 else loss
+        return loss * scale
 
 
 class TokenDPKD(LogitObjective):
@@ -94,7 +94,7 @@ class TokenDPKD(LogitObjective):
             d = (d_h * (grad_scale * scale / tau))[:, None].to(grad.dtype)
             grad.scatter_add_(1, chosen[:, None], d)
             grad.scatter_add_(1, rejected[:, None], -d)
-        return loss * scale if scale != 1.0 else loss
+        return loss * scale
 
 
 def _check_labels(name: str, labels: Tensor, vocab: int) -> None:
