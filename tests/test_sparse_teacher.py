@@ -122,7 +122,7 @@ def test_qwen_vocab_fp32_sparse_teacher(name):
     s64 = student.double().requires_grad_(True)
     expected = bucket_reference(name, s64[valid], teacher.double()[valid], labels[valid], ids[valid], **params).mean()
     expected.backward()
-    # Measured: loss within 2.4e-6 and gradients within 1.4e-6 (relative L2) for all six.
+    # Measured (python bench/accuracy_report.py): loss within 6e-7, gradients within 4e-7 (relative L2).
     torch.testing.assert_close(loss, expected.float(), rtol=2e-5, atol=1e-7)
     assert ((s.grad.double() - s64.grad).norm() / s64.grad.norm()).item() < 2e-5
 
