@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import torch  # noqa: E402
 from helpers import reference_loss  # noqa: E402
-from test_divergences import CASES, OBJECTIVES, PARAMS, rel_err  # noqa: E402
+from test_divergences import CASES, OBJECTIVES, PARAMS, qwen_case, rel_err  # noqa: E402
 from test_sparse_teacher import SPARSE, bucket_reference, top_k  # noqa: E402
 
 import distillzoo as dz  # noqa: E402
@@ -27,16 +27,10 @@ def dense():
     print("| objective | worst loss rel. error | worst gradient rel. L2 error |\n|---|---|---|")
     for name in OBJECTIVES:
         worst_loss = worst_grad = 0.0
-        for n, ignored, tau, vocab_s, vocab_t in CASES.values():
+        for case, (n, ignored, tau, _, _) in CASES.items():
             if len(ignored) == n:
                 continue
-            g = torch.Generator().manual_seed(7)
-            student = torch.randn(n, vocab_s, generator=g) * 4
-            teacher = torch.randn(n, vocab_t, generator=g) * 4
-            if vocab_t > vocab_s:
-                teacher[:, vocab_s:] += 30.0
-            labels = torch.randint(0, vocab_s, (n,), generator=g)
-            labels[ignored] = -100
+            student, teacher, labels = qwen_case(case)
             params = PARAMS.get(name, {})
             s = student.clone().requires_grad_(True)
             loss = dz.objective(name, temperature=tau, **params)(s, teacher, labels)

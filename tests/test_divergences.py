@@ -133,9 +133,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("name", OBJECTIVES)
-def test_qwen_vocab_fp32_against_float64_reference(name, case):
+def qwen_case(case):
+    """fp32 student and teacher logits and labels for one of CASES."""
     n, ignored, tau, vocab_s, vocab_t = CASES[case]
     g = torch.Generator().manual_seed(7)
     student = torch.randn(n, vocab_s, generator=g) * 4
@@ -146,6 +145,14 @@ def test_qwen_vocab_fp32_against_float64_reference(name, case):
         teacher[:, vocab_s:] += 30.0
     labels = torch.randint(0, vocab_s, (n,), generator=g)
     labels[ignored] = -100
+    return student, teacher, labels
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_qwen_vocab_fp32_against_float64_reference(name, case):
+    n, ignored, tau, vocab_s, vocab_t = CASES[case]
+    student, teacher, labels = qwen_case(case)
 
     s = student.clone().requires_grad_(True)
     params = PARAMS.get(name, {})
