@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .errors import ParameterError
+from .kernels import backend as kernel_backend
 from .kernels import vocab_chunked
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -187,6 +188,15 @@ class LogitObjective(Objective):
         tau = self.temperature
         return tau * tau if self.scale_by_temperature_squared and tau != 1.0 else 1.0
 
+    def grad_dtype(self, student_logits: Tensor, teacher: "Tensor | SparseTeacher | None") -> torch.dtype:
+        """The dtype of the gradient buffer that :meth:`loss_and_grad` adds into for these inputs.
+
+        fp32 (float64 for float64 logits) by default. Objectives whose Triton kernel
+        accumulates in fp32 registers and rounds once at the store return the logits'
+        dtype there, which saves the fused path an fp32 ``[chunk, V]`` buffer and a cast.
+        """
+        return vocab_chunked.compute_dtype(student_logits.dtype)
+
     def loss_and_grad(self, student_logits: Tensor, teacher: "Tensor | SparseTeacher | None", labels: Tensor,
                       grad: Tensor | None = None, grad_scale: float = 1.0) -> Tensor:
         """Per-token loss ``[r]`` (tau^2 included) of a block of valid rows; optionally its gradient.
@@ -197,11 +207,16 @@ class LogitObjective(Objective):
             labels: ``[r]`` target ids.
             grad: if given, an ``[r, V]`` buffer (fp32, float64 for float64 logits) into which
                 ``grad_scale * d(sum of the loss)/d(student_logits)`` is added.
+            grad may also be in the dtype :meth:`grad_dtype` returns.
         Returns:
             ``[r]`` detached, fp32 (float64 for float64 logits).
 
         The default takes log-softmaxes of whole rows and runs autograd through
         :meth:`token_loss`, so its temporaries are O(r x V); the callers bound r.
+        It is also the definition-level reference that ``DISTILLZOO_BACKEND=reference``
+        selects for the built-ins. An objective with its own kernels overrides this
+        method and picks the implementation with
+        ``distillzoo.kernels.backend.backend_for(student_logits)`` (see the README).
         """
         if isinstance(teacher, SparseTeacher):
             raise ParameterError(f"{self.name or type(self).__name__} does not accept a sparse teacher")
@@ -304,7 +319,10 @@ class LogitObjective(Objective):
             def teacher_rows(rows: Tensor) -> SparseTeacher:
                 return teacher.select(rows)
         valid = self._valid_rows(labels)
-        chunk = chunk_size or auto_chunk_rows(vocab)
+        per_entry = 4 * _TEMPORARIES_PER_ROW
+        if kernel_backend.backend_for(hs) == "triton":
+            per_entry = 2 * hs.element_size() + 4  # the chunk's two logits and (at most fp32) gradient
+        chunk = chunk_size or auto_chunk_rows(vocab, bytes_per_entry=per_entry)
         if chunk < 1:
             raise ParameterError(f"from_hidden: chunk_size must be >= 1, got {chunk}")
         if self.reduction == "none":
@@ -383,6 +401,12 @@ class PointwiseDivergence(LogitObjective):
     """
 
     accepts_sparse_teacher: ClassVar[bool] = True
+    #: The built-in Triton kernel of this ``f`` (a key of ``distillzoo.kernels.divergence.KINDS``), or None.
+    #: Honoured only on the class that also defines ``pointwise``: a subclass that overrides
+    #: ``pointwise`` without naming a kernel takes the chunked torch path.
+    triton_kind: ClassVar[str | None] = None
+    #: The attribute holding the kernel's mixture weight (jsd's ``beta``, skl/srkl's ``alpha``).
+    triton_weight: ClassVar[str | None] = None
 
     def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
         """Elementwise ``f(log p, log q)`` and ``df/d(log q)``, same shape as the inputs.
@@ -394,9 +418,39 @@ class PointwiseDivergence(LogitObjective):
     def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, labels: Tensor) -> Tensor:
         return self.pointwise(teacher_logprobs, student_logprobs)[0].sum(-1)
 
+    @classmethod
+    def _kernel_kind(cls) -> str | None:
+        for klass in cls.__mro__:
+            if "pointwise" in vars(klass):
+                return vars(klass).get("triton_kind")
+        return None
+
+    def _backend(self, student_logits: Tensor, teacher) -> str:
+        """triton (a built-in kernel exists), reference, or torch (also every sparse teacher)."""
+        if isinstance(teacher, SparseTeacher):
+            return "torch"
+        backend = kernel_backend.backend_for(student_logits)
+        if backend == "triton" and self._kernel_kind() is None:
+            return "torch"
+        return backend
+
+    def grad_dtype(self, student_logits, teacher):
+        if self._backend(student_logits, teacher) == "triton":
+            return student_logits.dtype
+        return super().grad_dtype(student_logits, teacher)
+
     def loss_and_grad(self, student_logits: Tensor, teacher: "Tensor | SparseTeacher", labels: Tensor,
                       grad: Tensor | None = None, grad_scale: float = 1.0) -> Tensor:
         scale = self.loss_scale
+        backend = self._backend(student_logits, teacher)
+        if backend == "reference":
+            return super().loss_and_grad(student_logits, teacher, labels, grad, grad_scale)
+        if backend == "triton":
+            kernels = kernel_backend.kernel_module("divergence")
+            weight = float(getattr(self, self.triton_weight)) if self.triton_weight else 0.0
+            loss = kernels.loss_and_grad(self._kernel_kind(), student_logits, teacher, self.temperature, grad,
+                                         grad_scale * scale, weight)
+            return loss * scale
         if isinstance(teacher, SparseTeacher):
             loss = vocab_chunked.sparse_pointwise_loss_and_grad(
                 self.pointwise, student_logits, teacher.ids, teacher.logprobs, teacher.tail_logprob,
@@ -486,10 +540,14 @@ def _term_names(names: Sequence[str]) -> list[str]:
     return out
 
 
-def auto_chunk_rows(vocab: int, budget_bytes: int | None = None) -> int:
-    """Tokens per fused chunk (or row block) so that the fp32 [chunk, vocab] temporaries fit the budget."""
+def auto_chunk_rows(vocab: int, budget_bytes: int | None = None, bytes_per_entry: int = 4 * _TEMPORARIES_PER_ROW) -> int:
+    """Tokens per fused chunk (or row block) so that the [chunk, vocab] temporaries fit the budget.
+
+    ``bytes_per_entry``: bytes held per (token, vocab entry) at once; the torch path
+    keeps about eight fp32 values, the Triton path two logits and one gradient.
+    """
     budget = budget_bytes or int(os.environ.get("DISTILLZOO_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
-    rows = budget // (vocab * 4 * _TEMPORARIES_PER_ROW)
+    rows = budget // (vocab * bytes_per_entry)
     return max(8, rows - rows % 8)
 
 
@@ -512,7 +570,11 @@ class _LogitLoss(torch.autograd.Function):
         per_token = torch.empty(n, dtype=dtype, device=student.device)
         buf = torch.zeros_like(student) if need_grad else None
         grad_scale = 1.0 if scale is None else scale
-        block = auto_chunk_rows(vocab)
+        # Row blocks bound the temporaries of the torch and reference paths; a Triton kernel keeps
+        # none, and wants many rows per launch to fill the GPU (its only temporary is an fp32
+        # gradient block where the buffer cannot be written in place).
+        triton = kernel_backend.backend_for(student) == "triton"
+        block = auto_chunk_rows(vocab, bytes_per_entry=4 if triton else 4 * _TEMPORARIES_PER_ROW)
         all_valid = n == student.shape[0]  # rows can then be sliced, never copied
         for start in range(0, n, block):
             stop = min(start + block, n)
@@ -520,10 +582,12 @@ class _LogitLoss(torch.autograd.Function):
             s = student[rows][:, :vocab]
             t = teacher if teacher is None else (teacher.select(rows) if isinstance(teacher, SparseTeacher)
                                                  else teacher[rows][:, :vocab])
-            in_place = need_grad and all_valid and buf.dtype == dtype
             g = None
             if need_grad:
-                g = buf[rows, :vocab] if in_place else torch.zeros(stop - start, vocab, dtype=dtype, device=student.device)
+                g_dtype = objective.grad_dtype(s, t)
+                in_place = all_valid and buf.dtype == g_dtype
+                g = buf[rows, :vocab] if in_place else torch.zeros(stop - start, vocab, dtype=g_dtype,
+                                                                   device=student.device)
             per_token[start:stop] = objective.loss_and_grad(s, t, labels[rows], g, grad_scale)
             if need_grad and not in_place:
                 if all_valid:
@@ -547,18 +611,24 @@ class _LogitLoss(torch.autograd.Function):
 
 
 def _chunk_grads(objective, hs, ws, teacher_rows, labels, rows, dtype, want_grad):
-    """Loss ``[c]`` of one chunk of rows and, if wanted, d(sum)/d(student logits) ``[c, V]`` (fp32)."""
+    """Loss ``[c]`` of one chunk of rows and, if wanted, d(sum)/d(student logits) ``[c, V]``.
+
+    The gradient is in the objective's :meth:`~LogitObjective.grad_dtype` (fp32, or
+    the logits' dtype where a Triton kernel rounds once at the store).
+    """
     logits = hs[rows] @ ws.T
-    grad = torch.zeros(logits.shape, dtype=dtype, device=logits.device) if want_grad else None
-    return objective.loss_and_grad(logits, teacher_rows(rows), labels[rows], grad), grad
+    teacher = teacher_rows(rows)
+    grad = None
+    if want_grad:
+        grad = torch.zeros(logits.shape, dtype=objective.grad_dtype(logits, teacher), device=logits.device)
+    return objective.loss_and_grad(logits, teacher, labels[rows], grad), grad
 
 
 def _apply_chunk_grads(grad, rows, hs, ws, grad_h, grad_w):
-    acc = grad_w.dtype if grad_w is not None else grad.dtype
     if grad_h is not None:
         grad_h.index_add_(0, rows, (grad.to(ws.dtype) @ ws).to(hs.dtype))
     if grad_w is not None:
-        grad_w.addmm_(grad.T.to(acc), hs[rows].to(acc))
+        kernel_backend.accumulate_weight_grad(grad_w, grad, hs[rows])
 
 
 def _grad_buffers(hs, ws, need_h, need_w):

@@ -43,6 +43,7 @@ class ForwardKL(PointwiseDivergence):
     """
 
     name = "fkl"
+    triton_kind = "fkl"
 
     def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
         p = log_p.exp()
@@ -56,6 +57,7 @@ class ReverseKL(PointwiseDivergence):
     """
 
     name = "rkl"
+    triton_kind = "rkl"
 
     def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
         q = log_q.exp()
@@ -72,6 +74,8 @@ class JensenShannon(PointwiseDivergence):
     """
 
     name = "jsd"
+    triton_kind = "jsd"
+    triton_weight = "beta"
 
     def __init__(self, *, beta: float = 0.5, **common) -> None:
         super().__init__(**common)
@@ -96,6 +100,8 @@ class SkewKL(_Skewed):
     """DistiLLM skew KL: KL(p || alpha p + (1 - alpha) q); alpha = 0 is forward KL."""
 
     name = "skl"
+    triton_kind = "skl"
+    triton_weight = "alpha"
 
     def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
         alpha = self.alpha
@@ -110,6 +116,8 @@ class SkewReverseKL(_Skewed):
     """DistiLLM skew reverse KL: KL(q || (1 - alpha) p + alpha q); alpha = 0 is reverse KL."""
 
     name = "srkl"
+    triton_kind = "srkl"
+    triton_weight = "alpha"
 
     def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
         alpha = self.alpha
@@ -124,6 +132,7 @@ class TotalVariation(PointwiseDivergence):
     """Total variation distance, 1/2 sum_v |p_v - q_v| (subgradient 0 where p = q)."""
 
     name = "tvd"
+    triton_kind = "tvd"
 
     def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
         p, q = log_p.exp(), log_q.exp()

@@ -1,7 +1,9 @@
 """Built-in token-level objectives that are not divergences: ce (hard labels) and dpkd_token.
 
-Both implement ``loss_and_grad`` directly on the vocab-chunked torch path: ce
-needs one logsumexp and a gather, dpkd_token two argmaxes and four gathers.
+Both implement ``loss_and_grad`` directly and pick the implementation per call
+(``distillzoo.kernels.backend``): a Triton kernel on CUDA, the vocab-chunked torch
+path on CPU, or the definition through ``token_loss`` (``DISTILLZOO_BACKEND=reference``).
+ce needs one logsumexp and a gather, dpkd_token two argmaxes and four gathers.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from distillzoo.base import LogitObjective, SparseTeacher
 from distillzoo.errors import ParameterError
 from distillzoo.hookspecs import hookimpl
 from distillzoo.kernels import vocab_chunked
+from distillzoo.kernels.backend import backend_for, kernel_module
 
 
 class CrossEntropy(LogitObjective):
@@ -36,11 +39,23 @@ class CrossEntropy(LogitObjective):
         picked = student_logprobs.gather(1, labels[:, None]).squeeze(1)
         return -(1 - eps) * picked - eps * student_logprobs.mean(-1)
 
+    def grad_dtype(self, student_logits, teacher):
+        if backend_for(student_logits) == "triton":
+            return student_logits.dtype  # the kernel rounds once at the store
+        return super().grad_dtype(student_logits, teacher)
+
     def loss_and_grad(self, student_logits, teacher, labels, grad=None, grad_scale=1.0):
         _check_labels(self.name, labels, student_logits.shape[-1])
         scale = self.loss_scale
-        loss = vocab_chunked.cross_entropy_loss_and_grad(
-            student_logits, labels.long(), self.temperature, self.label_smoothing, grad, grad_scale * scale)
+        backend = backend_for(student_logits)
+        if backend == "reference":
+            return super().loss_and_grad(student_logits, None, labels, grad, grad_scale)
+        if backend == "triton":
+            loss = kernel_module("cross_entropy").loss_and_grad(
+                student_logits, labels, self.temperature, self.label_smoothing, grad, grad_scale * scale)
+        else:
+            loss = vocab_chunked.cross_entropy_loss_and_grad(
+                student_logits, labels.long(), self.temperature, self.label_smoothing, grad, grad_scale * scale)
         return loss * scale
 
 
@@ -79,13 +94,25 @@ class TokenDPKD(LogitObjective):
              - teacher_logprobs.gather(1, chosen) + teacher_logprobs.gather(1, rejected)).squeeze(1)
         return self.margin_loss(h)[0]
 
+    def grad_dtype(self, student_logits, teacher):
+        if backend_for(student_logits) == "triton":
+            return student_logits.dtype  # two entries per row are written
+        return super().grad_dtype(student_logits, teacher)
+
     def loss_and_grad(self, student_logits, teacher, labels, grad=None, grad_scale=1.0):
         if isinstance(teacher, SparseTeacher):
             raise ParameterError("dpkd_token does not accept a sparse teacher")
+        backend = backend_for(student_logits)
+        if backend == "reference":
+            return super().loss_and_grad(student_logits, teacher, labels, grad, grad_scale)
         tau, scale = self.temperature, self.loss_scale
         dtype = vocab_chunked.compute_dtype(student_logits.dtype)
-        teacher_best, chosen = vocab_chunked.argmax(teacher)
-        student_best, rejected = vocab_chunked.argmax(student_logits)
+        if backend == "triton":  # one read of both rows
+            student_best, rejected, teacher_best, chosen = kernel_module("dpkd_token").argmax_pair(student_logits,
+                                                                                                    teacher)
+        else:
+            teacher_best, chosen = vocab_chunked.argmax(teacher)
+            student_best, rejected = vocab_chunked.argmax(student_logits)
         student_chosen = student_logits.gather(1, chosen[:, None]).squeeze(1).to(dtype)
         teacher_rejected = teacher.gather(1, rejected[:, None]).squeeze(1).to(dtype)
         h = ((student_chosen - student_best) - (teacher_best - teacher_rejected)) / tau

@@ -1,10 +1,15 @@
 import os
 
 import pytest
+import torch
 
 # Third-party plugins installed in the environment stay out of the test suite
 # (an empty allow-list); tests that want entry points set it themselves.
 os.environ["DISTILLZOO_PLUGINS"] = ""
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. Triton reads
+# this when a kernel is defined, and distillzoo imports its kernel modules on first use.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import distillzoo as dz  # noqa: E402
 from distillzoo.manager import reset_plugin_manager  # noqa: E402

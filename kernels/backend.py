@@ -1,0 +1,111 @@
+"""Which implementation runs a vocab-scale op: Triton kernels, the chunked torch path, or the reference.
+
+* CUDA tensors take the Triton kernels, CPU tensors the vocab-chunked torch path
+  (:mod:`distillzoo.kernels.vocab_chunked`), which has the same numerics.
+* ``DISTILLZOO_BACKEND=triton|torch|reference`` forces one, read at every call.
+  ``reference`` is the definition-level path (whole-row log-softmax and autograd,
+  O(rows x vocab) temporaries), for checking the other two.
+* Triton runs CPU tensors only in its interpreter: set ``TRITON_INTERPRET=1``
+  before the first kernel module is imported (they are imported on first use).
+* The Triton kernels accumulate in fp32: float64 inputs always take the torch path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from distillzoo.errors import ParameterError
+
+BACKENDS = ("triton", "torch", "reference")
+ENV = "DISTILLZOO_BACKEND"
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when Triton runs its interpreter (TRITON_INTERPRET=1), which takes CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def forced() -> str | None:
+    """The backend named by DISTILLZOO_BACKEND, or None when unset/empty."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ParameterError(f"{ENV}={value!r} is not one of {list(BACKENDS)}")
+    return value
+
+
+def backend_for(tensor: Tensor) -> str:
+    """The backend that runs an op on ``tensor``: forced by the environment, else by its device and dtype."""
+    choice = forced()
+    if choice == "triton":
+        if not triton_installed():
+            raise ParameterError(f"{ENV}=triton but triton is not installed")
+        if not tensor.is_cuda and not interpreting():
+            raise ParameterError(
+                f"{ENV}=triton with a tensor on {tensor.device}: Triton runs CPU tensors only in its interpreter; "
+                "set TRITON_INTERPRET=1 before the first kernel runs, or use a CUDA device"
+            )
+        return "triton" if tensor.dtype in TRITON_DTYPES else "torch"
+    if choice is not None:
+        return choice
+    if tensor.is_cuda and tensor.dtype in TRITON_DTYPES and triton_installed():
+        return "triton"
+    return "torch"
+
+
+def kernel_module(name: str):
+    """A Triton kernel module of this package, imported on first use (after TRITON_INTERPRET is read)."""
+    return importlib.import_module(f"distillzoo.kernels.{name}")
+
+
+def launch_grid_device(tensor: Tensor):
+    """A context that makes ``tensor``'s CUDA device current for a launch (a no-op on CPU)."""
+    if tensor.is_cuda:
+        return torch.cuda.device(tensor.device)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def unit_stride(x: Tensor) -> Tensor:
+    """``x`` [rows, cols] with unit column stride (a copy only when needed); rows may be strided."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def block_size(width: int, cap: int = 4096) -> int:
+    """Vocab tile width: a power of two, at most ``cap``."""
+    block = 1
+    while block < min(width, cap):
+        block *= 2
+    return max(block, 16)
+
+
+_MIXED_ADDMM: dict[str, bool] = {}
+
+
+def accumulate_weight_grad(grad_w: Tensor, dz: Tensor, h: Tensor) -> None:
+    """``grad_w += dz.T @ h`` with ``grad_w`` fp32 for bf16/fp16 weights.
+
+    On CUDA, bf16/fp16 ``dz`` and ``h`` go through the tensor cores with fp32
+    output (``addmm`` with ``out_dtype``, where this torch has it); otherwise both
+    are upcast and multiplied in fp32.
+    """
+    low = dz.dtype if dz.dtype == h.dtype and dz.dtype in (torch.float16, torch.bfloat16) else None
+    if low is not None and grad_w.dtype == torch.float32 and dz.is_cuda and _MIXED_ADDMM.get("ok", True):
+        try:
+            torch.addmm(grad_w, dz.T, h, out_dtype=torch.float32, out=grad_w)
+            _MIXED_ADDMM["ok"] = True
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MIXED_ADDMM["ok"] = False
+    grad_w.addmm_(dz.T.to(grad_w.dtype), h.to(grad_w.dtype))

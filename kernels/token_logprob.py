@@ -1,0 +1,177 @@
+"""Fused per-token log-probabilities (and entropy) from hidden states and an lm_head weight.
+
+``token_logprobs(hidden [N, H], weight [V, H], labels [N])`` returns
+``log q(labels)`` per token, where ``q = softmax(hidden @ weight.T)``, and
+optionally the entropy ``-sum_v q_v log q_v``, with gradients to hidden and
+weight, never holding ``[N, V]``: tokens are taken in chunks; per chunk the
+logits are one matmul, a row kernel reduces them, and the backward pass
+recomputes the chunk's logits, overwrites them with
+
+    dz_v = g_lp ([v = label] - q_v) - g_H q_v (log q_v + H)
+
+and accumulates dX = dz @ W and dW += dz.T @ h (fp32 for bf16/fp16 weights).
+Positions whose label is ``ignore_index`` give 0 and no gradient. Sequence-level
+objectives (dpo, simpo, dpkd) sum these per response; ce is their negative.
+
+Backends (see :mod:`distillzoo.kernels.backend`): the Triton row kernels below,
+the vocab-chunked torch path (same math), or the reference (``log_softmax``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from distillzoo.errors import ParameterError
+
+from . import vocab_chunked
+from .backend import accumulate_weight_grad, backend_for
+
+_DEFAULT_BYTES = 1 << 30
+
+
+# ---------------------------------------------------------------- row functions, three backends
+def _rows_torch(logits: Tensor, labels: Tensor):
+    """(logprob, entropy, m, log_d) per row, chunk by chunk over the vocab."""
+    m, log_d = vocab_chunked.softmax_stats(logits)
+    picked = (logits.gather(1, labels[:, None]).squeeze(1).to(m.dtype) - m) - log_d
+    expected = torch.zeros_like(m)  # sum_v q_v (x_v - m)
+    for a in range(0, logits.shape[1], vocab_chunked.vocab_chunk()):
+        shifted = logits[:, a:a + vocab_chunked.vocab_chunk()].to(m.dtype) - m[:, None]
+        q = (shifted - log_d[:, None]).exp()
+        expected += torch.where(q > 0, q * shifted, 0.0).sum(-1)
+    return picked, log_d - expected, m, log_d
+
+
+def _grad_torch(logits: Tensor, labels: Tensor, m, log_d, entropy, g_lp, g_h, out: Tensor) -> None:
+    step = vocab_chunked.vocab_chunk()
+    for a in range(0, logits.shape[1], step):
+        log_q = (logits[:, a:a + step].to(m.dtype) - m[:, None]) - log_d[:, None]
+        q = log_q.exp()
+        dz = -q * (g_lp[:, None] + g_h[:, None] * torch.where(q > 0, log_q + entropy[:, None], 0.0))
+        out[:, a:a + step] = dz.to(out.dtype)
+    inside = labels.long()[:, None]
+    out.scatter_add_(1, inside, g_lp[:, None].to(out.dtype))
+
+
+def _rows_reference(logits: Tensor, labels: Tensor):
+    log_q = torch.log_softmax(logits.to(vocab_chunked.compute_dtype(logits.dtype)), dim=-1)
+    q = log_q.exp()
+    entropy = -torch.where(q > 0, q * log_q, 0.0).sum(-1)
+    m = logits.amax(-1).to(log_q.dtype)
+    return log_q.gather(1, labels[:, None]).squeeze(1), entropy, m, torch.logsumexp(logits.to(log_q.dtype) - m[:, None], -1)
+
+
+def _triton():
+    from . import token_logprob_triton
+
+    return token_logprob_triton
+
+
+def row_logprobs(logits: Tensor, labels: Tensor, backend: str | None = None):
+    """``(log q(label), entropy, m, log_d)`` per row of ``[rows, V]`` logits (labels in range)."""
+    backend = backend or backend_for(logits)
+    if backend == "triton":
+        return _triton().forward(logits, labels)
+    if backend == "reference":
+        return _rows_reference(logits, labels)
+    return _rows_torch(logits, labels)
+
+
+def row_grad(logits: Tensor, labels: Tensor, m, log_d, entropy, g_lp, g_h, out: Tensor,
+             backend: str | None = None) -> None:
+    """Writes d(g_lp . logprob + g_h . entropy)/d(logits) into ``out`` (may be ``logits`` itself)."""
+    backend = backend or backend_for(logits)
+    if backend == "triton":
+        _triton().backward(logits, labels, m, log_d, entropy, g_lp, g_h, out)
+    else:
+        _grad_torch(logits, labels, m, log_d, entropy, g_lp, g_h, out)
+
+
+# ---------------------------------------------------------------- the fused linear function
+def _chunk_rows(vocab: int, itemsize: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ParameterError(f"token_logprobs: chunk_size must be >= 1, got {chunk_size}")
+        return chunk_size
+    rows = _DEFAULT_BYTES // (vocab * max(itemsize, 4) * 2)
+    return max(8, rows - rows % 8)
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, valid, chunk):
+        n = hidden.shape[0]
+        dtype = vocab_chunked.compute_dtype(hidden.dtype)
+        logprob = torch.zeros(n, dtype=dtype, device=hidden.device)
+        entropy = torch.zeros_like(logprob)
+        stats = torch.zeros(2, valid.numel(), dtype=dtype, device=hidden.device)
+        start = 0
+        for rows in valid.split(chunk):
+            logits = hidden[rows] @ weight.T
+            lp, h, m, log_d = row_logprobs(logits, labels[rows])
+            logprob[rows], entropy[rows] = lp.to(dtype), h.to(dtype)
+            stats[0, start:start + rows.numel()], stats[1, start:start + rows.numel()] = m, log_d
+            start += rows.numel()
+        ctx.chunk = chunk
+        ctx.save_for_backward(hidden, weight, labels, valid, stats, entropy)
+        ctx.mark_non_differentiable(valid)
+        return logprob, entropy
+
+    @staticmethod
+    def backward(ctx, g_logprob, g_entropy):
+        hidden, weight, labels, valid, stats, entropy = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        dtype = stats.dtype
+        g_logprob = torch.zeros_like(entropy) if g_logprob is None else g_logprob.to(dtype)
+        g_entropy = torch.zeros_like(entropy) if g_entropy is None else g_entropy.to(dtype)
+        start = 0
+        for rows in valid.split(ctx.chunk):
+            k = rows.numel()
+            logits = hidden[rows] @ weight.T
+            row_grad(logits, labels[rows], stats[0, start:start + k], stats[1, start:start + k], entropy[rows],
+                     g_logprob[rows], g_entropy[rows], logits)
+            start += k
+            if grad_h is not None:
+                grad_h[rows] = logits @ weight
+            if grad_w is not None:
+                accumulate_weight_grad(grad_w, logits, hidden[rows])
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+
+
+def token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, ignore_index: int = -100,
+                   with_entropy: bool = False, chunk_size: int | None = None):
+    """Per-token ``log softmax(hidden @ weight.T)[label]`` ``[...]`` (0 where ignored); with entropy if asked.
+
+    Args:
+        hidden: ``[..., H]`` final hidden states; weight: ``[V, H]`` lm_head (no bias).
+        labels: ``[...]`` int target ids in ``[0, V)`` or ``ignore_index``.
+        chunk_size: tokens per chunk (default: a 1 GiB budget for the chunk's logits).
+    Returns:
+        ``logprobs`` (fp32; float64 for float64 inputs), or ``(logprobs, entropy)``.
+    """
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ParameterError(f"token_logprobs: hidden has shape {tuple(hidden.shape)} and weight has shape "
+                             f"{tuple(weight.shape)}; expected weight [vocab, {hidden.shape[-1]}]")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ParameterError(f"token_logprobs: labels has shape {tuple(labels.shape)} but hidden has leading "
+                             f"shape {tuple(hidden.shape[:-1])}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ParameterError(f"token_logprobs: labels must be an integer tensor, got {labels.dtype}")
+    lead = tuple(hidden.shape[:-1])
+    flat = labels.reshape(-1).long()
+    valid = (flat != ignore_index).nonzero().squeeze(1)
+    picked = flat[valid]
+    vocab = weight.shape[0]
+    if picked.numel() and (int(picked.min()) < 0 or int(picked.max()) >= vocab):
+        bad = picked[(picked < 0) | (picked >= vocab)][0].item()
+        raise ParameterError(f"token_logprobs: label {bad} is outside the vocab [0, {vocab}); positions without "
+                             "a target must hold ignore_index")
+    chunk = _chunk_rows(vocab, hidden.element_size(), chunk_size)
+    logprob, entropy = _TokenLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat, valid, chunk)
+    if with_entropy:
+        return logprob.view(lead), entropy.view(lead)
+    return logprob.view(lead)

@@ -1,0 +1,371 @@
+"""The Triton kernels against float64 references: on CPU in Triton's interpreter, unchanged on CUDA.
+
+Every kernel is checked directly and through the objectives with
+``DISTILLZOO_BACKEND=triton``: loss and gradients, fp32 and bf16, temperature,
+ignore_index, all-ignored, vocab mismatch (a wider teacher read through a
+strided view), and one case at Qwen's full 151,936-entry vocab per kernel.
+"""
+
+import math
+
+import pytest
+import torch
+
+import distillzoo as dz
+from distillzoo.kernels import backend as kernel_backend
+from distillzoo.kernels.token_logprob import token_logprobs
+from helpers import REFERENCES, log_space_reference, reference_loss
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+QWEN_VOCAB = 151_936
+QWEN_TEACHER_VOCAB = 152_064
+DIVERGENCES = ["fkl", "rkl", "jsd", "skl", "srkl", "tvd"]
+OBJECTIVES = DIVERGENCES + ["ce", "dpkd_token"]
+PARAMS = {"jsd": {"beta": 0.3}, "skl": {"alpha": 0.2}, "srkl": {"alpha": 0.25}, "ce": {"label_smoothing": 0.1},
+          "dpkd_token": {"beta": 0.5, "eps": 0.1}}
+WEIGHT = {"jsd": 0.3, "skl": 0.2, "srkl": 0.25}
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("DISTILLZOO_BACKEND", "triton")
+
+
+def divergence_kernel():
+    return kernel_backend.kernel_module("divergence")
+
+
+def leaf(x):
+    """A fresh leaf on DEVICE that collects gradients (never the caller's tensor)."""
+    return x.detach().clone().to(DEVICE).requires_grad_(True)
+
+
+def rel_err(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp(min=1e-30)).item()
+
+
+def reference_rows(name, student, teacher, tau=1.0):
+    """Per-row float64 divergence of logits at temperature tau (tau^2 not applied), differentiable."""
+    s, t = student / tau, teacher / tau
+    if name in ("jsd", "skl", "srkl"):
+        return log_space_reference(name, s, t, beta=WEIGHT.get(name, 0.5), alpha=WEIGHT.get(name, 0.1))
+    return REFERENCES[name](s, t)
+
+
+# ---------------------------------------------------------------- the divergence kernel, directly
+CASES = {
+    # rows, vocab (two tiles, not a power of two), temperature, teacher extra width, masked teacher share
+    "tiles": (5, 5000, 1.0, 0, 0.0),
+    "temperature": (4, 700, 2.0, 0, 0.0),
+    "strided_teacher": (4, 700, 1.0, 129, 0.0),
+    "masked_teacher": (4, 700, 1.0, 0, 0.3),
+}
+
+
+# rkl is +inf where the teacher masks an entry the student covers: its masked case is the
+# infinity check of test_divergence_kernel_without_gradient_and_rkl_infinity.
+KERNEL_CASES = [(name, case) for name in DIVERGENCES for case in CASES if (name, case) != ("rkl", "masked_teacher")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name,case", KERNEL_CASES, ids=[f"{n}-{c}" for n, c in KERNEL_CASES])
+def test_divergence_kernel_against_float64_reference(name, case, dtype):
+    rows, vocab, tau, extra, masked = CASES[case]
+    g = torch.Generator().manual_seed(1)
+    student = (torch.randn(rows, vocab, generator=g) * 3).to(dtype)
+    wide = (torch.randn(rows, vocab + extra, generator=g) * 3)
+    if masked:
+        wide[torch.rand(rows, vocab + extra, generator=g) < masked] = -math.inf
+    wide = wide.to(dtype)
+    teacher = wide[:, :vocab]  # a strided view when extra > 0
+    start = torch.randn(rows, vocab, generator=g) * 1e-3  # an fp32 buffer: the kernel adds into it
+    grad = start.clone().to(DEVICE)
+    scale = 0.75
+    loss = divergence_kernel().loss_and_grad(name, student.to(DEVICE), wide.to(DEVICE)[:, :vocab], tau, grad,
+                                             scale, WEIGHT.get(name, 0.0))
+    s64 = student.detach().double().requires_grad_(True)
+    expected = reference_rows(name, s64, teacher.double(), tau)
+    (d_s,) = torch.autograd.grad(expected.sum() * scale, s64)
+    torch.testing.assert_close(loss.cpu().double(), expected.detach(), rtol=1e-5, atol=2e-6)
+    # bf16 inputs are exact in fp32, so both dtypes meet the fp32 bound.
+    tol = 1e-3 if name in ("jsd", "srkl", "tvd") else 1e-4  # gradients that cancel terms of size q
+    assert rel_err(grad.cpu().double() - start.double(), d_s) < tol
+    if dtype == torch.bfloat16:  # a buffer in the logits' dtype: one rounding at the store (8 bits)
+        low = torch.zeros(rows, vocab, dtype=dtype, device=DEVICE)
+        divergence_kernel().loss_and_grad(name, student.to(DEVICE), teacher.to(DEVICE), tau, low, scale,
+                                          WEIGHT.get(name, 0.0))
+        assert rel_err(low.cpu(), d_s) < 1e-2
+
+
+def test_divergence_kernel_without_gradient_and_rkl_infinity():
+    student, teacher = torch.randn(3, 300), torch.randn(3, 300)
+    teacher[0, 7] = -math.inf
+    for name in DIVERGENCES:
+        loss = divergence_kernel().loss_and_grad(name, student.to(DEVICE), teacher.to(DEVICE), 1.0, None, 1.0,
+                                                 WEIGHT.get(name, 0.0)).cpu()
+        expected = reference_rows(name, student.double(), teacher.double())
+        if name == "rkl":
+            assert math.isinf(loss[0]) and loss[0] > 0
+            torch.testing.assert_close(loss[1:].double(), expected[1:], rtol=1e-5, atol=1e-6)
+        else:
+            torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_rows_launch_nothing():
+    empty = torch.zeros(0, 50, device=DEVICE)
+    assert divergence_kernel().loss_and_grad("fkl", empty, empty, 1.0, empty.clone()).shape == (0,)
+    ce = kernel_backend.kernel_module("cross_entropy")
+    assert ce.loss_and_grad(empty, torch.zeros(0, dtype=torch.long, device=DEVICE), 1.0).shape == (0,)
+
+
+# ---------------------------------------------------------------- every objective through the API
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_objectives_on_the_triton_backend(triton_backend, name, dtype):
+    """Ignored rows, a wider teacher (vocab mismatch), temperature, mean and none reductions."""
+    g = torch.Generator().manual_seed(2)
+    n, vs, vt = 7, 600, 640
+    student = (torch.randn(n, vs, generator=g) * 2).to(dtype)
+    teacher = (torch.randn(n, vt, generator=g) * 2).to(dtype)
+    labels = torch.randint(0, vs, (n,), generator=g)
+    labels[[1, 4]] = -100
+    params = PARAMS.get(name, {})
+    tau = 1.0 if name == "dpkd_token" else 2.0
+    s = leaf(student)
+    loss = dz.objective(name, temperature=tau, **params)(s, teacher.to(DEVICE), labels.to(DEVICE))
+    loss.backward()
+    s64 = student.detach().double().requires_grad_(True)
+    expected = reference_loss(name, s64, teacher.double(), labels, tau=tau, **params)
+    expected.backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-3  # bf16 inputs are exact in fp32; the loss is fp32 math
+    assert loss.item() == pytest.approx(expected.item(), rel=tol, abs=1e-6)
+    assert s.grad.dtype == dtype
+    assert rel_err(s.grad.cpu(), s64.grad) < (1e-4 if dtype == torch.float32 else 3e-2)
+    assert (s.grad.cpu()[labels == -100] == 0).all()
+
+    per_token = dz.objective(name, temperature=tau, reduction="none", **params)(
+        student.to(DEVICE), teacher.to(DEVICE), labels.to(DEVICE))
+    expected_rows = reference_loss(name, student.double(), teacher.double(), labels, tau=tau, reduction="none",
+                                   **params)
+    torch.testing.assert_close(per_token.cpu().double(), expected_rows, rtol=tol, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_all_ignored_gives_zero_loss_and_zero_gradients(triton_backend, name):
+    s = torch.randn(4, 300, device=DEVICE, requires_grad=True)
+    labels = torch.full((4,), -100, device=DEVICE)
+    loss = dz.objective(name, **PARAMS.get(name, {}))(s, torch.randn(4, 300, device=DEVICE), labels)
+    loss.backward()
+    assert loss.item() == 0.0 and (s.grad == 0).all()
+
+
+@pytest.mark.parametrize("name", ["fkl", "jsd", "ce"])
+def test_from_hidden_on_the_triton_backend(triton_backend, name):
+    g = torch.Generator().manual_seed(3)
+    n, hs, ht, vs, vt = 19, 16, 24, 900, 960
+    h, w = torch.randn(n, hs, generator=g), torch.randn(vs, hs, generator=g) / 3
+    th, tw = torch.randn(n, ht, generator=g), torch.randn(vt, ht, generator=g) / 4
+    labels = torch.randint(0, vs, (n,), generator=g)
+    labels[:3] = -100
+    params = PARAMS.get(name, {})
+    hd, wd = leaf(h), leaf(w)
+    loss = dz.objective(name, **params).from_hidden(hd, wd, th.to(DEVICE), tw.to(DEVICE), labels.to(DEVICE),
+                                                    chunk_size=6)
+    loss.backward()
+    h64, w64 = h.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    expected = reference_loss(name, h64 @ w64.T, th.double() @ tw.double().T, labels, **params)
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert rel_err(hd.grad.cpu(), h64.grad) < 1e-4 and rel_err(wd.grad.cpu(), w64.grad) < 1e-4
+
+
+def test_mixture_terms_add_into_one_fp32_buffer(triton_backend):
+    g = torch.Generator().manual_seed(4)
+    student, teacher = torch.randn(6, 500, generator=g).bfloat16(), torch.randn(6, 500, generator=g).bfloat16()
+    labels = torch.randint(0, 500, (6,), generator=g)
+    mix = dz.Mixture([(0.5, dz.objective("ce")), (0.5, dz.objective("fkl"))])
+    s = leaf(student)
+    mix(s, teacher.to(DEVICE), labels.to(DEVICE)).backward()
+    s64 = student.detach().double().requires_grad_(True)
+    (0.5 * reference_loss("ce", s64, teacher.double(), labels)
+     + 0.5 * reference_loss("fkl", s64, teacher.double(), labels)).backward()
+    assert rel_err(s.grad.cpu(), s64.grad) < 1e-2
+
+
+def test_a_plugin_overriding_pointwise_takes_the_torch_path(triton_backend):
+    class HalfFKL(dz.objective("fkl").__class__):
+        name = "half_fkl"
+
+        def pointwise(self, log_p, log_q):
+            f, g = super().pointwise(log_p, log_q)
+            return 0.5 * f, 0.5 * g
+
+    student, teacher = torch.randn(3, 200, device=DEVICE), torch.randn(3, 200, device=DEVICE)
+    assert HalfFKL()._backend(student, teacher) == "torch"
+    assert dz.objective("fkl")._backend(student, teacher) == "triton"
+    torch.testing.assert_close(HalfFKL()(student, teacher), 0.5 * dz.objective("fkl")(student, teacher))
+
+
+# ---------------------------------------------------------------- Qwen's full vocab, one case per kernel
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_qwen_vocab_on_the_triton_backend(triton_backend, name):
+    """151,936 student entries against a 152,064-entry teacher (Qwen2.5-0.5B vs 7B), one row ignored."""
+    g = torch.Generator().manual_seed(5)
+    n = 3
+    student = torch.randn(n, QWEN_VOCAB, generator=g) * 4
+    teacher = torch.randn(n, QWEN_TEACHER_VOCAB, generator=g) * 4
+    teacher[:, QWEN_VOCAB:] += 8.0  # mass beyond the shared vocab, which must be excluded
+    labels = torch.tensor([5, -100, QWEN_VOCAB - 1])
+    params = PARAMS.get(name, {})
+    s = leaf(student)
+    loss = dz.objective(name, **params)(s, teacher.to(DEVICE), labels.to(DEVICE))
+    loss.backward()
+    s64 = student.detach().double().requires_grad_(True)
+    if name in ("jsd", "skl", "srkl"):
+        valid = labels != -100
+        expected = log_space_reference(name, s64[valid], teacher.double()[valid, :QWEN_VOCAB],
+                                       **({"beta": 0.3} if name == "jsd" else {"alpha": WEIGHT[name]})).mean()
+    else:
+        expected = reference_loss(name, s64, teacher.double(), labels, **params)
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=2e-5, abs=1e-7)
+    tol = {"jsd": 1e-3, "srkl": 1e-3, "tvd": 5e-3}.get(name, 5e-5)
+    assert rel_err(s.grad.cpu(), s64.grad) < tol
+
+
+def test_qwen_vocab_token_logprobs_triton(triton_backend):
+    g = torch.Generator().manual_seed(6)
+    n, hidden = 4, 32
+    h, w = torch.randn(n, hidden, generator=g), torch.randn(QWEN_VOCAB, hidden, generator=g) / 2
+    labels = torch.tensor([0, 151_643, -100, QWEN_VOCAB - 1])
+    hd, wd = leaf(h), leaf(w)
+    lp, ent = token_logprobs(hd, wd, labels.to(DEVICE), with_entropy=True, chunk_size=2)
+    g_lp, g_ent = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    (lp * g_lp.to(DEVICE) + ent * g_ent.to(DEVICE)).sum().backward()
+    h64, w64 = h.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    ref_lp, ref_ent = token_logprob_reference(h64, w64, labels)
+    (ref_lp * g_lp.double() + ref_ent * g_ent.double()).sum().backward()
+    torch.testing.assert_close(lp.cpu().double(), ref_lp.detach(), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ent.cpu().double(), ref_ent.detach(), rtol=1e-5, atol=2e-5)
+    assert rel_err(hd.grad.cpu(), h64.grad) < 1e-4 and rel_err(wd.grad.cpu(), w64.grad) < 1e-4
+
+
+# ---------------------------------------------------------------- token log-probs, every backend
+def token_logprob_reference(h, w, labels, ignore_index=-100):
+    log_q = torch.log_softmax(h @ w.T, dim=-1)
+    valid = labels != ignore_index
+    picked = log_q.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
+    entropy = -(log_q.exp() * log_q).sum(-1)
+    return torch.where(valid, picked, 0.0), torch.where(valid, entropy, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_token_logprobs_against_float64_reference(monkeypatch, backend, dtype):
+    monkeypatch.setenv("DISTILLZOO_BACKEND", backend)
+    monkeypatch.setenv("DISTILLZOO_VOCAB_CHUNK", "256")  # several vocab chunks on the torch path
+    g = torch.Generator().manual_seed(7)
+    n, hidden, vocab = 21, 24, 1000
+    h = (torch.randn(2, n, hidden, generator=g) * 2).to(dtype)
+    w = (torch.randn(vocab, hidden, generator=g) / 2).to(dtype)
+    labels = torch.randint(0, vocab, (2, n), generator=g)
+    labels[0, :4] = -100
+    hd, wd = leaf(h), leaf(w)
+    lp, ent = token_logprobs(hd, wd, labels.to(DEVICE), with_entropy=True, chunk_size=8)
+    assert lp.shape == (2, n) and lp.dtype == torch.float32
+    g_lp, g_ent = torch.randn(2, n, generator=g), torch.randn(2, n, generator=g)
+    (lp * g_lp.to(DEVICE) + ent * g_ent.to(DEVICE)).sum().backward()
+    h64, w64 = h.detach().double().reshape(-1, hidden).requires_grad_(True), w.detach().double().requires_grad_(True)
+    ref_lp, ref_ent = token_logprob_reference(h64, w64, labels.reshape(-1))
+    (ref_lp * g_lp.reshape(-1).double() + ref_ent * g_ent.reshape(-1).double()).sum().backward()
+    # bf16: the lm_head matmul rounds the logits to 8 bits (|logit| ~ 10 -> 0.03), as in the model.
+    atol = 3e-5 if dtype == torch.float32 else 6e-2
+    torch.testing.assert_close(lp.cpu().double().reshape(-1), ref_lp.detach(), rtol=1e-5, atol=atol)
+    torch.testing.assert_close(ent.cpu().double().reshape(-1), ref_ent.detach(), rtol=1e-5, atol=atol)
+    assert (lp.cpu()[0, :4] == 0).all() and (ent.cpu()[0, :4] == 0).all()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert rel_err(hd.grad.cpu().reshape(-1, hidden), h64.grad) < tol
+    assert rel_err(wd.grad.cpu(), w64.grad) < tol
+    assert (hd.grad.cpu()[0, :4] == 0).all()
+
+
+def test_token_logprobs_is_minus_cross_entropy_and_all_ignored_is_zero(triton_backend):
+    g = torch.Generator().manual_seed(8)
+    h, w = torch.randn(9, 8, generator=g, device="cpu"), torch.randn(300, 8, generator=g)
+    labels = torch.randint(0, 300, (9,), generator=g)
+    lp = token_logprobs(h.to(DEVICE), w.to(DEVICE), labels.to(DEVICE))
+    expected = -torch.nn.functional.cross_entropy(h.double() @ w.double().T, labels, reduction="none")
+    torch.testing.assert_close(lp.cpu().double(), expected, rtol=1e-5, atol=1e-5)
+    hd = leaf(h)
+    out = token_logprobs(hd, w.to(DEVICE), torch.full((9,), -100, device=DEVICE))
+    out.sum().backward()
+    assert (out == 0).all() and (hd.grad == 0).all()
+
+
+def test_token_logprobs_errors_name_the_input():
+    h, w = torch.randn(4, 8), torch.randn(50, 8)
+    with pytest.raises(dz.ParameterError, match=r"label 50 is outside the vocab \[0, 50\)"):
+        token_logprobs(h, w, torch.tensor([1, 2, 50, -100]))
+    with pytest.raises(dz.ParameterError, match=r"expected weight \[vocab, 8\]"):
+        token_logprobs(h, torch.randn(50, 7), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(dz.ParameterError, match=r"labels has shape \(3,\)"):
+        token_logprobs(h, w, torch.zeros(3, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- dpkd_token's argmax kernel
+def test_argmax_pair_breaks_ties_at_the_lowest_index_across_tiles():
+    kernel = kernel_backend.kernel_module("dpkd_token")
+    vocab = 9000  # three 4096-wide tiles
+    student = torch.randn(4, vocab)
+    teacher = torch.randn(4, vocab)
+    student[0, [100, 5000]] = 50.0  # tie across tiles
+    student[1, [4097, 4098]] = 50.0  # tie inside a tile
+    teacher[2, [8999, 3]] = 50.0
+    teacher[3] = -math.inf
+    teacher[3, 6000] = 1.0
+    s_best, s_index, t_best, t_index = kernel.argmax_pair(student.to(DEVICE), teacher.to(DEVICE))
+    assert s_index.cpu().tolist() == student.argmax(-1).tolist()
+    assert s_index[0] == 100 and s_index[1] == 4097
+    assert t_index.cpu().tolist() == teacher.argmax(-1).tolist() and t_index[2] == 3 and t_index[3] == 6000
+    torch.testing.assert_close(s_best.cpu(), student.max(-1).values)
+    torch.testing.assert_close(t_best.cpu(), teacher.max(-1).values)
+
+
+# ---------------------------------------------------------------- dispatch
+def test_backend_selection(monkeypatch):
+    cpu = torch.zeros(2)
+    monkeypatch.delenv("DISTILLZOO_BACKEND", raising=False)
+    assert kernel_backend.backend_for(cpu) == "torch"
+    if torch.cuda.is_available():
+        assert kernel_backend.backend_for(cpu.cuda()) == "triton"
+        assert kernel_backend.backend_for(cpu.cuda().double()) == "torch"  # Triton computes in fp32
+    monkeypatch.setenv("DISTILLZOO_BACKEND", "Reference")
+    assert kernel_backend.backend_for(cpu) == "reference"
+    monkeypatch.setenv("DISTILLZOO_BACKEND", "cuda")
+    with pytest.raises(dz.ParameterError, match=r"DISTILLZOO_BACKEND='cuda' is not one of \['triton', 'torch', 'reference'\]"):
+        kernel_backend.backend_for(cpu)
+    monkeypatch.setenv("DISTILLZOO_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(dz.ParameterError, match="set TRITON_INTERPRET=1"):
+        kernel_backend.backend_for(cpu)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_every_backend_gives_the_same_objective_values(monkeypatch, backend):
+    g = torch.Generator().manual_seed(9)
+    student, teacher = torch.randn(5, 400, generator=g), torch.randn(5, 400, generator=g)
+    labels = torch.randint(0, 400, (5,), generator=g)
+    results = {}
+    for which in ("triton", backend):
+        monkeypatch.setenv("DISTILLZOO_BACKEND", which)
+        for name in OBJECTIVES:
+            s = leaf(student)
+            loss = dz.objective(name, **PARAMS.get(name, {}))(s, teacher.to(DEVICE), labels.to(DEVICE))
+            loss.backward()
+            results[which, name] = (loss.detach().cpu(), s.grad.cpu())
+    for name in OBJECTIVES:
+        (la, ga), (lb, gb) = results["triton", name], results[backend, name]
+        torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+        assert rel_err(ga, gb) < 1e-4
