@@ -1,30 +1,32 @@
-"""Fused-linear distillation (fkl, forward + backward) against the naive materialised-logits path.
+"""Fused-linear distillation (fkl, forward + backward) against the naive path and the peers.
 
     pytest bench/ --benchmark-only --benchmark-json bench/results/<machine>.json
 
-extra_info per case: peak extra memory (CUDA: max_memory_allocated above the
-inputs), achieved matmul TFLOP/s and its fraction of this machine's own bf16/fp32
-matmul throughput measured in the same run (the limit of SPEC section 4: the four
-lm_head matmuls, 2*N*V*(3*Hs + Ht) flops).
+Providers: ``naive-torch`` materialises both models' [N, V] logits;
+``distillzoo-torch`` and ``distillzoo-triton`` are ``from_hidden`` with
+``DISTILLZOO_BACKEND`` forced (Triton on CUDA only); ``liger-chunked-jsd`` is
+Liger-Kernel's ``LigerFusedLinearJSDLoss`` with beta = 0 (forward KL) and no hard
+loss, and ``liger-fused-linear-jsd`` its ``LigerFusedLinearJSD`` (jsd_beta = 0),
+where liger-kernel is installed.
+
+extra_info per case: peak extra memory (CUDA max_memory_allocated, CPU peak RSS,
+above the inputs), and the fraction of the limit of SPEC section 4: the time of
+the four lm_head matmuls at full size (cuBLAS/MKL alone, measured in the same
+run) over the provider's time.
 """
 
-import time
+import importlib.util
 
 import pytest
 import torch
 
 import distillzoo as dz
+from common import CUDA, DEVICE, DTYPE, PeakMemory, device_name, forced_backend, matmul_bound, sync
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-DTYPE = torch.bfloat16 if CUDA else torch.float32
 # (tokens, student hidden, teacher hidden, vocab): Qwen2.5-0.5B student; 1.5B / 7B teachers.
-SHAPES = [(4096, 896, 1536, 151_936), (8192, 896, 3584, 152_064)] if CUDA else [(512, 256, 512, 151_936)]
-
-
-def sync():
-    if CUDA:
-        torch.cuda.synchronize()
+SHAPES = ([(1024, 896, 1536, 151_936), (4096, 896, 1536, 151_936), (8192, 896, 3584, 151_936),
+           (16384, 896, 3584, 152_064)] if CUDA else [(512, 256, 512, 151_936)])
+LIGER = importlib.util.find_spec("liger_kernel") is not None
 
 
 def make_inputs(n, hs, ht, v):
@@ -44,57 +46,68 @@ def naive(h_s, w_s, h_t, w_t, labels):
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
-def fused(h_s, w_s, h_t, w_t, labels):
-    return dz.objective("fkl").from_hidden(h_s, w_s, h_t, w_t, labels)
+def distillzoo(backend):
+    ctx = forced_backend(backend)
+
+    def run(h_s, w_s, h_t, w_t, labels):
+        with ctx():
+            return dz.objective("fkl").from_hidden(h_s, w_s, h_t, w_t, labels)
+
+    return run
 
 
-PROVIDERS = {"naive-torch": naive, "distillzoo-torch": fused}
-_matmul_tflops = {}
+def liger_chunked():
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, compiled=CUDA)
+    return lambda h_s, w_s, h_t, w_t, labels: loss(h_s, w_s, h_t, w_t, labels)
 
 
-def matmul_throughput(n, hs, v):
-    """This machine's TFLOP/s for the student lm_head matmul shape, measured now."""
-    key = (n, hs, v)
-    if key not in _matmul_tflops:
-        a = torch.randn(n, hs, device=DEVICE, dtype=DTYPE)
-        b = torch.randn(v, hs, device=DEVICE, dtype=DTYPE)
-        for _ in range(2):
-            a @ b.T
-        sync()
-        reps = 10 if CUDA else 2
-        start = time.perf_counter()
-        for _ in range(reps):
-            a @ b.T
-        sync()
-        _matmul_tflops[key] = 2 * n * hs * v * reps / (time.perf_counter() - start) / 1e12
-    return _matmul_tflops[key]
+def liger_fused():
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    loss = LigerFusedLinearJSD(jsd_beta=0.0)
+    return lambda h_s, w_s, h_t, w_t, labels: loss(h_s, w_s, h_t, w_t, labels)
+
+
+PROVIDERS = {"naive-torch": lambda: naive, "distillzoo-torch": lambda: distillzoo("torch")}
+if CUDA:
+    PROVIDERS["distillzoo-triton"] = lambda: distillzoo("triton")
+if LIGER:
+    PROVIDERS["liger-chunked-jsd"] = liger_chunked
+    if CUDA:
+        PROVIDERS["liger-fused-linear-jsd"] = liger_fused
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}-Hs{s[1]}-Ht{s[2]}-V{s[3]}")
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_fkl_from_hidden_fwd_bwd(benchmark, provider, shape):
     n, hs, ht, v = shape
+    if provider == "naive-torch" and CUDA and n > 8192:
+        pytest.skip("the naive path's [N, V] fp32 temporaries exceed the GPU at this N")
     inputs = make_inputs(n, hs, ht, v)
-    fn = PROVIDERS[provider]
+    fn = PROVIDERS[provider]()
 
     def step():
         inputs[0].grad = inputs[1].grad = None
         fn(*inputs).backward()
         sync()
 
-    step()  # warm-up (and allocator caching) outside the measurement
-    if CUDA:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    step()  # warm-up (compilation, allocator caching) outside the measurement
+    inputs[0].grad = inputs[1].grad = None
+    memory = PeakMemory()
+    memory.start()
+    step()
+    peak = memory.peak_mib()
     benchmark.pedantic(step, rounds=5 if CUDA else 3, iterations=1)
-    flops = 2 * n * v * (3 * hs + ht)
-    achieved = flops / benchmark.stats.stats.mean / 1e12
-    limit = matmul_throughput(n, hs, v)
+    bound = matmul_bound(n, hs, ht, v)
+    mean = benchmark.stats.stats.mean
     benchmark.extra_info.update({
-        "device": torch.cuda.get_device_name() if CUDA else "cpu",
+        "device": device_name(),
         "dtype": str(DTYPE),
-        "tflops": round(achieved, 3),
-        "matmul_limit_tflops": round(limit, 3),
-        "fraction_of_limit": round(achieved / limit, 3),
-        "peak_extra_mib": round((torch.cuda.max_memory_allocated() - base) / 2**20, 1) if CUDA else None,
+        "torch": torch.__version__,
+        "tflops": round(2 * n * v * (3 * hs + ht) / mean / 1e12, 3),
+        "matmul_bound_ms": round(bound * 1e3, 3),
+        "fraction_of_limit": round(bound / mean, 3),
+        "peak_extra_mib": round(peak, 1),
     })
