@@ -25,7 +25,6 @@ O(rows x chunk).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
@@ -35,12 +34,12 @@ from torch import Tensor
 from .errors import ParameterError
 from .kernels import backend as kernel_backend
 from .kernels import vocab_chunked
+from .kernels.backend import auto_chunk_rows
 
 REDUCTIONS = ("mean", "sum", "none")
-# Budget for the fp32 [chunk, vocab] temporaries of one fused chunk (logits of both
-# models, log-probs, gradient). Overridable per call (chunk_size=) or by environment.
-DEFAULT_CHUNK_BYTES = 1 << 30
-_TEMPORARIES_PER_ROW = 8  # fp32 [vocab] rows live at once per token in a chunk
+# fp32 [vocab] rows live at once per token of a chunk on the torch path (logits of both
+# models, log-probs, gradient); the chunk budget itself is kernel_backend.DEFAULT_CHUNK_BYTES.
+_TEMPORARIES_PER_ROW = 8
 
 
 @dataclass(frozen=True)
@@ -540,17 +539,6 @@ def _term_names(names: Sequence[str]) -> list[str]:
     return out
 
 
-def auto_chunk_rows(vocab: int, budget_bytes: int | None = None, bytes_per_entry: int = 4 * _TEMPORARIES_PER_ROW) -> int:
-    """Tokens per fused chunk (or row block) so that the [chunk, vocab] temporaries fit the budget.
-
-    ``bytes_per_entry``: bytes held per (token, vocab entry) at once; the torch path
-    keeps about eight fp32 values, the Triton path two logits and one gradient.
-    """
-    budget = budget_bytes or int(os.environ.get("DISTILLZOO_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
-    rows = budget // (vocab * bytes_per_entry)
-    return max(8, rows - rows % 8)
-
-
 class _LogitLoss(torch.autograd.Function):
     """Loss of the valid rows of ``[N, Vs]`` logits, the gradient computed in the forward pass.
 
@@ -631,13 +619,6 @@ def _apply_chunk_grads(grad, rows, hs, ws, grad_h, grad_w):
         kernel_backend.accumulate_weight_grad(grad_w, grad, hs[rows])
 
 
-def _grad_buffers(hs, ws, need_h, need_w):
-    acc_dtype = torch.float32 if ws.dtype in (torch.float16, torch.bfloat16) else ws.dtype
-    grad_h = torch.zeros_like(hs) if need_h else None
-    grad_w = torch.zeros(ws.shape, dtype=acc_dtype, device=ws.device) if need_w else None
-    return grad_h, grad_w
-
-
 class _FusedLinearLoss(torch.autograd.Function):
     """Chunked lm_head + loss (mean/sum) whose gradients are computed during the forward pass.
 
@@ -649,7 +630,7 @@ class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, objective, hs, ws, teacher_rows, labels, valid, chunk, scale, need_grad):
         dtype = vocab_chunked.compute_dtype(hs.dtype)
-        grad_h, grad_w = _grad_buffers(hs, ws, need_grad and hs.requires_grad, need_grad and ws.requires_grad)
+        grad_h, grad_w = kernel_backend.grad_buffers(hs, ws, need_grad and hs.requires_grad, need_grad and ws.requires_grad)
         want = grad_h is not None or grad_w is not None
         total = torch.zeros((), dtype=dtype, device=hs.device)
         for rows in valid.split(chunk):
@@ -697,7 +678,7 @@ class _FusedLinearPerToken(torch.autograd.Function):
     def backward(ctx, grad_per_token):
         hs, ws, labels, valid = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        grad_h, grad_w = _grad_buffers(hs, ws, need_h, need_w)
+        grad_h, grad_w = kernel_backend.grad_buffers(hs, ws, need_h, need_w)
         dtype = vocab_chunked.compute_dtype(hs.dtype)
         start = 0
         for rows in valid.split(ctx.chunk):

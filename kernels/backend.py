@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -21,6 +22,9 @@ from torch import Tensor
 from distillzoo.errors import ParameterError
 
 BACKENDS = ("triton", "torch", "reference")
+# Budget for the [chunk, vocab] temporaries of one token chunk (fused paths, row blocks).
+# Overridable per call (chunk_size=) or by the environment (DISTILLZOO_CHUNK_BYTES).
+DEFAULT_CHUNK_BYTES = 1 << 30
 ENV = "DISTILLZOO_BACKEND"
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -72,8 +76,6 @@ def launch_grid_device(tensor: Tensor):
     """A context that makes ``tensor``'s CUDA device current for a launch (a no-op on CPU)."""
     if tensor.is_cuda:
         return torch.cuda.device(tensor.device)
-    import contextlib
-
     return contextlib.nullcontext()
 
 
@@ -109,3 +111,22 @@ def accumulate_weight_grad(grad_w: Tensor, dz: Tensor, h: Tensor) -> None:
         except (TypeError, RuntimeError, NotImplementedError):
             _MIXED_ADDMM["ok"] = False
     grad_w.addmm_(dz.T.to(grad_w.dtype), h.to(grad_w.dtype))
+
+
+def auto_chunk_rows(vocab: int, budget_bytes: int | None = None, bytes_per_entry: int = 32) -> int:
+    """Tokens per fused chunk (or row block) so that the [chunk, vocab] temporaries fit the budget.
+
+    ``bytes_per_entry``: bytes held per (token, vocab entry) at once; the torch path
+    keeps about eight fp32 values, the Triton path two logits and one gradient.
+    """
+    budget = budget_bytes or int(os.environ.get("DISTILLZOO_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+    rows = budget // (vocab * bytes_per_entry)
+    return max(8, rows - rows % 8)
+
+
+def grad_buffers(hs: Tensor, ws: Tensor, need_h: bool, need_w: bool):
+    """Zeroed dX (hidden's dtype) and dW buffers, dW in fp32 for bf16/fp16 weights; None where not needed."""
+    acc_dtype = torch.float32 if ws.dtype in (torch.float16, torch.bfloat16) else ws.dtype
+    grad_h = torch.zeros_like(hs) if need_h else None
+    grad_w = torch.zeros(ws.shape, dtype=acc_dtype, device=ws.device) if need_w else None
+    return grad_h, grad_w

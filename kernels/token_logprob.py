@@ -25,10 +25,7 @@ from torch import Tensor
 from distillzoo.errors import ParameterError
 
 from . import vocab_chunked
-from .backend import accumulate_weight_grad, backend_for
-
-_DEFAULT_BYTES = 1 << 30
-
+from .backend import accumulate_weight_grad, auto_chunk_rows, backend_for, grad_buffers
 
 # ---------------------------------------------------------------- row functions, three backends
 def _rows_torch(logits: Tensor, labels: Tensor):
@@ -36,20 +33,19 @@ def _rows_torch(logits: Tensor, labels: Tensor):
     m, log_d = vocab_chunked.softmax_stats(logits)
     picked = (logits.gather(1, labels[:, None]).squeeze(1).to(m.dtype) - m) - log_d
     expected = torch.zeros_like(m)  # sum_v q_v (x_v - m)
-    for a in range(0, logits.shape[1], vocab_chunked.vocab_chunk()):
-        shifted = logits[:, a:a + vocab_chunked.vocab_chunk()].to(m.dtype) - m[:, None]
+    for a, b in vocab_chunked._columns(logits.shape[1], vocab_chunked.vocab_chunk()):
+        shifted = logits[:, a:b].to(m.dtype) - m[:, None]
         q = (shifted - log_d[:, None]).exp()
         expected += torch.where(q > 0, q * shifted, 0.0).sum(-1)
     return picked, log_d - expected, m, log_d
 
 
 def _grad_torch(logits: Tensor, labels: Tensor, m, log_d, entropy, g_lp, g_h, out: Tensor) -> None:
-    step = vocab_chunked.vocab_chunk()
-    for a in range(0, logits.shape[1], step):
-        log_q = (logits[:, a:a + step].to(m.dtype) - m[:, None]) - log_d[:, None]
+    for a, b in vocab_chunked._columns(logits.shape[1], vocab_chunked.vocab_chunk()):
+        log_q = (logits[:, a:b].to(m.dtype) - m[:, None]) - log_d[:, None]
         q = log_q.exp()
         dz = -q * (g_lp[:, None] + g_h[:, None] * torch.where(q > 0, log_q + entropy[:, None], 0.0))
-        out[:, a:a + step] = dz.to(out.dtype)
+        out[:, a:b] = dz.to(out.dtype)
     inside = labels.long()[:, None]
     out.scatter_add_(1, inside, g_lp[:, None].to(out.dtype))
 
@@ -94,8 +90,7 @@ def _chunk_rows(vocab: int, itemsize: int, chunk_size: int | None) -> int:
         if chunk_size < 1:
             raise ParameterError(f"token_logprobs: chunk_size must be >= 1, got {chunk_size}")
         return chunk_size
-    rows = _DEFAULT_BYTES // (vocab * max(itemsize, 4) * 2)
-    return max(8, rows - rows % 8)
+    return auto_chunk_rows(vocab, bytes_per_entry=2 * max(itemsize, 4))  # the logits and their fp32 stats
 
 
 class _TokenLogProbs(torch.autograd.Function):
@@ -115,16 +110,13 @@ class _TokenLogProbs(torch.autograd.Function):
             start += rows.numel()
         ctx.chunk = chunk
         ctx.save_for_backward(hidden, weight, labels, valid, stats, entropy)
-        ctx.mark_non_differentiable(valid)
         return logprob, entropy
 
     @staticmethod
     def backward(ctx, g_logprob, g_entropy):
         hidden, weight, labels, valid, stats, entropy = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_h, grad_w = grad_buffers(hidden, weight, need_h, need_w)
         dtype = stats.dtype
         g_logprob = torch.zeros_like(entropy) if g_logprob is None else g_logprob.to(dtype)
         g_entropy = torch.zeros_like(entropy) if g_entropy is None else g_entropy.to(dtype)
@@ -149,7 +141,8 @@ def token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, ignore_ind
     Args:
         hidden: ``[..., H]`` final hidden states; weight: ``[V, H]`` lm_head (no bias).
         labels: ``[...]`` int target ids in ``[0, V)`` or ``ignore_index``.
-        chunk_size: tokens per chunk (default: a 1 GiB budget for the chunk's logits).
+        chunk_size: tokens per chunk (default: a 1 GiB budget for the chunk's logits;
+            DISTILLZOO_CHUNK_BYTES overrides it, as for from_hidden).
     Returns:
         ``logprobs`` (fp32; float64 for float64 inputs), or ``(logprobs, entropy)``.
     """

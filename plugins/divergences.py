@@ -91,6 +91,8 @@ class JensenShannon(PointwiseDivergence):
 class _Skewed(PointwiseDivergence):
     """A DistiLLM skew divergence: its mixture weight alpha in [0, 1)."""
 
+    triton_weight = "alpha"
+
     def __init__(self, *, alpha: float = 0.1, **common) -> None:
         super().__init__(**common)
         self.alpha = float(alpha)
@@ -101,7 +103,6 @@ class SkewKL(_Skewed):
 
     name = "skl"
     triton_kind = "skl"
-    triton_weight = "alpha"
 
     def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
         alpha = self.alpha
@@ -117,7 +118,6 @@ class SkewReverseKL(_Skewed):
 
     name = "srkl"
     triton_kind = "srkl"
-    triton_weight = "alpha"
 
     def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
         alpha = self.alpha
