@@ -5,6 +5,8 @@
     loss_fn = dz.objective("fkl", temperature=2.0)
     loss = loss_fn(student_logits, teacher_logits, labels)
     loss = loss_fn.from_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight, labels)
+    dpo = dz.objective("dpo", beta=0.1)
+    loss = dpo(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
 """
 
 from .config import build_objective, load_config, starter_config
@@ -28,6 +30,8 @@ from .manager import (
     plugins_info,
 )
 from .base import LogitObjective, Mixture, Objective, PointwiseDivergence, SparseTeacher
+from .causal_lm import SequenceLogps, sequence_logps
+from .preference import PreferenceObjective, PreferenceStep, preference_step
 
 __version__ = "0.1.0"
 
@@ -42,6 +46,9 @@ __all__ = [
     "PluginError",
     "PluginWarning",
     "PointwiseDivergence",
+    "PreferenceObjective",
+    "PreferenceStep",
+    "SequenceLogps",
     "SparseTeacher",
     "UnknownNameError",
     "build_objective",
@@ -54,5 +61,7 @@ __all__ = [
     "objective_spec",
     "objective_specs",
     "plugins_info",
+    "preference_step",
+    "sequence_logps",
     "starter_config",
 ]

@@ -198,6 +198,13 @@ def build_objective(cfg: DictConfig):
         raise ConfigError(f"objectives: {e}") from None
 
 
+def _override_example(spec) -> str:
+    for pname, p in spec.params.items():
+        if p.type == "float" and p.default is not None:
+            return f"objective.{pname}={p.default * 2:g}"
+    return f"objective.{next(iter(spec.params))}=..." if spec.params else "seed=1"
+
+
 def starter_config(name: str) -> str:
     """A commented YAML selecting objective ``name`` with its defaults, accepted by load_config."""
     from .manager import objective_spec
@@ -206,7 +213,7 @@ def starter_config(name: str) -> str:
     lines = [
         f"# distillzoo config: {spec.name} - {spec.summary}",
         f"# formula: {spec.formula}",
-        "# Override any key on the command line: key=value (e.g. objective.temperature=2.0)",
+        f"# Override any key on the command line: key=value (e.g. {_override_example(spec)})",
         "objective:",
         f"  name: {spec.name}",
     ]

@@ -25,7 +25,7 @@ from .catalogue import ObjectiveSpec, build_spec, load_registry_yaml
 from .errors import PluginError, PluginWarning, UnknownNameError, did_you_mean
 
 ENTRYPOINT_GROUP = "distillzoo"
-DEFAULT_PLUGINS = ("distillzoo.plugins.divergences", "distillzoo.plugins.token")
+DEFAULT_PLUGINS = ("distillzoo.plugins.divergences", "distillzoo.plugins.token", "distillzoo.plugins.preference")
 BUILTIN_PACKAGE = "distillzoo"
 COMPONENT_HOOKS = {
     "data_formats": "register_data_formats",

@@ -43,7 +43,7 @@ def test_show_prints_formula_params_and_paper(capsys):
 def test_show_unknown_name_fails_with_suggestion(capsys):
     code, out, err = run(capsys, "show", "rkll")
     assert code == 2 and out == ""
-    assert err.strip() == "distillzoo show: error: unknown objective 'rkll'. Available: ce, dpkd_token, fkl, jsd, rkl, skl, srkl, tvd. Did you mean 'rkl'?"
+    assert err.strip() == "distillzoo show: error: unknown objective 'rkll'. Available: ce, dpkd, dpkd_token, dpo, fkl, jsd, rkl, simpo, skl, srkl, tvd. Did you mean 'rkl'?"
 
 
 def test_plugins_json(capsys):

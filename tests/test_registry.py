@@ -9,6 +9,7 @@ import yaml
 import distillzoo as dz
 from distillzoo import hookspecs
 from distillzoo.base import LogitObjective
+from distillzoo.preference import PreferenceObjective
 from distillzoo.catalogue import load_registry_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,8 @@ def test_constructor_defaults_match_the_catalogue(name):
     spec = dz.objective_spec(name)
     own = {p.name: p.default for p in inspect.signature(spec.cls.__init__).parameters.values()
            if p.kind is p.KEYWORD_ONLY}
-    shared = {p.name: p.default for p in inspect.signature(LogitObjective.__init__).parameters.values()
+    base = LogitObjective if spec.kind == "logit" else PreferenceObjective
+    shared = {p.name: p.default for p in inspect.signature(base.__init__).parameters.values()
               if p.kind is p.KEYWORD_ONLY}
     assert {**own, **shared} == {n: p.default for n, p in spec.params.items()}
 
@@ -48,7 +50,7 @@ def test_list_objectives_and_build_by_name():
 def test_unknown_objective_lists_names_and_suggests():
     with pytest.raises(dz.UnknownNameError) as err:
         dz.objective("fkll")
-    assert str(err.value) == "unknown objective 'fkll'. Available: ce, dpkd_token, fkl, jsd, rkl, skl, srkl, tvd. Did you mean 'fkl'?"
+    assert str(err.value) == "unknown objective 'fkll'. Available: ce, dpkd, dpkd_token, dpo, fkl, jsd, rkl, simpo, skl, srkl, tvd. Did you mean 'fkl'?"
 
 
 def test_unknown_parameter_lists_valid_ones_and_suggests():
@@ -138,7 +140,7 @@ def test_third_party_objective_without_entry_is_refused(register_plugin):
 
 @pytest.mark.parametrize("broken, message", [
     ({k: v for k, v in HELLINGER_ENTRY.items() if k != "formula"}, r"missing field\(s\) \['formula'\]"),
-    ({**HELLINGER_ENTRY, "kind": "token"}, r"kind 'token' is not one of \['logit', 'sequence', 'preference'\]"),
+    ({**HELLINGER_ENTRY, "kind": "token"}, r"kind 'token' is not one of \['logit', 'preference'\]"),
     ({**HELLINGER_ENTRY, "params": {"temperature": {"type": "float", "default": 2.0}}},
      r"parameter\(s\) \['temperature'\] are shared by every logit objective"),
     ({**HELLINGER_ENTRY, "params": {"alpha": {"type": "float", "default": 2.0, "range": "(0, 1)"}}},

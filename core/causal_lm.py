@@ -1,0 +1,128 @@
+"""Causal LMs as distillzoo sees them: final hidden states, the lm_head, response log-probs.
+
+:func:`sequence_logps` sums the log-probs of a batch of responses under a
+transformers causal LM without a ``[batch, seq, vocab]`` tensor: it runs the
+model's decoder for the final hidden states and hands them with the lm_head
+weight to :func:`distillzoo.kernels.token_logprobs`, which takes the vocab in
+token chunks (Triton on CUDA). ``fused=False`` is the naive path (the model's
+own logits, ``log_softmax``, gather) that tests and benchmarks compare with.
+
+Labels follow the transformers convention: aligned with ``input_ids``, with
+``ignore_index`` on the prompt and padding; the logits at position ``t`` score
+``labels[t + 1]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import ParameterError
+from .kernels import token_logprobs
+
+_UNSUPPORTED_HEADS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
+def lm_head_weight(model) -> Tensor:
+    """The ``[V, H]`` output projection of a transformers causal LM (tied or not), checked to be plain."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not isinstance(getattr(head, "weight", None), Tensor):
+        raise ParameterError(f"{type(model).__name__} has no output embedding (lm_head) weight; distillzoo needs a "
+                             "causal LM whose logits are hidden @ lm_head.weight.T")
+    if getattr(head, "bias", None) is not None:
+        raise ParameterError(f"{type(model).__name__}'s lm_head has a bias; the fused log-prob path assumes none")
+    config = getattr(model, "config", None)
+    for attr in _UNSUPPORTED_HEADS:
+        value = getattr(config, attr, None)
+        if value not in (None, 0, 1, 1.0):
+            raise ParameterError(f"{type(model).__name__} scales or caps its logits (config.{attr}={value}); the "
+                                 "fused path computes hidden @ lm_head.weight.T only. Use fused=False.")
+    return head.weight
+
+
+def final_hidden(model, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """``[B, T, H]`` hidden states after the decoder's final norm (what the lm_head reads)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    if decoder is None:
+        raise ParameterError(f"{type(model).__name__} exposes no decoder (get_decoder()); cannot take hidden states")
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+@dataclass
+class SequenceLogps:
+    """Per-row response log-probs and what the sequence objectives also need.
+
+    ``logps``: ``[B]`` summed ``log pi(y)`` over response tokens (fp32; grad flows to
+    the model). ``lengths``: ``[B]`` int64 response token counts. ``hidden`` and
+    ``targets`` (``[B, T-1, H]`` and ``[B, T-1]``, shifted so that row ``t`` scores
+    ``targets[t]``) are kept for token-level terms on the same forward pass; None
+    on the naive path.
+    """
+
+    logps: Tensor
+    lengths: Tensor
+    hidden: Tensor | None = None
+    targets: Tensor | None = None
+
+
+def _check(input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> None:
+    if input_ids.dim() != 2:
+        raise ParameterError(f"input_ids has shape {tuple(input_ids.shape)}; expected [batch, seq]")
+    for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+        if t is not None and t.shape != input_ids.shape:
+            raise ParameterError(f"{name} has shape {tuple(t.shape)} but input_ids has shape {tuple(input_ids.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ParameterError(f"labels must be an integer tensor, got {labels.dtype}")
+
+
+def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor, *,
+                   ignore_index: int = -100, fused: bool = True, chunk_size: int | None = None) -> SequenceLogps:
+    """Summed log-probs ``[B]`` of the labelled (response) tokens of each row, and their counts.
+
+    Args:
+        model: a transformers causal LM (``AutoModelForCausalLM``), any dtype/device.
+        input_ids, attention_mask, labels: ``[B, T]``; labels aligned with input_ids,
+            ``ignore_index`` where no token is scored (prompt, padding).
+        fused: True: decoder hidden states + ``token_logprobs`` (no ``[B, T, V]``);
+            False: the model's logits, ``log_softmax`` in fp32, gather (the naive path).
+        chunk_size: tokens per chunk of the fused path (default from a memory budget).
+    """
+    _check(input_ids, attention_mask, labels)
+    targets = labels[:, 1:]
+    lengths = (targets != ignore_index).sum(-1)
+    if fused:
+        weight = lm_head_weight(model)
+        hidden = final_hidden(model, input_ids, attention_mask)[:, :-1]
+        per_token = token_logprobs(hidden, weight, targets, ignore_index=ignore_index, chunk_size=chunk_size)
+        return SequenceLogps(per_token.sum(-1), lengths, hidden, targets)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+    log_probs = torch.log_softmax(logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32), dim=-1)
+    mask = targets != ignore_index
+    picked = log_probs.gather(-1, torch.where(mask, targets, 0).long()[..., None]).squeeze(-1)
+    return SequenceLogps(torch.where(mask, picked, 0.0).sum(-1), lengths)
+
+
+QWEN_VOCAB = 151_936
+
+
+def tiny_qwen2(*, vocab_size: int = QWEN_VOCAB, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4,
+               num_kv_heads: int = 2, intermediate_size: int | None = None, tie_word_embeddings: bool = False,
+               seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A randomly initialised Qwen2-architecture causal LM built from a config (no download).
+
+    For tests, benchmarks and the quickstart: the real architecture and vocab
+    (151,936 by default) at a size that runs on a CPU.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                         intermediate_size=intermediate_size or 2 * hidden_size, max_position_embeddings=4096,
+                         tie_word_embeddings=tie_word_embeddings)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    return model.to(dtype)
