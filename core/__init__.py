@@ -12,6 +12,7 @@
 from .config import build_objective, load_config, starter_config
 from .errors import (
     ConfigError,
+    DataError,
     DistillzooError,
     ParameterError,
     PluginError,
@@ -31,12 +32,16 @@ from .manager import (
 )
 from .base import LogitObjective, Mixture, Objective, PointwiseDivergence, SparseTeacher
 from .causal_lm import SequenceLogps, sequence_logps
+from .data import PreferenceBatch, PreferenceDataset, collate_preference
 from .preference import PreferenceObjective, PreferenceStep, preference_step
+from .reference_cache import ReferenceCache, write_reference_cache
+from .tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "DataError",
     "DEFAULT_PLUGINS",
     "DistillzooError",
     "LogitObjective",
@@ -46,17 +51,22 @@ __all__ = [
     "PluginError",
     "PluginWarning",
     "PointwiseDivergence",
+    "PreferenceBatch",
+    "PreferenceDataset",
     "PreferenceObjective",
     "PreferenceStep",
+    "ReferenceCache",
     "SequenceLogps",
     "SparseTeacher",
     "UnknownNameError",
     "build_objective",
+    "collate_preference",
     "components",
     "get_plugin_manager",
     "hookimpl",
     "list_objectives",
     "load_config",
+    "load_tokenizer",
     "objective",
     "objective_spec",
     "objective_specs",
@@ -64,4 +74,5 @@ __all__ = [
     "preference_step",
     "sequence_logps",
     "starter_config",
+    "write_reference_cache",
 ]

@@ -29,6 +29,10 @@ class ConfigError(DistillzooError, ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
+class DataError(DistillzooError, ValueError):
+    """A data file or record that cannot be used; the message names file:line and the field."""
+
+
 class PluginWarning(UserWarning):
     """A plugin could not be loaded; the others still load."""
 

@@ -25,7 +25,8 @@ from .catalogue import ObjectiveSpec, build_spec, load_registry_yaml
 from .errors import PluginError, PluginWarning, UnknownNameError, did_you_mean
 
 ENTRYPOINT_GROUP = "distillzoo"
-DEFAULT_PLUGINS = ("distillzoo.plugins.divergences", "distillzoo.plugins.token", "distillzoo.plugins.preference")
+DEFAULT_PLUGINS = ("distillzoo.plugins.divergences", "distillzoo.plugins.token", "distillzoo.plugins.preference",
+                   "distillzoo.plugins.formats")
 BUILTIN_PACKAGE = "distillzoo"
 COMPONENT_HOOKS = {
     "data_formats": "register_data_formats",

@@ -1,0 +1,92 @@
+"""Built-in data formats: the readers that turn one decoded JSONL record into fields.
+
+A reader takes the record (a dict) and returns the fields the data pipeline
+tokenizes, or raises :class:`distillzoo.DataError` saying which field is wrong;
+the pipeline adds ``file:line``.
+
+``preference``: ``{"prompt", "chosen", "rejected"}``. Each is a string or a
+list of chat messages ``{"role", "content"}`` (TRL's conversational format);
+the prompt may be left out when chosen and rejected are whole conversations
+that share every message but the last. Optional: ``id`` (the key of a reference
+cache; default a hash of the content) and precomputed ``reference_chosen_logps`` /
+``reference_rejected_logps``. Fields out: ``id``, ``prompt`` (messages),
+``chosen`` and ``rejected`` (the assistant replies' text), the two reference values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+from distillzoo.errors import DataError
+from distillzoo.hookspecs import hookimpl
+from distillzoo.tokenizer import ROLES
+
+REFERENCE_FIELDS = ("reference_chosen_logps", "reference_rejected_logps")
+
+
+def _messages(value, field: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user" if field == "prompt" else "assistant", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise DataError(f"field {field!r} must be a string or a non-empty list of chat messages, got "
+                        f"{type(value).__name__} {json.dumps(value)[:60]}")
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or message.get("role") not in ROLES:
+            raise DataError(f"{field}[{i}] must be a message {{\"role\": one of {list(ROLES)}, \"content\": a string}}, "
+                            f"got {json.dumps(message)[:80]}")
+        out.append({"role": message["role"], "content": message["content"]})
+    return out
+
+
+def _reply(messages: list[dict], field: str) -> str:
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise DataError(f"field {field!r} must be one assistant reply (a string or one assistant message) after the "
+                        f"prompt, got roles {[m['role'] for m in messages]}")
+    text = messages[0]["content"]
+    if not text.strip():
+        raise DataError(f"field {field!r} is an empty response; a preference pair needs two non-empty replies")
+    return text
+
+
+def read_preference(record: dict) -> dict:
+    missing = [f for f in ("chosen", "rejected") if f not in record]
+    if missing:
+        raise DataError(f"missing field(s) {missing}; a preference record needs 'chosen' and 'rejected' (and 'prompt')")
+    chosen, rejected = _messages(record["chosen"], "chosen"), _messages(record["rejected"], "rejected")
+    if "prompt" in record:
+        prompt = _messages(record["prompt"], "prompt")
+    elif isinstance(record["chosen"], list) and len(chosen) > 1:
+        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+        if _messages(record["rejected"], "rejected")[:-1] != prompt:
+            raise DataError("no 'prompt' field, and chosen and rejected differ before their last message, so the "
+                            "prompt cannot be taken from them")
+    else:
+        raise DataError("missing field 'prompt' (it may be left out only when chosen and rejected are conversations "
+                        "that share all messages but the last)")
+    if prompt[-1]["role"] == "assistant":
+        raise DataError("the prompt ends with an assistant message; it must end with the turn the replies answer")
+    fields = {"prompt": prompt, "chosen": _reply(chosen, "chosen"), "rejected": _reply(rejected, "rejected")}
+    for name in REFERENCE_FIELDS:
+        value = record.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise DataError(f"field {name!r} must be a finite number (a summed log-prob), got {value!r}")
+        fields[name] = None if value is None else float(value)
+    if (fields[REFERENCE_FIELDS[0]] is None) != (fields[REFERENCE_FIELDS[1]] is None):
+        raise DataError(f"give both {list(REFERENCE_FIELDS)} or neither")
+    if "id" in record:
+        if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
+            raise DataError(f"field 'id' must be a string or an integer, got {record['id']!r}")
+        fields["id"] = str(record["id"])
+    else:
+        content = json.dumps([fields["prompt"], fields["chosen"], fields["rejected"]], sort_keys=True, ensure_ascii=False)
+        fields["id"] = hashlib.sha1(content.encode("utf-8")).hexdigest()[:16]
+    return fields
+
+
+@hookimpl
+def register_data_formats(register):
+    register("preference", read_preference,
+             summary="prompt/chosen/rejected as strings or chat messages (TRL's formats); optional id and reference log-probs")
