@@ -126,3 +126,23 @@ def tiny_qwen2(*, vocab_size: int = QWEN_VOCAB, hidden_size: int = 32, num_layer
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)
     return model.to(dtype)
+
+
+def load_causal_lm(path: str, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None):
+    """A transformers causal LM from a local directory (never the hub), frozen into eval mode."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    if not Path(path).is_dir():
+        raise ParameterError(f"model {str(path)!r} is not a directory; give a local transformers model directory "
+                             "(config.json and weights), nothing is downloaded")
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ParameterError(f"dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+        dtype = getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ParameterError(f"model {str(path)!r} could not be loaded as a transformers causal LM: {e}") from None
+    return model.to(device or "cpu").eval()

@@ -1,4 +1,4 @@
-"""The ``distillzoo`` command line: list, show, plugins, config, check."""
+"""The ``distillzoo`` command line: list, show, plugins, config, check, reference-cache."""
 
 from __future__ import annotations
 
@@ -76,6 +76,20 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reference_cache(args: argparse.Namespace) -> int:
+    from .causal_lm import load_causal_lm
+    from .data import PreferenceDataset
+    from .reference_cache import write_reference_cache
+    from .tokenizer import load_tokenizer
+
+    model = load_causal_lm(args.model, dtype=args.dtype, device=args.device)
+    data = PreferenceDataset(args.data, load_tokenizer(args.tokenizer), max_length=args.max_length,
+                             max_prompt_length=args.max_prompt_length)
+    cache = write_reference_cache(args.out, model, data, batch_size=args.batch_size, model_name=args.model)
+    print(f"wrote reference log-probs of {len(cache)} pairs under {args.model} to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distillzoo",
@@ -98,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_check)
+    p = sub.add_parser("reference-cache", help="score preference data under a frozen reference/teacher model once, "
+                                               "into a side file that dpo/dpkd training reads instead of the model")
+    p.add_argument("model", help="local transformers model directory")
+    p.add_argument("data", nargs="+", help="preference JSONL file(s)")
+    p.add_argument("--out", required=True, help="the cache file to write (atomically)")
+    p.add_argument("--tokenizer", default=None, help="local tokenizer directory (default: the embedded Qwen vocabulary)")
+    p.add_argument("--max-length", type=int, default=None, help="as in training: prompt + response tokens per row")
+    p.add_argument("--max-prompt-length", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default cpu)")
+    p.set_defaults(func=_cmd_reference_cache)
     return parser
 
 

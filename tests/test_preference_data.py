@@ -234,3 +234,27 @@ def test_a_local_transformers_tokenizer_renders_the_same_template(tmp_path):
     assert tok.encode_response("world") == [2, 14]
     with pytest.raises(dz.ParameterError, match=r"has no <\|im_start\|> token; distillzoo renders Qwen's ChatML"):
         dz.load_tokenizer(make_hf_tokenizer(tmp_path / "plain", specials=("<|endoftext|>",)))
+
+
+def test_reference_cache_command_writes_what_the_python_api_writes(tmp_path, tok, reference_model):
+    from distillzoo.cli import main
+
+    reference_model.save_pretrained(tmp_path / "ref-model")
+    data_path = write_jsonl(tmp_path / "p.jsonl", RECORDS)
+    assert main(["reference-cache", str(tmp_path / "ref-model"), str(data_path), "--out", str(tmp_path / "cli.jsonl"),
+                 "--batch-size", "2", "--max-length", "64"]) == 0
+    data = dz.PreferenceDataset(data_path, tok, max_length=64)
+    api = dz.write_reference_cache(tmp_path / "api.jsonl", reference_model, data)
+    cli = ReferenceCache(tmp_path / "cli.jsonl")
+    assert cli.entries.keys() == api.entries.keys() and len(cli) == 3
+    for key, (c, r, nc, nr) in api.entries.items():
+        assert cli.entries[key][2:] == (nc, nr)
+        assert cli.entries[key][:2] == pytest.approx((c, r), rel=1e-6)
+    assert cli.header["model"] == str(tmp_path / "ref-model")
+
+
+def test_reference_cache_command_errors(tmp_path, capsys):
+    from distillzoo.cli import main
+
+    assert main(["reference-cache", str(tmp_path / "missing"), "x.jsonl", "--out", str(tmp_path / "c.jsonl")]) == 2
+    assert "error: model " in capsys.readouterr().err and not (tmp_path / "c.jsonl").exists()
