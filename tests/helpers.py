@@ -101,3 +101,12 @@ def reference_loss(name, student_logits, teacher_logits, labels, *, tau=1.0, voc
     out = torch.zeros(labels.shape, dtype=per_token.dtype)
     out[valid] = per_token
     return out
+
+
+def write_jsonl(path, records):
+    """Records (dicts, or raw strings for malformed lines) as a JSONL file; returns the path."""
+    import json
+
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records),
+                    encoding="utf-8")
+    return path

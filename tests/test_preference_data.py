@@ -1,28 +1,17 @@
 """Preference JSONL through the format hook, ChatML tokenization, batching, and the reference cache."""
 
-import json
 import os
 
 import pytest
 import torch
 
 import distillzoo as dz
+from helpers import write_jsonl
 from distillzoo.causal_lm import tiny_qwen2
 from distillzoo.data import IGNORE_INDEX, as_token_ids, collate_preference
 from distillzoo.reference_cache import ReferenceCache
 
 IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return dz.load_tokenizer()
-
-
-def write_jsonl(path, records):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records),
-                    encoding="utf-8")
-    return path
 
 
 RECORDS = [
@@ -102,7 +91,7 @@ def test_duplicate_ids_name_both_lines(tmp_path, tok):
 
 
 def test_unknown_format_and_missing_file(tmp_path, tok):
-    with pytest.raises(dz.UnknownNameError, match=r"unknown data format 'preferences'\. Available: preference\. Did you mean 'preference'"):
+    with pytest.raises(dz.UnknownNameError, match=r"unknown data format 'preferences'\. Available: alpaca, chat, dolly, preference\. Did you mean 'preference'"):
         dz.PreferenceDataset(write_jsonl(tmp_path / "p.jsonl", RECORDS), tok, format="preferences")
     with pytest.raises(dz.DataError, match=r"data file '.*nope.jsonl' does not exist"):
         dz.PreferenceDataset(tmp_path / "nope.jsonl", tok)

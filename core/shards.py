@@ -1,0 +1,150 @@
+"""Tokenized instruction data on disk: ``distillzoo prepare`` writes it, :class:`TokenShards` reads it.
+
+A prepared directory holds one shard of instruction examples (dolly, alpaca,
+chat, or any format a plugin registers that returns ``messages``)::
+
+    tokens.bin      token ids of every example, concatenated (int32 by default)
+    loss_mask.bin   uint8 per token: 1 where the loss is taken (assistant replies)
+    index.npy       int64 offsets [examples + 1] into both files
+    meta.json       dtype, vocab size, tokenizer, counts, sources, skipped records
+
+Qwen's ids exceed 65,535, so int32 is the default and uint16 is accepted only
+for a vocab that fits it; there are no sentinel values. The directory is
+written under a temporary name and renamed into place: a malformed record
+(named by ``file:line``) or a crash leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .data import IGNORE_INDEX, read_records
+from .errors import DataError
+from .tokenizer import QWEN_DEFAULT_SYSTEM, ChatTokenizer, load_tokenizer
+
+FORMAT_VERSION = 1
+STORE_DTYPES = {"int32": np.int32, "uint16": np.uint16}
+
+
+def check_store_dtype(dtype: str, vocab_size: int, where: str = "dtype") -> np.dtype:
+    """The numpy dtype for token ids; uint16 only when every id of the vocab fits it."""
+    if dtype not in STORE_DTYPES:
+        raise DataError(f"{where}: token dtype {dtype!r} is not one of {list(STORE_DTYPES)}")
+    if dtype == "uint16" and vocab_size > 65_536:
+        raise DataError(f"{where}: uint16 cannot store this vocab ({vocab_size:,} ids; Qwen's exceed 65,535, e.g. "
+                        "<|im_start|> is 151,644); use int32")
+    return np.dtype(STORE_DTYPES[dtype])
+
+
+def prepare_shards(paths: str | Path | Sequence[str | Path], out_dir: str | Path, *, format: str,
+                   tokenizer: ChatTokenizer | None = None, max_length: int | None = None, dtype: str = "int32",
+                   system: str | None = QWEN_DEFAULT_SYSTEM, overwrite: bool = False) -> "TokenShards":
+    """Tokenize instruction JSONL into ``out_dir`` (atomically); returns the reader.
+
+    Examples longer than ``max_length`` are cut at the end; one left with no loss
+    token (its prompt fills max_length) is skipped, and listed in meta.json.
+    """
+    tokenizer = tokenizer or load_tokenizer()
+    store = check_store_dtype(dtype, tokenizer.vocab_size)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise DataError(f"{out_dir} already exists; remove it or pass overwrite=True (--overwrite)")
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    tokens, masks, offsets, skipped = [], [], [0], []
+    for path in paths:
+        for where, fields in read_records(path, format):
+            if "messages" not in fields:
+                raise DataError(f"{where}: format {format!r} gives {sorted(fields)}, not a conversation ('messages'); "
+                                "prepare writes instruction data (dolly, alpaca, chat)")
+            ids, mask = tokenizer.encode_conversation(fields["messages"], system)
+            if max_length is not None:
+                ids, mask = ids[:max_length], mask[:max_length]
+            if not any(mask):
+                skipped.append(where)
+                continue
+            tokens.append(np.asarray(ids, dtype=np.int64))
+            masks.append(np.asarray(mask, dtype=np.uint8))
+            offsets.append(offsets[-1] + len(ids))
+    if skipped:
+        warnings.warn(f"prepare: {len(skipped)} record(s) had no response token within max_length={max_length} and "
+                      f"were skipped (first: {skipped[0]})", stacklevel=2)
+    flat = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int64)
+    if flat.size and (flat.min() < 0 or flat.max() >= tokenizer.vocab_size):
+        raise DataError(f"token id {int(flat.max())} is outside the tokenizer's vocab [0, {tokenizer.vocab_size})")
+    meta = {
+        "distillzoo_shards": FORMAT_VERSION, "dtype": dtype, "vocab_size": tokenizer.vocab_size,
+        "tokenizer": tokenizer.name, "format": format, "examples": len(tokens), "tokens": int(flat.size),
+        "max_length": max_length, "sources": [str(p) for p in paths], "skipped": skipped,
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        flat.astype(store).tofile(tmp / "tokens.bin")
+        (np.concatenate(masks) if masks else np.zeros(0, np.uint8)).tofile(tmp / "loss_mask.bin")
+        np.save(tmp / "index.npy", np.asarray(offsets, dtype=np.int64))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return TokenShards(out_dir)
+
+
+class TokenShards(torch.utils.data.Dataset):
+    """A prepared directory, memory-mapped: item ``i`` is ``{"input_ids": int32 [n], "loss_mask": bool [n]}``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise DataError(f"{self.path} is not a prepared data directory (no meta.json); run distillzoo prepare")
+        self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if self.meta.get("distillzoo_shards") != FORMAT_VERSION:
+            raise DataError(f"{meta_path}: not a distillzoo shard directory of format {FORMAT_VERSION}")
+        store = check_store_dtype(self.meta["dtype"], self.meta["vocab_size"], str(meta_path))
+        self.offsets = np.load(self.path / "index.npy")
+        n_tokens = int(self.offsets[-1])
+        self.tokens = np.memmap(self.path / "tokens.bin", dtype=store, mode="r", shape=(n_tokens,)) if n_tokens else \
+            np.zeros(0, store)
+        self.loss_mask = np.memmap(self.path / "loss_mask.bin", dtype=np.uint8, mode="r", shape=(n_tokens,)) if n_tokens \
+            else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(f"example {i} of {len(self)} in {self.path}")
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return {"input_ids": torch.from_numpy(self.tokens[a:b].astype(np.int32)),
+                "loss_mask": torch.from_numpy(self.loss_mask[a:b].astype(bool))}
+
+
+def collate_sft(examples: Sequence[dict], pad_id: int) -> dict:
+    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` ``[B, T]`` int64; labels only on loss tokens."""
+    width = max(len(ex["input_ids"]) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        ids = ex["input_ids"].long()
+        input_ids[row, :n] = ids
+        labels[row, :n] = torch.where(ex["loss_mask"], ids, IGNORE_INDEX)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
