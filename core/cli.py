@@ -1,9 +1,10 @@
-"""The ``distillzoo`` command line: list, show, plugins, config, check, prepare, reference-cache."""
+"""The ``distillzoo`` command line: list, show, plugins, config, check, train, prepare, reference-cache."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from typing import Sequence
@@ -103,6 +104,18 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, where=args.config)
+    if os.environ.get("RANK", "0") == "0":
+            print(f"trained {result.steps} steps; final loss {result.final_loss:.4f}; student saved to "
+              f"{result.output_dir / 'final'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distillzoo",
@@ -125,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_check)
+    p = sub.add_parser("train", help="distil a teacher into a student as a config says (key=value overrides)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_train)
     p = sub.add_parser("prepare", help="tokenize instruction JSONL (dolly, alpaca, chat) into an int32 shard directory")
     p.add_argument("data", nargs="+", help="JSONL file(s)")
     p.add_argument("--format", required=True, help="a registered data format: dolly, alpaca, chat, ...")

@@ -14,15 +14,59 @@ and line (or the override) that caused them, the valid choices and a "did you me
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .errors import ConfigError, DistillzooError, did_you_mean
+
+
+@dataclass
+class ModelConfig:
+    """A model: a local transformers directory (``path``) or a Qwen2 built from ``tiny`` (tiny_qwen2 kwargs)."""
+
+    path: Optional[str] = None
+    tiny: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class StreamConfig:
+    """One data stream: a prepared directory, or JSONL with its ``format``; a repeat count or a weight."""
+
+    name: str = MISSING
+    path: str = MISSING
+    format: Optional[str] = None
+    repeat: Optional[float] = None
+    weight: Optional[float] = None
+
+
+@dataclass
+class DataConfig:
+    streams: List[StreamConfig] = field(default_factory=list)
+    eval: Optional[StreamConfig] = None
+    max_length: int = 512
+    samples_per_epoch: Optional[int] = None
+    tokenizer: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8
+    micro_batch_size: Optional[int] = None
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    max_grad_norm: Optional[float] = 1.0
+    log_every: int = 10
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    progress: bool = True
 
 
 @dataclass
@@ -32,6 +76,12 @@ class DistillConfig:
     objective: Optional[Dict[str, Any]] = None
     objectives: Optional[List[Dict[str, Any]]] = None
     seed: int = 0
+    student: Optional[ModelConfig] = None
+    teacher: Optional[ModelConfig] = None
+    data: Optional[DataConfig] = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: Optional[str] = None
+    resume: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,31 @@ def check_store_dtype(dtype: str, vocab_size: int, where: str = "dtype") -> np.d
     return np.dtype(STORE_DTYPES[dtype])
 
 
+def tokenize_conversations(paths: Sequence[str | Path], format: str, tokenizer: ChatTokenizer,
+                           max_length: int | None, system: str | None):
+    """``([(ids, loss_mask), ...], skipped file:line list)`` of instruction records, cut to max_length.
+
+    A record left with no loss token (its prompt fills max_length) is skipped, with a warning.
+    """
+    examples, skipped = [], []
+    for path in paths:
+        for where, fields in read_records(path, format):
+            if "messages" not in fields:
+                raise DataError(f"{where}: format {format!r} gives {sorted(fields)}, not a conversation ('messages'); "
+                                "this takes instruction data (dolly, alpaca, chat)")
+            ids, mask = tokenizer.encode_conversation(fields["messages"], system)
+            if max_length is not None:
+                ids, mask = ids[:max_length], mask[:max_length]
+            if not any(mask):
+                skipped.append(where)
+                continue
+            examples.append((ids, mask))
+    if skipped:
+        warnings.warn(f"{len(skipped)} record(s) had no response token within max_length={max_length} and were "
+                      f"skipped (first: {skipped[0]})", stacklevel=3)
+    return examples, skipped
+
+
 def prepare_shards(paths: str | Path | Sequence[str | Path], out_dir: str | Path, *, format: str,
                    tokenizer: ChatTokenizer | None = None, max_length: int | None = None, dtype: str = "int32",
                    system: str | None = QWEN_DEFAULT_SYSTEM, overwrite: bool = False) -> "TokenShards":
@@ -59,24 +84,10 @@ def prepare_shards(paths: str | Path | Sequence[str | Path], out_dir: str | Path
     if out_dir.exists() and not overwrite:
         raise DataError(f"{out_dir} already exists; remove it or pass overwrite=True (--overwrite)")
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    tokens, masks, offsets, skipped = [], [], [0], []
-    for path in paths:
-        for where, fields in read_records(path, format):
-            if "messages" not in fields:
-                raise DataError(f"{where}: format {format!r} gives {sorted(fields)}, not a conversation ('messages'); "
-                                "prepare writes instruction data (dolly, alpaca, chat)")
-            ids, mask = tokenizer.encode_conversation(fields["messages"], system)
-            if max_length is not None:
-                ids, mask = ids[:max_length], mask[:max_length]
-            if not any(mask):
-                skipped.append(where)
-                continue
-            tokens.append(np.asarray(ids, dtype=np.int64))
-            masks.append(np.asarray(mask, dtype=np.uint8))
-            offsets.append(offsets[-1] + len(ids))
-    if skipped:
-        warnings.warn(f"prepare: {len(skipped)} record(s) had no response token within max_length={max_length} and "
-                      f"were skipped (first: {skipped[0]})", stacklevel=2)
+    examples, skipped = tokenize_conversations(paths, format, tokenizer, max_length, system)
+    tokens = [np.asarray(ids, dtype=np.int64) for ids, _ in examples]
+    masks = [np.asarray(mask, dtype=np.uint8) for _, mask in examples]
+    offsets = np.concatenate([[0], np.cumsum([len(t) for t in tokens], dtype=np.int64)])
     flat = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int64)
     if flat.size and (flat.min() < 0 or flat.max() >= tokenizer.vocab_size):
         raise DataError(f"token id {int(flat.max())} is outside the tokenizer's vocab [0, {tokenizer.vocab_size})")
@@ -148,3 +159,21 @@ def collate_sft(examples: Sequence[dict], pad_id: int) -> dict:
         labels[row, :n] = torch.where(ex["loss_mask"], ids, IGNORE_INDEX)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Instruction JSONL tokenized in memory: the items :class:`TokenShards` gives for a prepared copy."""
+
+    def __init__(self, paths: str | Path | Sequence[str | Path], format: str, tokenizer: ChatTokenizer | None = None,
+                 *, max_length: int | None = None, system: str | None = QWEN_DEFAULT_SYSTEM) -> None:
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        examples, self.skipped = tokenize_conversations(paths, format, tokenizer or load_tokenizer(), max_length, system)
+        self.examples = [(torch.tensor(ids, dtype=torch.int32), torch.tensor(mask, dtype=torch.bool))
+                         for ids, mask in examples]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        ids, mask = self.examples[i]
+        return {"input_ids": ids, "loss_mask": mask}

@@ -1,0 +1,367 @@
+"""The training loop: distil a teacher into a student with the objective a config names.
+
+Read top to bottom: validate the config (before any model is loaded), data
+streams, models, optimiser and schedule, resume, then the loop. Each optimiser
+step takes ``train.batch_size`` examples (split over ranks and micro-batches);
+the loss is the objective summed over valid tokens divided by the global count
+of valid tokens of the step, so accumulation and ranks weigh every token alike.
+The student's logits are never materialised: ``objective.from_hidden`` gets the
+final hidden states and lm_head weights of both models.
+
+Checkpoints (``train.checkpoint_every``) hold the weights, the optimiser,
+schedule, data order and RNG states; they are written under a temporary name and
+renamed, and ``resume: auto`` continues from the newest one, giving the weights
+an uninterrupted run would have reached. The final student is saved with
+``save_pretrained`` under ``output_dir/final``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .causal_lm import final_hidden, lm_head_weight, load_causal_lm, tiny_qwen2
+from .config import build_objective, objective_terms
+from .data import IGNORE_INDEX, data_format
+from .errors import ConfigError, DistillzooError
+from .manager import objective as make_objective
+from .streams import MixedStreams, Stream
+
+CHECKPOINT_PREFIX = "step-"
+
+
+# ---------------------------------------------------------------------------- config checks (no model loaded)
+def validate(cfg: DictConfig, where: str = "<config>") -> None:
+    """Everything that can be checked without loading a model: names, paths, sizes."""
+    terms = objective_terms(cfg)
+    from .manager import objective_spec
+
+    for term in terms:
+        if objective_spec(term.name).kind != "logit":
+            raise ConfigError(f"{where}: {term.path}.name: '{term.name}' is a {objective_spec(term.name).kind} objective; "
+                              "distillzoo train runs logit-level objectives (use preference_step for dpo/simpo/dpkd)")
+    if cfg.student is None or (cfg.student.path is None) == (cfg.student.tiny is None):
+        raise ConfigError(f"{where}: student: give exactly one of student.path (a local model directory) or student.tiny")
+    needs_teacher = build_objective(cfg).needs_teacher
+    if needs_teacher and (cfg.teacher is None or (cfg.teacher.path is None) == (cfg.teacher.tiny is None)):
+        raise ConfigError(f"{where}: teacher: the objective needs a teacher; give teacher.path or teacher.tiny")
+    if cfg.data is None or not cfg.data.streams:
+        raise ConfigError(f"{where}: data.streams: give at least one stream {{name, path, format, repeat|weight}}")
+    streams = list(enumerate(cfg.data.streams)) + ([("eval", cfg.data.eval)] if cfg.data.eval is not None else [])
+    for i, stream in streams:
+        key = "data.eval" if i == "eval" else f"data.streams[{i}]"
+        path = Path(stream.path)
+        if path.is_dir():
+            if not (path / "meta.json").is_file():
+                raise ConfigError(f"{where}: {key}.path: {path} is a directory but not a prepared one (no meta.json)")
+        elif path.is_file():
+            if stream.format is None:
+                raise ConfigError(f"{where}: {key}.format: {path} is JSONL; name its format (dolly, alpaca, chat, ...)")
+            try:
+                data_format(stream.format)
+            except DistillzooError as e:
+                raise ConfigError(f"{where}: {key}.format: {e}") from None
+        else:
+            raise ConfigError(f"{where}: {key}.path: {str(path)!r} does not exist")
+        if i != "eval" and stream.repeat is None and stream.weight is None:
+            raise ConfigError(f"{where}: {key}: give a repeat count or a weight")
+    t = cfg.train
+    if t.steps < 1 or t.batch_size < 1:
+        raise ConfigError(f"{where}: train.steps and train.batch_size must be >= 1")
+    if cfg.resume not in ("auto", "never"):
+        raise ConfigError(f"{where}: resume: {cfg.resume!r} is not one of ['auto', 'never']")
+    if cfg.output_dir is None:
+        raise ConfigError(f"{where}: output_dir: give a directory for checkpoints, metrics and the final student")
+
+
+# ---------------------------------------------------------------------------- pieces
+def _dataset(stream, tokenizer, max_length):
+    from .shards import ConversationDataset, TokenShards
+
+    path = Path(stream.path)
+    if path.is_dir():
+        return TokenShards(path)
+    return ConversationDataset(path, stream.format, tokenizer, max_length=max_length)
+
+
+def _model(mcfg, what: str):
+    if mcfg.path is not None:
+        return load_causal_lm(mcfg.path)
+    kwargs = {"tie_word_embeddings": True, **OmegaConf.to_container(mcfg.tiny, resolve=True)}
+    try:
+        return tiny_qwen2(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{what}.tiny: {e}") from None
+
+
+def lr_at(step: int, t) -> float:
+    """Linear warmup to train.lr, then cosine decay to min_lr_ratio * lr at train.steps."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(t.steps - t.warmup_steps, 1)
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def _sum_objective(cfg):
+    """The config's objective with reduction 'sum' on every term (the loop normalises by global tokens)."""
+    from .base import Mixture
+
+    terms = objective_terms(cfg)
+    built = [(t.weight, make_objective(t.name, **{**t.params, "reduction": "sum"})) for t in terms]
+    return built[0][1] if cfg.get("objective") is not None else Mixture(built)
+
+
+def _collate(examples, pad_id):
+    from .shards import collate_sft
+
+    return collate_sft(examples, pad_id)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _atomic_dir(target: Path, write) -> None:
+    """Write a directory under a temporary name with ``write(tmp)``, then rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = sorted((output_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")) if output_dir.exists() else []
+    found = [p for p in found if (p / "state.pt").is_file()]
+    return found[-1] if found else None
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    final_loss: float
+
+
+# ---------------------------------------------------------------------------- the loop
+def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
+    validate(cfg, where)
+    from .tokenizer import load_tokenizer
+
+    t = cfg.train
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    distributed = world > 1
+    if distributed and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if t.batch_size % world:
+        raise ConfigError(f"{where}: train.batch_size={t.batch_size} is not divisible by the {world} ranks")
+    per_rank = t.batch_size // world
+    micro = t.micro_batch_size or per_rank
+    output_dir = Path(cfg.output_dir)
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    streams = MixedStreams([Stream(s.name, _dataset(s, tokenizer, cfg.data.max_length), s.repeat, s.weight)
+                            for s in cfg.data.streams], seed=cfg.seed, samples_per_epoch=cfg.data.samples_per_epoch,
+                           rank=rank, world_size=world)
+    eval_set = _dataset(cfg.data.eval, tokenizer, cfg.data.max_length) if cfg.data.eval is not None else None
+
+    objective = _sum_objective(cfg)
+    student = _model(cfg.student, "student").to(device).train()
+    teacher = None
+    if objective.needs_teacher:
+        teacher = _model(cfg.teacher, "teacher").to(device).eval().requires_grad_(False)
+    hidden_of = _HiddenStates(student)
+    if distributed:
+        hidden_of = torch.nn.parallel.DistributedDataParallel(hidden_of)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    step = 0
+    checkpoint = latest_checkpoint(output_dir) if cfg.resume == "auto" else None
+    if checkpoint is not None:
+        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        streams.load_state_dict(state["data"])
+        _set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+        step = state["step"]
+        if rank == 0:
+            _truncate_metrics(output_dir / "metrics.jsonl", step)
+            print(f"resumed from {checkpoint} at step {step}", file=sys.stderr)
+    elif rank == 0 and cfg.resume == "never" and (output_dir / "metrics.jsonl").exists():
+        (output_dir / "metrics.jsonl").unlink()
+
+    bar = None
+    if t.progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=t.steps, initial=step, desc="distillzoo train", dynamic_ncols=True)
+    loss_value = float("nan")
+    while step < t.steps:
+        started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, t)
+        batches = [_collate(chunk, tokenizer.pad_id).items() for chunk in _chunks(streams.take(per_rank), micro)]
+        batches = [{k: v.to(device) for k, v in b} for b in batches]
+        n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        n_global = _all_reduce(torch.tensor(float(n_local)), distributed)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for i, b in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = hidden_of.no_sync() if distributed and not last else _null()
+            with sync:
+                part = _batch_loss(objective, hidden_of, student, teacher, b)
+                (part * (world / max(float(n_global), 1.0))).backward()
+            loss_sum += part.detach().double()
+        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), t.max_grad_norm or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_value = float(_all_reduce(loss_sum, distributed)) / max(float(n_global), 1.0)
+        elapsed = time.perf_counter() - started
+        record = {"step": step, "loss": loss_value, "lr": lr_at(step - 1, t), "grad_norm": float(norm),
+                  "tokens": int(n_global), "tokens_per_s": float(n_global) / max(elapsed, 1e-9)}
+        if t.eval_every and eval_set is not None and (step % t.eval_every == 0 or step == t.steps):
+            record.update(evaluate(student, teacher, eval_set, tokenizer.pad_id, micro, device))
+        if rank == 0:
+            if t.log_every and (step % t.log_every == 0 or step == t.steps or "eval/nll" in record):
+                _append_jsonl(output_dir / "metrics.jsonl", record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:
+            _save_checkpoint(output_dir, step, student, optimizer, streams, distributed, rank)
+    if bar is not None:
+        bar.close()
+    if rank == 0:
+        _atomic_dir(output_dir / "final", lambda tmp: student.save_pretrained(tmp))
+    if distributed:
+        torch.distributed.barrier()
+    return TrainResult(output_dir, step, loss_value)
+
+
+class _HiddenStates(torch.nn.Module):
+    """The student's final hidden states as a module, so that DDP sees the forward pass."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return final_hidden(self.model, input_ids, attention_mask)
+
+
+def _batch_loss(objective, hidden_of, student, teacher, batch):
+    """Sum over the batch's valid tokens of the objective, through the fused path."""
+    targets = batch["labels"][:, 1:]
+    hs = hidden_of(batch["input_ids"], batch["attention_mask"])[:, :-1]
+    if teacher is None:
+        return objective.from_hidden(hs, lm_head_weight(student), None, None, targets)
+    with torch.no_grad():
+        ht = final_hidden(teacher, batch["input_ids"], batch["attention_mask"])[:, :-1]
+    return objective.from_hidden(hs, lm_head_weight(student), ht, lm_head_weight(teacher), targets)
+
+
+@torch.no_grad()
+def evaluate(student, teacher, dataset, pad_id: int, batch_size: int, device) -> dict:
+    """Held-out student NLL per response token and, with a teacher, KL(teacher || student) per token."""
+    from .kernels import token_logprobs
+
+    was_training = student.training
+    student.eval()
+    fkl = make_objective("fkl", reduction="sum")
+    nll = kl = 0.0
+    tokens = 0
+    for start in range(0, len(dataset), batch_size):
+        batch = _collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        targets = batch["labels"][:, 1:]
+        hs = final_hidden(student, batch["input_ids"], batch["attention_mask"])[:, :-1]
+        nll -= float(token_logprobs(hs, lm_head_weight(student), targets).sum())
+        if teacher is not None:
+            ht = final_hidden(teacher, batch["input_ids"], batch["attention_mask"])[:, :-1]
+            kl += float(fkl.from_hidden(hs, lm_head_weight(student), ht, lm_head_weight(teacher), targets))
+        tokens += int((targets != IGNORE_INDEX).sum())
+    student.train(was_training)
+    out = {"eval/nll": nll / max(tokens, 1)}
+    if teacher is not None:
+        out["eval/kl_teacher_student"] = kl / max(tokens, 1)
+    return out
+
+
+def _save_checkpoint(output_dir: Path, step: int, student, optimizer, streams, distributed: bool, rank: int) -> None:
+    rng = _rng_state()
+    if distributed:
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, rng)
+        rng = gathered
+    if rank == 0:
+        state = {"step": step, "model": student.state_dict(), "optimizer": optimizer.state_dict(),
+                 "data": streams.state_dict(), "rng": rng}
+        _atomic_dir(output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}",
+                    lambda tmp: torch.save(state, tmp / "state.pt"))
+        for old in sorted((output_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"))[:-2]:
+            shutil.rmtree(old, ignore_errors=True)  # keep the two newest
+    if distributed:
+        torch.distributed.barrier()
+
+
+def _chunks(items, size):
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _all_reduce(x: torch.Tensor, distributed: bool) -> torch.Tensor:
+    if distributed:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the resumed step (the killed run logged them; the rerun logs them again)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
