@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic import write_text_atomically
 from .errors import DataError
 
 FORMAT_VERSION = 1
@@ -107,15 +106,5 @@ def write_reference_cache(path: str | Path, model, dataset, *, batch_size: int =
                                          "chosen_tokens": lengths[i], "rejected_tokens": lengths[b + i]}))
     finally:
         model.train(was_training)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomically(path, "\n".join(lines) + "\n")
     return ReferenceCache(path)

@@ -17,9 +17,6 @@ written under a temporary name and renamed into place: a malformed record
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .atomic import write_dir_atomically
 from .data import IGNORE_INDEX, read_records
 from .errors import DataError
 from .tokenizer import QWEN_DEFAULT_SYSTEM, ChatTokenizer, load_tokenizer
@@ -96,23 +94,14 @@ def prepare_shards(paths: str | Path | Sequence[str | Path], out_dir: str | Path
         "tokenizer": tokenizer.name, "format": format, "examples": len(tokens), "tokens": int(flat.size),
         "max_length": max_length, "sources": [str(p) for p in paths], "skipped": skipped,
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+
+    def write(tmp: Path) -> None:
         flat.astype(store).tofile(tmp / "tokens.bin")
         (np.concatenate(masks) if masks else np.zeros(0, np.uint8)).tofile(tmp / "loss_mask.bin")
         np.save(tmp / "index.npy", np.asarray(offsets, dtype=np.int64))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir_atomically(out_dir, write)
     return TokenShards(out_dir)
 
 

@@ -55,11 +55,7 @@ class ChatTokenizer:
 
         ``system`` is prepended when the conversation has no system message (None: none).
         """
-        ids: list[int] = []
-        if system is not None and (not messages or messages[0]["role"] != "system"):
-            ids += self.encode_message("system", system)
-        for message in messages:
-            ids += self.encode_message(message["role"], message["content"])
+        ids, _ = self.encode_conversation(messages, system)
         return ids + [self.im_start_id, *self.encode("assistant\n")]
 
     def encode_conversation(self, messages: Sequence[dict], system: str | None = QWEN_DEFAULT_SYSTEM

@@ -17,13 +17,13 @@ an uninterrupted run would have reached. The final student is saved with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +32,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .atomic import write_dir_atomically, write_text_atomically
 from .causal_lm import final_hidden, lm_head_weight, load_causal_lm, tiny_qwen2
 from .config import build_objective, objective_terms
 from .data import IGNORE_INDEX, data_format
 from .errors import ConfigError, DistillzooError
 from .manager import objective as make_objective
+from .shards import ConversationDataset, TokenShards, collate_sft
 from .streams import MixedStreams, Stream
 
 CHECKPOINT_PREFIX = "step-"
@@ -49,8 +51,9 @@ def validate(cfg: DictConfig, where: str = "<config>") -> None:
     from .manager import objective_spec
 
     for term in terms:
-        if objective_spec(term.name).kind != "logit":
-            raise ConfigError(f"{where}: {term.path}.name: '{term.name}' is a {objective_spec(term.name).kind} objective; "
+        kind = objective_spec(term.name).kind
+        if kind != "logit":
+            raise ConfigError(f"{where}: {term.path}.name: '{term.name}' is a {kind} objective; "
                               "distillzoo train runs logit-level objectives (use preference_step for dpo/simpo/dpkd)")
     if cfg.student is None or (cfg.student.path is None) == (cfg.student.tiny is None):
         raise ConfigError(f"{where}: student: give exactly one of student.path (a local model directory) or student.tiny")
@@ -88,8 +91,6 @@ def validate(cfg: DictConfig, where: str = "<config>") -> None:
 
 # ---------------------------------------------------------------------------- pieces
 def _dataset(stream, tokenizer, max_length):
-    from .shards import ConversationDataset, TokenShards
-
     path = Path(stream.path)
     if path.is_dir():
         return TokenShards(path)
@@ -123,12 +124,6 @@ def _sum_objective(cfg):
     return built[0][1] if cfg.get("objective") is not None else Mixture(built)
 
 
-def _collate(examples, pad_id):
-    from .shards import collate_sft
-
-    return collate_sft(examples, pad_id)
-
-
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
@@ -137,20 +132,6 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-
-
-def _atomic_dir(target: Path, write) -> None:
-    """Write a directory under a temporary name with ``write(tmp)``, then rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
-        write(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -227,14 +208,14 @@ def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
         started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, t)
-        batches = [_collate(chunk, tokenizer.pad_id).items() for chunk in _chunks(streams.take(per_rank), micro)]
-        batches = [{k: v.to(device) for k, v in b} for b in batches]
+        batches = [{k: v.to(device) for k, v in collate_sft(chunk, tokenizer.pad_id).items()}
+                   for chunk in _chunks(streams.take(per_rank), micro)]
         n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         n_global = _all_reduce(torch.tensor(float(n_local)), distributed)
         loss_sum = torch.zeros((), dtype=torch.float64)
         for i, b in enumerate(batches):
             last = i == len(batches) - 1
-            sync = hidden_of.no_sync() if distributed and not last else _null()
+            sync = hidden_of.no_sync() if distributed and not last else contextlib.nullcontext()
             with sync:
                 part = _batch_loss(objective, hidden_of, student, teacher, b)
                 (part * (world / max(float(n_global), 1.0))).backward()
@@ -260,7 +241,7 @@ def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
     if bar is not None:
         bar.close()
     if rank == 0:
-        _atomic_dir(output_dir / "final", lambda tmp: student.save_pretrained(tmp))
+        write_dir_atomically(output_dir / "final", lambda tmp: student.save_pretrained(tmp))
     if distributed:
         torch.distributed.barrier()
     return TrainResult(output_dir, step, loss_value)
@@ -299,7 +280,7 @@ def evaluate(student, teacher, dataset, pad_id: int, batch_size: int, device) ->
     nll = kl = 0.0
     tokens = 0
     for start in range(0, len(dataset), batch_size):
-        batch = _collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], pad_id)
+        batch = collate_sft([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         targets = batch["labels"][:, 1:]
         hs = final_hidden(student, batch["input_ids"], batch["attention_mask"])[:, :-1]
@@ -324,7 +305,7 @@ def _save_checkpoint(output_dir: Path, step: int, student, optimizer, streams, d
     if rank == 0:
         state = {"step": step, "model": student.state_dict(), "optimizer": optimizer.state_dict(),
                  "data": streams.state_dict(), "rng": rng}
-        _atomic_dir(output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}",
+        write_dir_atomically(output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}",
                     lambda tmp: torch.save(state, tmp / "state.pt"))
         for old in sorted((output_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"))[:-2]:
             shutil.rmtree(old, ignore_errors=True)  # keep the two newest
@@ -343,14 +324,6 @@ def _all_reduce(x: torch.Tensor, distributed: bool) -> torch.Tensor:
     return x
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _append_jsonl(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as f:
@@ -362,6 +335,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, "".join(line + "\n" for line in kept))
