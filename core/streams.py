@@ -116,13 +116,29 @@ class MixedStreams:
             self.epoch, self.position = self.epoch + 1, 0
 
     def take(self, n: int) -> list:
-        """The next ``n`` examples of this rank, as the datasets return them."""
+        """The next ``n`` examples of this rank, as the datasets return them.
+
+        One call consumes ``n * world_size`` global positions (every rank's share
+        of the step), so the state after it is the same on every rank and any
+        rank's checkpointed state resumes all of them.
+        """
         out = []
-        for stream, index in self:
-            out.append(self.streams[stream].dataset[index])
-            if len(out) == n:
-                break
+        order = self._order()
+        for _ in range(n * self.world_size):
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+                order = self._order()
+            pos = self.position
+            self.position += 1
+            if (self.epoch * len(order) + pos) % self.world_size == self.rank:
+                stream, index = order[pos]
+                out.append(self.streams[int(stream)].dataset[int(index)])
         return out
+
+    def _order(self) -> np.ndarray:
+        if getattr(self, "_cached", (None,))[0] != self.epoch:
+            self._cached = (self.epoch, self.epoch_order(self.epoch))
+        return self._cached[1]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "counts": list(self.counts)}

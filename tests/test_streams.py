@@ -62,6 +62,25 @@ def test_ranks_split_each_global_order():
     assert [x for pair in zip(*ranks) for x in pair] == whole
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_rank_holds_the_same_state_so_rank_0_s_checkpoint_resumes_all(world):
+    """A checkpoint stores rank 0's state; each rank must continue from it as if never stopped."""
+    streams = [Stream("a", letters("a", 13), repeat=1), Stream("b", letters("b", 6), repeat=1)]  # 19: odd epochs
+    straight = [MixedStreams(streams, seed=4, rank=r, world_size=world) for r in range(world)]
+    wanted = [[m.take(5) for _ in range(6)] for m in straight]
+    ranks = [MixedStreams(streams, seed=4, rank=r, world_size=world) for r in range(world)]
+    got = [[m.take(5) for _ in range(2)] for m in ranks]
+    assert all(m.state_dict() == ranks[0].state_dict() for m in ranks)
+    saved = ranks[0].state_dict()
+    for r in range(world):
+        resumed = MixedStreams(streams, seed=4, rank=r, world_size=world)
+        resumed.load_state_dict(saved)
+        got[r] += [resumed.take(5) for _ in range(4)]
+    assert got == wanted
+    everything = [x for step in zip(*wanted) for x in zip(*step)]  # interleave back into the global order
+    assert [x for group in everything for x in group] == first(world * 30, MixedStreams(streams, seed=4))
+
+
 @pytest.mark.parametrize("streams, message", [
     ([Stream("a", [1], repeat=1), Stream("b", [1], weight=1)], r"give every stream a repeat count or every stream a weight"),
     ([Stream("a", [], repeat=1)], r"data stream 'a' is empty"),
