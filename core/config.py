@@ -23,6 +23,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .errors import ConfigError, DistillzooError, did_you_mean
+from .tokenizer import QWEN_DEFAULT_SYSTEM
 
 
 @dataclass
@@ -51,6 +52,8 @@ class DataConfig:
     max_length: int = 512
     samples_per_epoch: Optional[int] = None
     tokenizer: Optional[str] = None
+    #: prepended to JSONL conversations that have none (null: no system message)
+    system: Optional[str] = QWEN_DEFAULT_SYSTEM
 
 
 @dataclass
@@ -67,6 +70,10 @@ class TrainConfig:
     eval_every: int = 0
     checkpoint_every: int = 0
     progress: bool = True
+    #: auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16
+    precision: str = "auto"
+    #: under torchrun: ddp (replicated student) or fsdp (FSDP2 fully_shard of student and teacher)
+    parallel: str = "ddp"
 
 
 @dataclass

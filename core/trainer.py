@@ -6,7 +6,14 @@ step takes ``train.batch_size`` examples (split over ranks and micro-batches);
 the loss is the objective summed over valid tokens divided by the global count
 of valid tokens of the step, so accumulation and ranks weigh every token alike.
 The student's logits are never materialised: ``objective.from_hidden`` gets the
-final hidden states and lm_head weights of both models.
+final hidden states and lm_head weights of both models, inside the forward of
+one module (:class:`_Step`) that holds student and frozen teacher.
+
+Under ``torchrun`` that module is wrapped in DDP (``train.parallel: ddp``; the
+teacher is neither broadcast nor reduced) or sharded with FSDP2
+(``train.parallel: fsdp``: ``fully_shard`` on every decoder layer of both
+models, the rest in the root unit). ``train.precision`` picks bf16 autocast
+(the default on CUDA) or fp32 (the default on CPU).
 
 Checkpoints (``train.checkpoint_every``) hold the weights, the optimiser,
 schedule, data order and RNG states; they are written under a temporary name and
@@ -42,6 +49,8 @@ from .shards import ConversationDataset, TokenShards, collate_sft
 from .streams import MixedStreams, Stream
 
 CHECKPOINT_PREFIX = "step-"
+PRECISIONS = ("auto", "fp32", "bf16")
+PARALLEL = ("ddp", "fsdp")
 
 
 # ---------------------------------------------------------------------------- config checks (no model loaded)
@@ -83,6 +92,9 @@ def validate(cfg: DictConfig, where: str = "<config>") -> None:
     t = cfg.train
     if t.steps < 1 or t.batch_size < 1:
         raise ConfigError(f"{where}: train.steps and train.batch_size must be >= 1")
+    for key, choices in (("precision", PRECISIONS), ("parallel", PARALLEL)):
+        if t[key] not in choices:
+            raise ConfigError(f"{where}: train.{key}: {t[key]!r} is not one of {list(choices)}")
     if cfg.resume not in ("auto", "never"):
         raise ConfigError(f"{where}: resume: {cfg.resume!r} is not one of ['auto', 'never']")
     if cfg.output_dir is None:
@@ -90,11 +102,11 @@ def validate(cfg: DictConfig, where: str = "<config>") -> None:
 
 
 # ---------------------------------------------------------------------------- pieces
-def _dataset(stream, tokenizer, max_length):
+def _dataset(stream, tokenizer, data):
     path = Path(stream.path)
     if path.is_dir():
         return TokenShards(path)
-    return ConversationDataset(path, stream.format, tokenizer, max_length=max_length)
+    return ConversationDataset(path, stream.format, tokenizer, max_length=data.max_length, system=data.system)
 
 
 def _model(mcfg, what: str):
@@ -105,6 +117,10 @@ def _model(mcfg, what: str):
         return tiny_qwen2(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{what}.tiny: {e}") from None
+
+
+def _given(mcfg) -> bool:
+    return mcfg is not None and (mcfg.path is not None or mcfg.tiny is not None)
 
 
 def lr_at(step: int, t) -> float:
@@ -169,26 +185,32 @@ def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    streams = MixedStreams([Stream(s.name, _dataset(s, tokenizer, cfg.data.max_length), s.repeat, s.weight)
+    streams = MixedStreams([Stream(s.name, _dataset(s, tokenizer, cfg.data), s.repeat, s.weight)
                             for s in cfg.data.streams], seed=cfg.seed, samples_per_epoch=cfg.data.samples_per_epoch,
                            rank=rank, world_size=world)
-    eval_set = _dataset(cfg.data.eval, tokenizer, cfg.data.max_length) if cfg.data.eval is not None else None
+    eval_set = _dataset(cfg.data.eval, tokenizer, cfg.data) if cfg.data.eval is not None else None
 
-    objective = _sum_objective(cfg)
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
     student = _model(cfg.student, "student").to(device).train()
     teacher = None
-    if objective.needs_teacher:
+    objective = _sum_objective(cfg)
+    if objective.needs_teacher or (eval_set is not None and _given(cfg.teacher)):  # eval reports the KL too
         teacher = _model(cfg.teacher, "teacher").to(device).eval().requires_grad_(False)
-    hidden_of = _HiddenStates(student)
-    if distributed:
-        hidden_of = torch.nn.parallel.DistributedDataParallel(hidden_of)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    step_of = _Step(student, teacher, objective, bf16)
+    fsdp = distributed and t.parallel == "fsdp"
+    if fsdp:
+        step_of = _fully_shard(step_of)
+    elif distributed:
+        if teacher is not None:  # frozen and identical on every rank: neither broadcast nor reduced
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                step_of, [f"teacher.{name}" for name, _ in [*teacher.named_parameters(), *teacher.named_buffers()]])
+        step_of = torch.nn.parallel.DistributedDataParallel(step_of)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=not fsdp)
     step = 0
     checkpoint = latest_checkpoint(output_dir) if cfg.resume == "auto" else None
     if checkpoint is not None:
-        state = torch.load(checkpoint / "state.pt", weights_only=False)
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = torch.load(checkpoint / "state.pt", weights_only=False, map_location="cpu")
+        _load_training_state(student, optimizer, state)
         streams.load_state_dict(state["data"])
         _set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
         step = state["step"]
@@ -215,12 +237,11 @@ def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
         loss_sum = torch.zeros((), dtype=torch.float64)
         for i, b in enumerate(batches):
             last = i == len(batches) - 1
-            sync = hidden_of.no_sync() if distributed and not last else contextlib.nullcontext()
-            with sync:
-                part = _batch_loss(objective, hidden_of, student, teacher, b)
+            with _gradient_sync(step_of, last, distributed):
+                part = step_of(b["input_ids"], b["attention_mask"], b["labels"][:, 1:])
                 (part * (world / max(float(n_global), 1.0))).backward()
-            loss_sum += part.detach().double()
-        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), t.max_grad_norm or float("inf"))
+            loss_sum += part.detach().double().cpu()
+        norm = _full(torch.nn.utils.clip_grad_norm_(student.parameters(), t.max_grad_norm or float("inf")))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -229,7 +250,7 @@ def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
         record = {"step": step, "loss": loss_value, "lr": lr_at(step - 1, t), "grad_norm": float(norm),
                   "tokens": int(n_global), "tokens_per_s": float(n_global) / max(elapsed, 1e-9)}
         if t.eval_every and eval_set is not None and (step % t.eval_every == 0 or step == t.steps):
-            record.update(evaluate(student, teacher, eval_set, tokenizer.pad_id, micro, device))
+            record.update(evaluate(step_of, eval_set, tokenizer.pad_id, micro, device))
         if rank == 0:
             if t.log_every and (step % t.log_every == 0 or step == t.steps or "eval/nll" in record):
                 _append_jsonl(output_dir / "metrics.jsonl", record)
@@ -240,60 +261,138 @@ def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
             _save_checkpoint(output_dir, step, student, optimizer, streams, distributed, rank)
     if bar is not None:
         bar.close()
+    weights = _full_model_state(student) if fsdp else None
     if rank == 0:
-        write_dir_atomically(output_dir / "final", lambda tmp: student.save_pretrained(tmp))
+        write_dir_atomically(output_dir / "final", lambda tmp: _save_pretrained(student, weights, tmp))
     if distributed:
         torch.distributed.barrier()
     return TrainResult(output_dir, step, loss_value)
 
 
-class _HiddenStates(torch.nn.Module):
-    """The student's final hidden states as a module, so that DDP sees the forward pass."""
+class _Step(torch.nn.Module):
+    """Student and frozen teacher as one module whose forward is the loss, so that DDP and FSDP2 see it.
 
-    def __init__(self, model) -> None:
+    ``forward`` returns the objective summed over the valid tokens of a batch,
+    from the final hidden states and lm_head weights (no ``[tokens, V]`` logits).
+    Under FSDP2 the lm_head weights are whole only inside this forward, which is
+    why the loss is computed here and not by the caller. With ``bf16`` the
+    decoders run under autocast and the loss head takes bf16 operands
+    (accumulating in fp32); the fp32 weights stay the master copy.
+    """
+
+    def __init__(self, student, teacher, objective, bf16: bool) -> None:
         super().__init__()
-        self.model = model
+        self.student = student
+        self.teacher = teacher
+        self.objective = objective
+        self.bf16 = bf16
 
-    def forward(self, input_ids, attention_mask):
-        return final_hidden(self.model, input_ids, attention_mask)
+    def _hidden(self, model, input_ids, attention_mask):
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return final_hidden(model, input_ids, attention_mask)[:, :-1]
+
+    def _cast(self, x):
+        return x.to(torch.bfloat16) if self.bf16 else x
+
+    def forward(self, input_ids, attention_mask, targets, evaluate: bool = False):
+        hs = self._cast(self._hidden(self.student, input_ids, attention_mask))
+        ws = self._cast(lm_head_weight(self.student))
+        ht = wt = None
+        if self.teacher is not None and (evaluate or self.objective.needs_teacher):
+            with torch.no_grad():
+                ht = self._cast(self._hidden(self.teacher, input_ids, attention_mask))
+                wt = self._cast(lm_head_weight(self.teacher))
+        if not evaluate:
+            return self.objective.from_hidden(hs, ws, ht, wt, targets)
+        from .kernels import token_logprobs
+
+        nll = -token_logprobs(hs, ws, targets).double().sum()
+        if ht is None:
+            return torch.stack([nll, torch.zeros_like(nll)])
+        kl = make_objective("fkl", reduction="sum").from_hidden(hs, ws, ht, wt, targets)
+        return torch.stack([nll, kl.double()])
 
 
-def _batch_loss(objective, hidden_of, student, teacher, batch):
-    """Sum over the batch's valid tokens of the objective, through the fused path."""
-    targets = batch["labels"][:, 1:]
-    hs = hidden_of(batch["input_ids"], batch["attention_mask"])[:, :-1]
-    if teacher is None:
-        return objective.from_hidden(hs, lm_head_weight(student), None, None, targets)
-    with torch.no_grad():
-        ht = final_hidden(teacher, batch["input_ids"], batch["attention_mask"])[:, :-1]
-    return objective.from_hidden(hs, lm_head_weight(student), ht, lm_head_weight(teacher), targets)
+def _fully_shard(step_of: _Step):
+    """FSDP2: each decoder layer of student and teacher is a unit; the rest (embeddings, norms, heads) the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for model in (step_of.student, step_of.teacher):
+        if model is None:
+            continue
+        layers = getattr(model.get_decoder(), "layers", None)
+        if layers is None:
+            raise ConfigError(f"train.parallel=fsdp: {type(model).__name__} has no decoder.layers to shard")
+        for layer in layers:
+            fully_shard(layer)
+    return fully_shard(step_of)
+
+
+def _gradient_sync(step_of, last: bool, distributed: bool):
+    """Reduce gradients only on a step's last micro-batch (DDP no_sync, FSDP2 set_requires_gradient_sync)."""
+    if hasattr(step_of, "set_requires_gradient_sync"):
+        step_of.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    if distributed and not last:
+        return step_of.no_sync()
+    return contextlib.nullcontext()
+
+
+def _full(x):
+    """A DTensor (FSDP2) as a plain tensor; anything else as is."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 
 @torch.no_grad()
-def evaluate(student, teacher, dataset, pad_id: int, batch_size: int, device) -> dict:
+def evaluate(step_of, dataset, pad_id: int, batch_size: int, device) -> dict:
     """Held-out student NLL per response token and, with a teacher, KL(teacher || student) per token."""
-    from .kernels import token_logprobs
-
-    was_training = student.training
-    student.eval()
-    fkl = make_objective("fkl", reduction="sum")
-    nll = kl = 0.0
+    module = step_of.module if isinstance(step_of, torch.nn.parallel.DistributedDataParallel) else step_of
+    was_training = module.student.training
+    module.student.eval()
+    sums = torch.zeros(2, dtype=torch.float64)
     tokens = 0
     for start in range(0, len(dataset), batch_size):
         batch = collate_sft([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        targets = batch["labels"][:, 1:]
-        hs = final_hidden(student, batch["input_ids"], batch["attention_mask"])[:, :-1]
-        nll -= float(token_logprobs(hs, lm_head_weight(student), targets).sum())
-        if teacher is not None:
-            ht = final_hidden(teacher, batch["input_ids"], batch["attention_mask"])[:, :-1]
-            kl += float(fkl.from_hidden(hs, lm_head_weight(student), ht, lm_head_weight(teacher), targets))
+        targets = batch["labels"][:, 1:].to(device)
+        sums += step_of(batch["input_ids"].to(device), batch["attention_mask"].to(device), targets,
+                        evaluate=True).cpu()
         tokens += int((targets != IGNORE_INDEX).sum())
-    student.train(was_training)
-    out = {"eval/nll": nll / max(tokens, 1)}
-    if teacher is not None:
-        out["eval/kl_teacher_student"] = kl / max(tokens, 1)
+    module.student.train(was_training)
+    out = {"eval/nll": float(sums[0]) / max(tokens, 1)}
+    if module.teacher is not None:
+        out["eval/kl_teacher_student"] = float(sums[1]) / max(tokens, 1)
     return out
+
+
+def _state_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def _full_model_state(student) -> dict:
+    """The student's whole state dict on rank 0 (gathered from the shards under FSDP2), on the CPU."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(student, options=_state_options(cpu_offload=True))
+
+
+def _load_training_state(student, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(student, state["model"], options=_state_options())
+    set_optimizer_state_dict(student, optimizer, state["optimizer"], options=_state_options())
+
+
+def _save_pretrained(student, weights: dict | None, directory: Path) -> None:
+    """``save_pretrained`` of the student; of a fresh model holding the gathered ``weights`` if it is sharded."""
+    if weights is not None:
+        from transformers import AutoModelForCausalLM
+
+        plain = AutoModelForCausalLM.from_config(student.config)
+        plain.load_state_dict(weights)
+        student = plain
+    student.save_pretrained(directory)
 
 
 def _save_checkpoint(output_dir: Path, step: int, student, optimizer, streams, distributed: bool, rank: int) -> None:
@@ -302,8 +401,12 @@ def _save_checkpoint(output_dir: Path, step: int, student, optimizer, streams, d
         gathered = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, rng)
         rng = gathered
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model_state = _full_model_state(student)
+    optimizer_state = get_optimizer_state_dict(student, optimizer, options=_state_options(cpu_offload=True))
     if rank == 0:
-        state = {"step": step, "model": student.state_dict(), "optimizer": optimizer.state_dict(),
+        state = {"step": step, "model": model_state, "optimizer": optimizer_state,
                  "data": streams.state_dict(), "rng": rng}
         write_dir_atomically(output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}",
                     lambda tmp: torch.save(state, tmp / "state.pt"))
