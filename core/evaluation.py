@@ -1,0 +1,126 @@
+"""Held-out evaluation of a causal LM on instruction data: greedy answers, exact match, NLL.
+
+``exact_match`` asks the model each record's prompt (every message before the
+last assistant reply, in ChatML), decodes greedily until ``<|im_end|>``, and
+compares the answer with the reference reply (both stripped of surrounding
+whitespace). ``response_nll`` is the mean negative log-likelihood per reference
+response token (``<|im_end|>`` included) and ``response_kl`` the mean
+KL(teacher || model) per response token, both through the fused paths (the
+models are used as they are: call ``.eval()`` first, as ``load_causal_lm`` does).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .causal_lm import final_hidden, lm_head_weight
+from .data import IGNORE_INDEX, read_records
+from .errors import DataError
+from .shards import collate_sft
+from .tokenizer import QWEN_DEFAULT_SYSTEM, ChatTokenizer
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer: ChatTokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
+                   batch_size: int = 64) -> list[list[int]]:
+    """Greedy continuations of token-id prompts, each cut before its first ``<|im_end|>``.
+
+    Prompts are left-padded into batches of ``batch_size``; the result keeps the prompts' order.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [list(p) for p in prompts[start:start + batch_size]]
+        width = max(len(p) for p in chunk)
+        input_ids = torch.full((len(chunk), width), tokenizer.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, p in enumerate(chunk):
+            input_ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            attention_mask[row, width - len(p):] = 1
+        generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                   max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.im_end_id,
+                                   pad_token_id=tokenizer.pad_id, temperature=None, top_p=None, top_k=None)
+        for row in generated[:, width:].tolist():
+            out.append(row[:row.index(tokenizer.im_end_id)] if tokenizer.im_end_id in row else row)
+    model.train(was_training)
+    return out
+
+
+def instruction_records(path: str | Path, format: str) -> list[tuple[str, list[dict], str, dict]]:
+    """``(where, prompt messages, reference reply, record fields)`` of an instruction JSONL file."""
+    rows = []
+    for where, fields in read_records(path, format):
+        messages = fields.get("messages")
+        if not messages or messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: format {format!r} gives no conversation ending in an assistant reply")
+        rows.append((where, messages[:-1], messages[-1]["content"], fields))
+    return rows
+
+
+def exact_match(model, tokenizer: ChatTokenizer, path: str | Path, format: str = "chat", *,
+                system: str | None = QWEN_DEFAULT_SYSTEM, max_new_tokens: int = 32, batch_size: int = 64,
+                group_by: str | None = "task") -> dict:
+    """Exact-match accuracy of greedy answers, overall and per ``group_by`` field of the raw records.
+
+    Returns ``{"exact_match", "n", "by_<group_by>": {value: accuracy}, "answers": [...]}``.
+    """
+    from .data import read_jsonl
+
+    rows = instruction_records(path, format)
+    prompts = [tokenizer.encode_prompt(messages, system) for _, messages, _, _ in rows]
+    answers = [tokenizer.decode(ids) for ids in greedy_answers(model, tokenizer, prompts,
+                                                                max_new_tokens=max_new_tokens, batch_size=batch_size)]
+    correct = [a.strip() == ref.strip() for a, (_, _, ref, _) in zip(answers, rows)]
+    result = {"exact_match": sum(correct) / max(len(correct), 1), "n": len(correct)}
+    if group_by is not None:
+        raw = [record for _, record in read_jsonl(path)]
+        groups: dict[str, list[bool]] = defaultdict(list)
+        for record, ok in zip(raw, correct):
+            if group_by in record:
+                groups[str(record[group_by])].append(ok)
+        if groups:
+            result[f"by_{group_by}"] = {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+    result["answers"] = answers
+    return result
+
+
+def _response_batches(dataset, pad_id: int, batch_size: int, device):
+    for start in range(0, len(dataset), batch_size):
+        batch = collate_sft([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], pad_id)
+        yield batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"][:, 1:].to(device)
+
+
+@torch.no_grad()
+def response_nll(model, dataset, pad_id: int, *, batch_size: int = 64) -> float:
+    """Mean NLL per response token over a dataset of ``{input_ids, loss_mask}`` items."""
+    from .kernels import token_logprobs
+
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for input_ids, attention_mask, targets in _response_batches(dataset, pad_id, batch_size, device):
+        hidden = final_hidden(model, input_ids, attention_mask)[:, :-1]
+        total -= float(token_logprobs(hidden, lm_head_weight(model), targets).sum())
+        tokens += int((targets != IGNORE_INDEX).sum())
+    return total / max(tokens, 1)
+
+
+@torch.no_grad()
+def response_kl(teacher, student, dataset, pad_id: int, *, batch_size: int = 64) -> float:
+    """Mean KL(teacher || student) per response token (full vocab, temperature 1), fused."""
+    from .manager import objective
+
+    fkl = objective("fkl", reduction="sum")
+    device = next(student.parameters()).device
+    total, tokens = 0.0, 0
+    for input_ids, attention_mask, targets in _response_batches(dataset, pad_id, batch_size, device):
+        hs = final_hidden(student, input_ids, attention_mask)[:, :-1]
+        ht = final_hidden(teacher, input_ids, attention_mask)[:, :-1]
+        total += float(fkl.from_hidden(hs, lm_head_weight(student), ht, lm_head_weight(teacher), targets))
+        tokens += int((targets != IGNORE_INDEX).sum())
+    return total / max(tokens, 1)

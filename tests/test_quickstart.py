@@ -1,0 +1,29 @@
+"""examples/quickstart.py end to end on a tiny budget: three runs, then the held-out table."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quickstart_trains_three_models_and_prints_their_held_out_scores(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--out", str(tmp_path),
+                           "--teacher-steps", "3", "--student-steps", "2", "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {}
+    for name in ("teacher (ce)", "student, distilled (fkl)", "student, ce only"):
+        line = next(line for line in done.stdout.splitlines() if line.startswith(name))
+        params, em, nll, kl = re.match(r".{26}\s+([\d.]+)M\s+([\d.]+)%\s+([\d.]+)\s+([\d.]+)", line).groups()
+        rows[name] = float(params), float(em), float(nll), float(kl)
+    assert rows["teacher (ce)"][3] == 0.0 and rows["student, ce only"][3] > 0
+    assert rows["teacher (ce)"][0] > rows["student, distilled (fkl)"][0] == rows["student, ce only"][0]
+    for run in ("teacher", "student-fkl", "student-ce"):
+        assert (tmp_path / run / "final" / "config.json").is_file()
+    fkl, ce = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+               for run in ("student-fkl", "student-ce"))
+    assert [r["tokens"] for r in fkl] == [r["tokens"] for r in ce]  # the same batches: a like-for-like budget
+    assert "$ distillzoo train configs/quickstart.yaml" in done.stdout
