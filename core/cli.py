@@ -1,4 +1,4 @@
-"""The ``distillzoo`` command line: list, show, plugins, config, check, train, prepare, reference-cache."""
+"""The ``distillzoo`` command line: list, show, plugins, config, check, train, generate, prepare, reference-cache."""
 
 from __future__ import annotations
 
@@ -111,8 +111,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, where=args.config)
     if os.environ.get("RANK", "0") == "0":
-            print(f"trained {result.steps} steps; final loss {result.final_loss:.4f}; student saved to "
+        print(f"trained {result.steps} steps; final loss {result.final_loss:.4f}; student saved to "
               f"{result.output_dir / 'final'}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .generation import generate_from_config
+
+    cfg = load_config(args.config, args.overrides)
+    report = generate_from_config(cfg, where=args.config)
+    print(f"{cfg.generate.out}: wrote {report['written']} of {report['total']} "
+          f"({report['already_done']} already there"
+          + (f"; {len(report['empty'])} empty answers not written, first id {report['empty'][0]!r}"
+             if report["empty"] else "") + ")")
     return 0
 
 
@@ -142,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("generate", help="answer a dataset's prompts with the teacher or student (or both, as "
+                                        "preference pairs) as the config's generate section says; resumable")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_generate)
     p = sub.add_parser("prepare", help="tokenize instruction JSONL (dolly, alpaca, chat) into an int32 shard directory")
     p.add_argument("data", nargs="+", help="JSONL file(s)")
     p.add_argument("--format", required=True, help="a registered data format: dolly, alpaca, chat, ...")

@@ -77,6 +77,24 @@ class TrainConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """``distillzoo generate``: who answers which prompts, how, and where the JSONL goes."""
+
+    prompts: Optional[str] = None
+    format: str = "chat"
+    out: Optional[str] = None
+    #: responses: ``model`` answers (chat records); pairs: teacher = chosen, student = rejected (preference records)
+    mode: str = "responses"
+    model: str = "teacher"
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    batch_size: int = 16
+    progress: bool = True
+
+
+@dataclass
 class DistillConfig:
     """The schema every config is merged into (struct mode: unknown keys fail)."""
 
@@ -89,6 +107,7 @@ class DistillConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: Optional[str] = None
     resume: str = "auto"
+    generate: Optional[GenerateConfig] = None
 
 
 @dataclass(frozen=True)
@@ -170,7 +189,8 @@ def load_config(source: str | Path | dict, overrides: Sequence[str] = ()) -> Dic
             raise ConfigError(f"override {override!r} is not of the form key=value")
         cfg = _merge(cfg, OmegaConf.from_dotlist([override]), lambda key: f"override {override!r}")
     OmegaConf.set_struct(cfg, True)
-    objective_terms(cfg, locate)
+    if cfg.generate is None or cfg.objective is not None or cfg.objectives is not None:
+        objective_terms(cfg, locate)  # a config for distillzoo generate alone needs no objective
     return cfg
 
 

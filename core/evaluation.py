@@ -24,32 +24,13 @@ from .shards import collate_sft
 from .tokenizer import QWEN_DEFAULT_SYSTEM, ChatTokenizer
 
 
-@torch.no_grad()
 def greedy_answers(model, tokenizer: ChatTokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
                    batch_size: int = 64) -> list[list[int]]:
-    """Greedy continuations of token-id prompts, each cut before its first ``<|im_end|>``.
+    """Greedy continuations of token-id prompts, each cut before its first ``<|im_end|>`` (batched, KV cache)."""
+    from .generation import Sampling, decode
 
-    Prompts are left-padded into batches of ``batch_size``; the result keeps the prompts' order.
-    """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = [list(p) for p in prompts[start:start + batch_size]]
-        width = max(len(p) for p in chunk)
-        input_ids = torch.full((len(chunk), width), tokenizer.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, p in enumerate(chunk):
-            input_ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            attention_mask[row, width - len(p):] = 1
-        generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                   max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.im_end_id,
-                                   pad_token_id=tokenizer.pad_id, temperature=None, top_p=None, top_k=None)
-        for row in generated[:, width:].tolist():
-            out.append(row[:row.index(tokenizer.im_end_id)] if tokenizer.im_end_id in row else row)
-    model.train(was_training)
-    return out
+    return [answer for answer, _ in decode(model, tokenizer, prompts, Sampling(max_new_tokens, temperature=0),
+                                           batch_size=batch_size)]
 
 
 def instruction_records(path: str | Path, format: str) -> list[tuple[str, list[dict], str, dict]]:

@@ -109,7 +109,8 @@ def _dataset(stream, tokenizer, data):
     return ConversationDataset(path, stream.format, tokenizer, max_length=data.max_length, system=data.system)
 
 
-def _model(mcfg, what: str):
+def model_from_config(mcfg, what: str):
+    """The model a ``student`` / ``teacher`` section names: a local directory, or a tiny Qwen2 from its config."""
     if mcfg.path is not None:
         return load_causal_lm(mcfg.path)
     kwargs = {"tie_word_embeddings": True, **OmegaConf.to_container(mcfg.tiny, resolve=True)}
@@ -191,11 +192,11 @@ def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
     eval_set = _dataset(cfg.data.eval, tokenizer, cfg.data) if cfg.data.eval is not None else None
 
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
-    student = _model(cfg.student, "student").to(device).train()
+    student = model_from_config(cfg.student, "student").to(device).train()
     teacher = None
     objective = _sum_objective(cfg)
     if objective.needs_teacher or (eval_set is not None and _given(cfg.teacher)):  # eval reports the KL too
-        teacher = _model(cfg.teacher, "teacher").to(device).eval().requires_grad_(False)
+        teacher = model_from_config(cfg.teacher, "teacher").to(device).eval().requires_grad_(False)
     step_of = _Step(student, teacher, objective, bf16)
     fsdp = distributed and t.parallel == "fsdp"
     if fsdp:

@@ -1,0 +1,285 @@
+"""Answers from a causal LM for the prompts of a dataset: batched, sampled per sample id, resumable.
+
+:func:`decode` is the decoding loop: left-padded batches, a KV cache, only the
+last position's logits (``[batch, V]``, never ``[batch, seq, V]``), greedy at
+``temperature=0`` or sampled with temperature / top-k / top-p. Each row draws
+from its own generator, seeded by the run's seed and the sample's id, so a
+sample's answer does not depend on the batch it lands in, nor on whether the run
+was interrupted and resumed.
+
+:func:`generate_file` writes one JSONL line per prompt, keyed by the sample id,
+appending a batch at a time (flushed and fsynced). Rerun on the same output, it
+skips the ids already there; a last line cut off mid-write is dropped first, so
+an interrupted run neither duplicates nor loses samples.
+
+Records: ``responses`` mode writes the chat format (the prompt's messages plus
+the answer, which ``chat`` training reads directly); ``pairs`` mode writes the
+preference format, the teacher's answer as ``chosen`` and the student's as
+``rejected``, which ``dpkd`` trains on directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .atomic import write_text_atomically
+from .data import read_records
+from .errors import DataError, ParameterError
+from .tokenizer import QWEN_DEFAULT_SYSTEM, ChatTokenizer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding parameters. ``temperature=0`` is greedy; ``top_k=0`` and ``top_p=1`` are off."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ParameterError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ParameterError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ParameterError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ParameterError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample_seed(seed: int, sample_id: str) -> int:
+    """A 63-bit seed from the run's seed and a sample id (stable across runs and machines)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{sample_id}".encode()).digest()[:8], "little") >> 1
+
+
+def _pick(logits: torch.Tensor, sampling: Sampling, generators: list[torch.Generator]) -> torch.Tensor:
+    """One next token per row of ``[B, V]`` logits."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= sampling.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1).cpu()
+    return torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, generators)]).to(logits.device)
+
+
+@torch.no_grad()
+def decode(model, tokenizer: ChatTokenizer, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(), *,
+           ids: Sequence[str] | None = None, batch_size: int = 16) -> list[tuple[list[int], str]]:
+    """``(answer token ids, finish reason)`` per prompt; the answer stops before ``<|im_end|>``.
+
+    The finish reason is ``"stop"`` (``<|im_end|>`` was produced) or ``"length"``.
+    ``ids`` (one per prompt) seed each row's sampling; default: the prompt's index.
+    """
+    device = next(model.parameters()).device
+    ids = [str(i) for i in range(len(prompts))] if ids is None else [str(i) for i in ids]
+    if len(ids) != len(prompts):
+        raise ParameterError(f"decode: {len(ids)} ids for {len(prompts)} prompts")
+    was_training = model.training
+    model.eval()
+    out: list[tuple[list[int], str]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [list(p) for p in prompts[start:start + batch_size]]
+        generators = [torch.Generator().manual_seed(sample_seed(sampling.seed, i)) for i in ids[start:start + batch_size]]
+        width = max(len(p) for p in chunk)
+        input_ids = torch.full((len(chunk), width), tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, p in enumerate(chunk):
+            input_ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p):] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        step = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                     logits_to_keep=1)
+        answers: list[list[int]] = [[] for _ in chunk]
+        done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+        for _ in range(sampling.max_new_tokens):
+            token = _pick(step.logits[:, -1], sampling, generators)
+            for row in (~done).nonzero().flatten().tolist():
+                if int(token[row]) != tokenizer.im_end_id:
+                    answers[row].append(int(token[row]))
+            done |= token == tokenizer.im_end_id
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            step = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                         past_key_values=step.past_key_values, use_cache=True, logits_to_keep=1)
+        out.extend((a, "stop" if d else "length") for a, d in zip(answers, done.tolist()))
+    model.train(was_training)
+    return out
+
+
+def read_prompts(path: str | Path, format: str) -> list[tuple[str, list[dict]]]:
+    """``(sample id, prompt messages)`` per record: the conversation before its last assistant reply.
+
+    Ids must be unique: they key the output, the resume and later the teacher cache.
+    """
+    prompts, seen = [], {}
+    for where, fields in read_records(path, format):
+        messages = fields.get("messages") or fields.get("prompt")
+        if not messages:
+            raise DataError(f"{where}: format {format!r} gives no prompt ('messages' or 'prompt')")
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages or messages[-1]["role"] != "user":
+            raise DataError(f"{where}: the prompt must end with a user turn")
+        sample_id = str(fields["id"])
+        if sample_id in seen:
+            raise DataError(f"{where}: sample id {sample_id!r} repeats {seen[sample_id]}; ids key the output")
+        seen[sample_id] = where
+        prompts.append((sample_id, messages))
+    return prompts
+
+
+def finished_ids(out_path: Path) -> set[str]:
+    """Ids already in an output file; a last line without its newline (cut off mid-write) is removed."""
+    if not out_path.exists():
+        return set()
+    text = out_path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+        write_text_atomically(out_path, text)
+    ids = set()
+    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            ids.add(str(json.loads(line)["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"{out_path}:{n}: not a generated record (JSON with an 'id'); not appending to it") from None
+    return ids
+
+
+def _append(out_path: Path, records: list[dict]) -> None:
+    with out_path.open("a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def generate_file(models: dict, tokenizer: ChatTokenizer, data: str | Path, format: str, out: str | Path,
+                  sampling: Sampling = Sampling(), *, mode: str = "responses", system: str | None = QWEN_DEFAULT_SYSTEM,
+                  batch_size: int = 16, progress: bool = True) -> dict:
+    """Answer every prompt of ``data`` not yet in ``out``.
+
+    Returns ``{"written", "already_done", "empty", "total"}``; ``empty`` lists the ids
+    whose answer (either answer, for pairs) was empty: they are not written, since
+    no training format takes an empty reply (a rerun tries them again, and the same
+    seed gives the same answer).
+
+    ``models``: ``{"responses": model}`` for ``mode="responses"``, or
+    ``{"chosen": teacher, "rejected": student}`` for ``mode="pairs"``.
+    """
+    names = {"responses": ("responses",), "pairs": ("chosen", "rejected")}
+    if mode not in names:
+        raise ParameterError(f"generate mode {mode!r} is not one of {list(names)}")
+    if set(models) != set(names[mode]):
+        raise ParameterError(f"generate mode {mode!r} needs models {list(names[mode])}, got {sorted(models)}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prompts = read_prompts(data, format)
+    done = finished_ids(out)
+    todo = [(i, m) for i, m in prompts if i not in done]
+    empty: list[str] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"distillzoo generate ({mode})")
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        ids = [i for i, _ in chunk]
+        tokens = [tokenizer.encode_prompt(m, system) for _, m in chunk]
+        answers = {role: decode(model, tokenizer, tokens, sampling, ids=ids, batch_size=batch_size)
+                   for role, model in models.items()}
+        records = []
+        for k, (sample_id, messages) in enumerate(chunk):
+            if any(not tokenizer.decode(answers[role][k][0]).strip() for role in models):
+                empty.append(sample_id)  # neither chat nor preference training takes an empty reply
+                continue
+            if mode == "responses":
+                text, finish = tokenizer.decode(answers["responses"][k][0]), answers["responses"][k][1]
+                records.append({"id": sample_id, "messages": [*messages, {"role": "assistant", "content": text}],
+                                "finish_reason": finish})
+            else:
+                records.append({"id": sample_id, "prompt": messages,
+                                "chosen": tokenizer.decode(answers["chosen"][k][0]),
+                                "rejected": tokenizer.decode(answers["rejected"][k][0]),
+                                "finish_reason": {"chosen": answers["chosen"][k][1],
+                                                  "rejected": answers["rejected"][k][1]}})
+        _append(out, records)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return {"written": len(todo) - len(empty), "already_done": len(prompts) - len(todo), "empty": empty,
+            "total": len(prompts)}
+
+
+MODES = ("responses", "pairs")
+
+
+def validate_generate(cfg, where: str = "<config>") -> None:
+    """The ``generate`` section, checked before any model is loaded."""
+    from .data import data_format
+    from .errors import ConfigError, DistillzooError
+
+    g = cfg.generate
+    if g is None:
+        raise ConfigError(f"{where}: generate: no 'generate' section (prompts, out, mode, sampling)")
+    if g.mode not in MODES:
+        raise ConfigError(f"{where}: generate.mode: {g.mode!r} is not one of {list(MODES)}")
+    if g.model not in ("teacher", "student"):
+        raise ConfigError(f"{where}: generate.model: {g.model!r} is not one of ['teacher', 'student']")
+    roles = ("teacher", "student") if g.mode == "pairs" else (g.model,)
+    for role in roles:
+        m = cfg[role]
+        if m is None or (m.path is None) == (m.tiny is None):
+            raise ConfigError(f"{where}: {role}: generate (mode {g.mode}) needs the {role}; give {role}.path or "
+                              f"{role}.tiny")
+    if g.prompts is None or not Path(g.prompts).is_file():
+        raise ConfigError(f"{where}: generate.prompts: {g.prompts!r} is not a JSONL file")
+    try:
+        data_format(g.format)
+    except DistillzooError as e:
+        raise ConfigError(f"{where}: generate.format: {e}") from None
+    if g.out is None:
+        raise ConfigError(f"{where}: generate.out: give the JSONL file to write (a rerun appends what is missing)")
+    try:
+        Sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, cfg.seed)
+    except ParameterError as e:
+        raise ConfigError(f"{where}: generate: {e}") from None
+    if g.batch_size < 1:
+        raise ConfigError(f"{where}: generate.batch_size must be >= 1, got {g.batch_size}")
+
+
+def generate_from_config(cfg, where: str = "<config>") -> dict:
+    """``distillzoo generate``: validate, load the models the mode needs, answer, append to ``generate.out``."""
+    from .tokenizer import load_tokenizer
+    from .trainer import model_from_config
+
+    validate_generate(cfg, where)
+    g = cfg.generate
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    roles = {"chosen": "teacher", "rejected": "student"} if g.mode == "pairs" else {"responses": g.model}
+    models = {key: model_from_config(cfg[role], role).to(device).eval() for key, role in roles.items()}
+    data = cfg.data
+    tokenizer = load_tokenizer(data.tokenizer if data is not None else None)
+    system = data.system if data is not None else QWEN_DEFAULT_SYSTEM
+    return generate_file(models, tokenizer, g.prompts, g.format, g.out,
+                         Sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, cfg.seed),
+                         mode=g.mode, system=system, batch_size=g.batch_size, progress=g.progress)
