@@ -1,4 +1,5 @@
-"""The ``distillzoo`` command line: list, show, plugins, config, check, train, generate, prepare, reference-cache."""
+"""The ``distillzoo`` command line: list, show, plugins, config, check, train, generate, cache-teacher,
+prepare, reference-cache."""
 
 from __future__ import annotations
 
@@ -91,6 +92,35 @@ def _cmd_reference_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .causal_lm import load_causal_lm
+    from .shards import ConversationDataset, TokenShards
+    from .teacher_cache import write_teacher_cache
+    from .tokenizer import QWEN_DEFAULT_SYSTEM, load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    if len(args.data) == 1 and Path(args.data[0]).is_dir():
+        dataset, name = TokenShards(args.data[0]), args.data[0]
+    else:
+        if args.format is None:
+            print("distillzoo cache-teacher: error: --format is needed for JSONL data", file=sys.stderr)
+            return 2
+        dataset = ConversationDataset(args.data, args.format, tokenizer, max_length=args.max_length,
+                                      system=None if args.no_system else QWEN_DEFAULT_SYSTEM)
+        name = ",".join(args.data)
+    model = load_causal_lm(args.model, dtype=args.model_dtype, device=args.device)
+    cache = write_teacher_cache(args.out, model, dataset, k=args.k, temperature=args.temperature, dtype=args.dtype,
+                                teacher_name=args.model, tokenizer_name=tokenizer.name, pad_id=tokenizer.pad_id,
+                                data_name=name, batch_size=args.batch_size, shard_size=args.shard_size)
+    tokens = sum(int(s.offsets[-1]) for s in cache.shards)
+    size = sum(f.stat().st_size for f in Path(args.out).rglob("*.bin"))
+    print(f"cached the top-{args.k} of {args.model} for {len(cache)} samples, {tokens} response tokens, "
+          f"{size / max(tokens, 1):.0f} bytes per token, in {args.out}")
+    return 0
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from .shards import prepare_shards
     from .tokenizer import QWEN_DEFAULT_SYSTEM, load_tokenizer
@@ -170,6 +200,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-system", action="store_true", help="no default system message for conversations without one")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_cmd_prepare)
+    p = sub.add_parser("cache-teacher", help="run a teacher once over instruction data and store its top-k "
+                                             "log-probs per response token, keyed by sample id (resumable)")
+    p.add_argument("model", help="local transformers model directory")
+    p.add_argument("data", nargs="+", help="a distillzoo prepare directory, or JSONL file(s) with --format")
+    p.add_argument("--out", required=True, help="the cache directory (a rerun finishes an interrupted one)")
+    p.add_argument("--k", type=int, default=32, help="ids kept per token (default 32)")
+    p.add_argument("--temperature", type=float, default=1.0, help="the objective's temperature (default 1)")
+    p.add_argument("--dtype", default="bfloat16", help="log-prob storage: bfloat16 (default), float16, float32")
+    p.add_argument("--format", default=None, help="the data format of JSONL input (dolly, alpaca, chat, ...)")
+    p.add_argument("--tokenizer", default=None, help="local tokenizer directory (default: the embedded Qwen vocabulary)")
+    p.add_argument("--max-length", type=int, default=None, help="as in training (JSONL input)")
+    p.add_argument("--no-system", action="store_true", help="as data.system: null in training (JSONL input)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--shard-size", type=int, default=1024, help="samples per shard (the unit of resuming)")
+    p.add_argument("--model-dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default cpu)")
+    p.set_defaults(func=_cmd_cache_teacher)
     p = sub.add_parser("reference-cache", help="score preference data under a frozen reference/teacher model once, "
                                                "into a side file that dpo/dpkd training reads instead of the model")
     p.add_argument("model", help="local transformers model directory")

@@ -28,10 +28,15 @@ from .tokenizer import QWEN_DEFAULT_SYSTEM
 
 @dataclass
 class ModelConfig:
-    """A model: a local transformers directory (``path``) or a Qwen2 built from ``tiny`` (tiny_qwen2 kwargs)."""
+    """A model: a local transformers directory (``path``), a Qwen2 built from ``tiny`` (tiny_qwen2 kwargs), or
+    for the teacher, a top-k teacher ``cache``."""
 
     path: Optional[str] = None
     tiny: Optional[Dict[str, Any]] = None
+    #: teacher only: a ``distillzoo cache-teacher`` directory read instead of running a model
+    cache: Optional[str] = None
+    #: with ``cache``: the k the run expects (the manifest must agree)
+    top_k: Optional[int] = None
 
 
 @dataclass
@@ -74,6 +79,10 @@ class TrainConfig:
     precision: str = "auto"
     #: under torchrun: ddp (replicated student) or fsdp (FSDP2 fully_shard of student and teacher)
     parallel: str = "ddp"
+    #: GKD's lambda: the probability per step that the student samples the responses it is trained on
+    on_policy: float = 0.0
+    on_policy_max_new_tokens: int = 64
+    on_policy_temperature: float = 1.0
 
 
 @dataclass

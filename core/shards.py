@@ -6,6 +6,7 @@ chat, or any format a plugin registers that returns ``messages``)::
     tokens.bin      token ids of every example, concatenated (int32 by default)
     loss_mask.bin   uint8 per token: 1 where the loss is taken (assistant replies)
     index.npy       int64 offsets [examples + 1] into both files
+    ids.json        the sample id of each example (the record's "id", or a hash of its content)
     meta.json       dtype, vocab size, tokenizer, counts, sources, skipped records
 
 Qwen's ids exceed 65,535, so int32 is the default and uint16 is accepted only
@@ -45,7 +46,7 @@ def check_store_dtype(dtype: str, vocab_size: int, where: str = "dtype") -> np.d
 
 def tokenize_conversations(paths: Sequence[str | Path], format: str, tokenizer: ChatTokenizer,
                            max_length: int | None, system: str | None):
-    """``([(ids, loss_mask), ...], skipped file:line list)`` of instruction records, cut to max_length.
+    """``([(sample id, ids, loss_mask), ...], skipped file:line list)`` of instruction records, cut to max_length.
 
     A record left with no loss token (its prompt fills max_length) is skipped, with a warning.
     """
@@ -61,7 +62,7 @@ def tokenize_conversations(paths: Sequence[str | Path], format: str, tokenizer: 
             if not any(mask):
                 skipped.append(where)
                 continue
-            examples.append((ids, mask))
+            examples.append((str(fields["id"]), ids, mask))
     if skipped:
         warnings.warn(f"{len(skipped)} record(s) had no response token within max_length={max_length} and were "
                       f"skipped (first: {skipped[0]})", stacklevel=3)
@@ -83,8 +84,8 @@ def prepare_shards(paths: str | Path | Sequence[str | Path], out_dir: str | Path
         raise DataError(f"{out_dir} already exists; remove it or pass overwrite=True (--overwrite)")
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     examples, skipped = tokenize_conversations(paths, format, tokenizer, max_length, system)
-    tokens = [np.asarray(ids, dtype=np.int64) for ids, _ in examples]
-    masks = [np.asarray(mask, dtype=np.uint8) for _, mask in examples]
+    tokens = [np.asarray(ids, dtype=np.int64) for _, ids, _ in examples]
+    masks = [np.asarray(mask, dtype=np.uint8) for _, _, mask in examples]
     offsets = np.concatenate([[0], np.cumsum([len(t) for t in tokens], dtype=np.int64)])
     flat = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int64)
     if flat.size and (flat.min() < 0 or flat.max() >= tokenizer.vocab_size):
@@ -99,6 +100,7 @@ def prepare_shards(paths: str | Path | Sequence[str | Path], out_dir: str | Path
         flat.astype(store).tofile(tmp / "tokens.bin")
         (np.concatenate(masks) if masks else np.zeros(0, np.uint8)).tofile(tmp / "loss_mask.bin")
         np.save(tmp / "index.npy", np.asarray(offsets, dtype=np.int64))
+        (tmp / "ids.json").write_text(json.dumps([i for i, _, _ in examples], ensure_ascii=False), encoding="utf-8")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     write_dir_atomically(out_dir, write)
@@ -123,6 +125,8 @@ class TokenShards(torch.utils.data.Dataset):
             np.zeros(0, store)
         self.loss_mask = np.memmap(self.path / "loss_mask.bin", dtype=np.uint8, mode="r", shape=(n_tokens,)) if n_tokens \
             else np.zeros(0, np.uint8)
+        ids_path = self.path / "ids.json"  # sample ids (keys of a teacher cache); older directories have none
+        self.ids = json.loads(ids_path.read_text(encoding="utf-8")) if ids_path.is_file() else None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -131,8 +135,11 @@ class TokenShards(torch.utils.data.Dataset):
         if not 0 <= i < len(self):
             raise IndexError(f"example {i} of {len(self)} in {self.path}")
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return {"input_ids": torch.from_numpy(self.tokens[a:b].astype(np.int32)),
+        item = {"input_ids": torch.from_numpy(self.tokens[a:b].astype(np.int32)),
                 "loss_mask": torch.from_numpy(self.loss_mask[a:b].astype(bool))}
+        if self.ids is not None:
+            item["id"] = self.ids[i]
+        return item
 
 
 def collate_sft(examples: Sequence[dict], pad_id: int) -> dict:
@@ -157,12 +164,12 @@ class ConversationDataset(torch.utils.data.Dataset):
                  *, max_length: int | None = None, system: str | None = QWEN_DEFAULT_SYSTEM) -> None:
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         examples, self.skipped = tokenize_conversations(paths, format, tokenizer or load_tokenizer(), max_length, system)
-        self.examples = [(torch.tensor(ids, dtype=torch.int32), torch.tensor(mask, dtype=torch.bool))
-                         for ids, mask in examples]
+        self.examples = [(sample_id, torch.tensor(ids, dtype=torch.int32), torch.tensor(mask, dtype=torch.bool))
+                         for sample_id, ids, mask in examples]
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> dict:
-        ids, mask = self.examples[i]
-        return {"input_ids": ids, "loss_mask": mask}
+        sample_id, ids, mask = self.examples[i]
+        return {"id": sample_id, "input_ids": ids, "loss_mask": mask}

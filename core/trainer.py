@@ -43,7 +43,7 @@ from .atomic import write_dir_atomically, write_text_atomically
 from .causal_lm import final_hidden, lm_head_weight, load_causal_lm, tiny_qwen2
 from .config import build_objective, objective_terms
 from .data import IGNORE_INDEX, data_format
-from .errors import ConfigError, DistillzooError
+from .errors import ConfigError, DataError, DistillzooError
 from .manager import objective as make_objective
 from .shards import ConversationDataset, TokenShards, collate_sft
 from .streams import MixedStreams, Stream
@@ -66,9 +66,28 @@ def validate(cfg: DictConfig, where: str = "<config>") -> None:
                               "distillzoo train runs logit-level objectives (use preference_step for dpo/simpo/dpkd)")
     if cfg.student is None or (cfg.student.path is None) == (cfg.student.tiny is None):
         raise ConfigError(f"{where}: student: give exactly one of student.path (a local model directory) or student.tiny")
-    needs_teacher = build_objective(cfg).needs_teacher
-    if needs_teacher and (cfg.teacher is None or (cfg.teacher.path is None) == (cfg.teacher.tiny is None)):
-        raise ConfigError(f"{where}: teacher: the objective needs a teacher; give teacher.path or teacher.tiny")
+    t = cfg.train
+    if not 0 <= t.on_policy <= 1:
+        raise ConfigError(f"{where}: train.on_policy: {t.on_policy} is not a probability in [0, 1]")
+    if t.on_policy:
+        if cfg.teacher is not None and cfg.teacher.cache is not None:
+            raise ConfigError(f"{where}: train.on_policy: a teacher cache covers the data's responses only; the "
+                              "student's own samples need a live teacher (teacher.path or teacher.tiny)")
+        if t.parallel == "fsdp":
+            raise ConfigError(f"{where}: train.on_policy: sampling from an FSDP2-sharded student is not supported "
+                              "yet; use train.parallel=ddp")
+        try:
+            _on_policy_sampling(t, cfg.seed, 0)
+        except DistillzooError as e:
+            raise ConfigError(f"{where}: train.on_policy_*: {e}") from None
+    objective = build_objective(cfg)
+    teacher = cfg.teacher
+    sources = [] if teacher is None else [key for key in ("path", "tiny", "cache") if teacher[key] is not None]
+    if objective.needs_teacher and len(sources) != 1:
+        raise ConfigError(f"{where}: teacher: the objective needs a teacher; give one of teacher.path, teacher.tiny "
+                          f"or teacher.cache{f' (got {sources})' if sources else ''}")
+    if teacher is not None and teacher.cache is not None:
+        _check_cache(cfg, objective, where)
     if cfg.data is None or not cfg.data.streams:
         raise ConfigError(f"{where}: data.streams: give at least one stream {{name, path, format, repeat|weight}}")
     streams = list(enumerate(cfg.data.streams)) + ([("eval", cfg.data.eval)] if cfg.data.eval is not None else [])
@@ -122,6 +141,30 @@ def model_from_config(mcfg, what: str):
 
 def _given(mcfg) -> bool:
     return mcfg is not None and (mcfg.path is not None or mcfg.tiny is not None)
+
+
+def _check_cache(cfg, objective, where: str):
+    """The teacher cache, refused unless its manifest agrees with the config (k, tokenizer, temperature)."""
+    from .base import Mixture
+    from .teacher_cache import TeacherCache
+    from .tokenizer import load_tokenizer
+
+    try:
+        cache = TeacherCache(cfg.teacher.cache)
+    except DistillzooError as e:
+        raise ConfigError(f"{where}: teacher.cache: {e}") from None
+    terms = objective.terms if isinstance(objective, Mixture) else [objective]
+    dense_only = [t.name for t in terms if t.needs_teacher and not t.accepts_sparse_teacher]
+    if dense_only:
+        raise ConfigError(f"{where}: teacher.cache: {', '.join(dense_only)} cannot take a top-k (sparse) teacher; a "
+                          "cache works with the objectives that accept one (fkl, rkl, jsd, skl, srkl, tvd)")
+    temperatures = {float(t.temperature) for t in terms if getattr(t, "needs_teacher", False)}
+    if len(temperatures) > 1:
+        raise ConfigError(f"{where}: objectives: a teacher cache holds one temperature; the terms use {sorted(temperatures)}")
+    tokenizer = load_tokenizer(cfg.data.tokenizer if cfg.data is not None else None).name
+    cache.check(f"{where}: teacher.cache", k=cfg.teacher.top_k, tokenizer=tokenizer,
+                temperature=temperatures.pop() if temperatures else None)
+    return cache
 
 
 def lr_at(step: int, t) -> float:
@@ -193,9 +236,12 @@ def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
 
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
     student = model_from_config(cfg.student, "student").to(device).train()
-    teacher = None
+    teacher = cache = None
     objective = _sum_objective(cfg)
-    if objective.needs_teacher or (eval_set is not None and _given(cfg.teacher)):  # eval reports the KL too
+    if cfg.teacher is not None and cfg.teacher.cache is not None:
+        cache = _check_cache(cfg, objective, where)
+        cache.check(f"{where}: teacher.cache", vocab_size=lm_head_weight(student).shape[0])
+    elif objective.needs_teacher or (eval_set is not None and _given(cfg.teacher)):  # eval reports the KL too
         teacher = model_from_config(cfg.teacher, "teacher").to(device).eval().requires_grad_(False)
     step_of = _Step(student, teacher, objective, bf16)
     fsdp = distributed and t.parallel == "fsdp"
@@ -231,15 +277,20 @@ def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
         started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, t)
-        batches = [{k: v.to(device) for k, v in collate_sft(chunk, tokenizer.pad_id).items()}
-                   for chunk in _chunks(streams.take(per_rank), micro)]
+        examples = streams.take(per_rank)
+        if t.on_policy and _on_policy_step(cfg.seed, step, t.on_policy):
+            examples = student_samples(student, tokenizer, examples, _on_policy_sampling(t, cfg.seed, step))
+        chunks = _chunks(examples, micro)
+        batches = [{k: v.to(device) for k, v in collate_sft(chunk, tokenizer.pad_id).items()} for chunk in chunks]
         n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         n_global = _all_reduce(torch.tensor(float(n_local)), distributed)
         loss_sum = torch.zeros((), dtype=torch.float64)
         for i, b in enumerate(batches):
             last = i == len(batches) - 1
             with _gradient_sync(step_of, last, distributed):
-                part = step_of(b["input_ids"], b["attention_mask"], b["labels"][:, 1:])
+                targets = b["labels"][:, 1:]
+                sparse = None if cache is None else cache.sparse_teacher(_sample_ids(chunks[i], where), targets)
+                part = step_of(b["input_ids"], b["attention_mask"], targets, sparse=sparse)
                 (part * (world / max(float(n_global), 1.0))).backward()
             loss_sum += part.detach().double().cpu()
         norm = _full(torch.nn.utils.clip_grad_norm_(student.parameters(), t.max_grad_norm or float("inf")))
@@ -295,11 +346,14 @@ class _Step(torch.nn.Module):
     def _cast(self, x):
         return x.to(torch.bfloat16) if self.bf16 else x
 
-    def forward(self, input_ids, attention_mask, targets, evaluate: bool = False):
+    def forward(self, input_ids, attention_mask, targets, evaluate: bool = False, sparse=None):
+        """``sparse``: a SparseTeacher from a teacher cache, used in place of the teacher model."""
         hs = self._cast(self._hidden(self.student, input_ids, attention_mask))
         ws = self._cast(lm_head_weight(self.student))
         ht = wt = None
-        if self.teacher is not None and (evaluate or self.objective.needs_teacher):
+        if sparse is not None:
+            ht = sparse
+        elif self.teacher is not None and (evaluate or self.objective.needs_teacher):
             with torch.no_grad():
                 ht = self._cast(self._hidden(self.teacher, input_ids, attention_mask))
                 wt = self._cast(lm_head_weight(self.teacher))
@@ -415,6 +469,55 @@ def _save_checkpoint(output_dir: Path, step: int, student, optimizer, streams, d
             shutil.rmtree(old, ignore_errors=True)  # keep the two newest
     if distributed:
         torch.distributed.barrier()
+
+
+def _on_policy_step(seed: int, step: int, probability: float) -> bool:
+    """Whether step ``step`` trains on student samples: the same on every rank, and after a resume."""
+    from .generation import sample_seed
+
+    return torch.rand((), generator=torch.Generator().manual_seed(sample_seed(seed, f"on-policy:{step}"))) < probability
+
+
+def _on_policy_sampling(t, seed: int, step: int):
+    from .generation import Sampling
+
+    return Sampling(t.on_policy_max_new_tokens, t.on_policy_temperature, seed=seed * 1_000_003 + step)
+
+
+@torch.no_grad()
+def student_samples(student, tokenizer, examples: list[dict], sampling) -> list[dict]:
+    """The examples with their last scored reply replaced by the student's own sample (GKD's on-policy data).
+
+    The prompt is everything before the last run of loss tokens; the sample is
+    scored, with ``<|im_end|>`` when the student produced it. Each example samples
+    from a generator seeded by the step's seed and its sample id (or position).
+    """
+    from .generation import decode
+
+    prompts = []
+    for ex in examples:
+        mask = ex["loss_mask"].tolist()
+        last = len(mask) - 1 - mask[::-1].index(True)
+        start = last
+        while start > 0 and mask[start - 1]:
+            start -= 1
+        prompts.append(ex["input_ids"][:start].tolist())
+    ids = [str(ex.get("id", i)) for i, ex in enumerate(examples)]
+    answers = decode(student, tokenizer, prompts, sampling, ids=ids, batch_size=len(examples))
+    out = []
+    for ex, prompt, (answer, finish) in zip(examples, prompts, answers):
+        reply = answer + ([tokenizer.im_end_id] if finish == "stop" else [])  # never empty: max_new_tokens >= 1
+        out.append({**ex, "input_ids": torch.tensor(prompt + reply, dtype=torch.int32),
+                    "loss_mask": torch.tensor([False] * len(prompt) + [True] * len(reply))})
+    return out
+
+
+def _sample_ids(examples, where: str) -> list:
+    ids = [ex.get("id") for ex in examples]
+    if any(i is None for i in ids):
+        raise DataError(f"{where}: teacher.cache: an example has no sample id (a data directory from an older "
+                        "distillzoo prepare? prepare it again); the cache is read by id")
+    return ids
 
 
 def _chunks(items, size):

@@ -8,7 +8,7 @@ import torch
 import distillzoo as dz
 from helpers import write_jsonl
 from distillzoo.cli import main
-from distillzoo.data import IGNORE_INDEX
+from distillzoo.data import IGNORE_INDEX, data_format
 from distillzoo.shards import TokenShards, collate_sft, prepare_shards
 
 IM_START, IM_END = 151644, 151645
@@ -107,3 +107,15 @@ def test_examples_without_a_response_token_are_skipped_and_listed(tmp_path, tok)
         shards = prepare_shards(source, tmp_path / "s", format="chat", tokenizer=tok, max_length=60)
     assert len(shards) == 1 and shards.meta["skipped"] == [f"{source}:2"]
     assert len(shards[0]["input_ids"]) <= 60
+
+
+def test_prepared_examples_carry_their_sample_ids(tmp_path, tok):
+    """ids.json keys a teacher cache: the record's id, or a hash of its content that a rerun reproduces."""
+    source = write_jsonl(tmp_path / "chat.jsonl", [{"id": 7, **CHAT}, CHAT])
+    shards = prepare_shards(source, tmp_path / "a", format="chat", tokenizer=tok)
+    again = prepare_shards(source, tmp_path / "b", format="chat", tokenizer=tok)
+    assert shards[0]["id"] == "7"
+    assert len(shards[1]["id"]) == 16 and shards[1]["id"] == again[1]["id"]
+    assert shards[1]["id"] == data_format("chat")(CHAT)["id"]
+    os.remove(tmp_path / "a" / "ids.json")  # a directory from before ids were stored reads, without ids
+    assert "id" not in TokenShards(tmp_path / "a")[0]

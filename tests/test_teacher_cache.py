@@ -1,0 +1,185 @@
+"""The offline top-k teacher cache: exact top-k and tail, training by sample id, refusals, resuming."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import distillzoo as dz
+import distillzoo.teacher_cache as tc
+from distillzoo.causal_lm import load_causal_lm, tiny_qwen2
+from distillzoo.shards import ConversationDataset
+from distillzoo.teacher_cache import TeacherCache, teacher_topk, write_teacher_cache
+from distillzoo.trainer import train
+from helpers import write_jsonl
+
+V = 151_936
+
+
+def records():
+    return [{"id": f"s{a}-{b}", "messages": [{"role": "user", "content": f"{a} + {b} = ?"},
+                                             {"role": "assistant", "content": str(a + b)}]}
+            for a in range(4) for b in range(3)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A peaked tiny teacher saved as a model directory, and the data in file order and reversed."""
+    root = tmp_path_factory.mktemp("cache")
+    teacher = tiny_qwen2(hidden_size=48, num_layers=1, seed=1, tie_word_embeddings=True)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(30)  # tied: the embedding too; a peaked teacher, as a trained one is
+    teacher.save_pretrained(root / "teacher")
+    data = write_jsonl(root / "train.jsonl", records())
+    reversed_data = write_jsonl(root / "reversed.jsonl", records()[::-1])
+    return root, data, reversed_data
+
+
+def cache_of(root, data_path, tok, k, dtype="float32", name="c", **kwargs):
+    teacher = load_causal_lm(str(root / "teacher"))
+    dataset = ConversationDataset(data_path, "chat", tok, system=None)
+    return write_teacher_cache(root / name, teacher, dataset, k=k, dtype=dtype, teacher_name="t",
+                               tokenizer_name=tok.name, pad_id=tok.pad_id, progress=False, **kwargs)
+
+
+def test_top_k_and_tail_are_those_of_the_full_softmax():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(5, 16), torch.randn(1000, 16)
+    ids, logprobs, tail = teacher_topk(hidden, weight, k=7, temperature=2.0, chunk_rows=2)
+    full = torch.log_softmax((hidden.double() @ weight.double().T) / 2.0, -1)
+    want = full.topk(7, dim=-1)
+    assert torch.equal(ids.long(), want.indices) and ids.dtype == torch.int32
+    torch.testing.assert_close(logprobs.double(), want.values, rtol=0, atol=1e-5)
+    torch.testing.assert_close(tail.double(), torch.log1p(-want.values.exp().sum(-1)), rtol=0, atol=1e-5)
+    assert teacher_topk(hidden, weight, k=1000)[2].isneginf().all()  # k = V: no tail
+
+
+def config(root, **teacher):
+    return {
+        "objective": {"name": "fkl"}, "seed": 0,
+        "student": {"tiny": {"hidden_size": 32, "num_layers": 1, "seed": 0}},
+        "teacher": teacher,
+        "data": {"streams": [{"name": "arith", "path": str(root / "train.jsonl"), "format": "chat", "repeat": 2}],
+                 "system": None, "max_length": 64},
+        "train": {"steps": 4, "batch_size": 4, "lr": 1e-2, "log_every": 1, "progress": False},
+        "output_dir": str(root / f"run-{len(list(root.glob('run-*')))}"), "resume": "never",
+    }
+
+
+def losses(result):
+    return [json.loads(line)["loss"] for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(result):
+    return load_file(result.output_dir / "final" / "model.safetensors")
+
+
+def test_training_from_a_full_vocab_cache_equals_training_with_the_live_teacher(setup, tok):
+    """k = V: the sparse teacher is the dense one. The cache is built from the data in reversed order and the
+    stream shuffles it again: only reading by sample id lines the teacher up with each example."""
+    root, _, reversed_data = setup
+    cache_of(root, reversed_data, tok, k=V, name="full")
+    live = train(dz.load_config(config(root, path=str(root / "teacher"))))
+    cached = train(dz.load_config(config(root, cache=str(root / "full"), top_k=V)))
+    assert losses(cached) == pytest.approx(losses(live), rel=1e-5)
+    a, b = weights(live), weights(cached)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+
+
+def test_a_top_32_bf16_cache_is_close_to_the_live_teacher(setup, tok):
+    root, data, _ = setup
+    cache = cache_of(root, data, tok, k=32, dtype="bfloat16", name="k32")
+    tokens = sum(int(s.offsets[-1]) for s in cache.shards)
+    assert sum(f.stat().st_size for f in (root / "k32").rglob("*.bin")) == tokens * (32 * (4 + 2) + 4)
+    live = losses(train(dz.load_config(config(root, path=str(root / "teacher")))))
+    cached = losses(train(dz.load_config(config(root, cache=str(root / "k32")))))
+    # measured: within 5e-4 (the peaked teacher keeps nearly all its mass in the top 32; bf16 log-probs round)
+    assert cached == pytest.approx(live, rel=2e-3)
+    print(f"k=32 bf16 vs live teacher, per-step loss: {cached} vs {live}")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["teacher"].update(top_k=8), r"teacher.cache: teacher cache .* does not match: k: 32 in the cache, 8"),
+    (lambda c: c.update(objective={"name": "fkl", "temperature": 2.0}), r"temperature: 1.0 in the cache, 2.0 in this run"),
+    (lambda c: c.update(objective={"name": "dpkd_token"}), r"dpkd_token.*cannot take a top-k \(sparse\) teacher"),
+])
+def test_a_cache_that_disagrees_with_the_config_is_refused_before_any_model_loads(setup, tok, monkeypatch, change,
+                                                                                   message):
+    import distillzoo.trainer as trainer
+
+    root, data, _ = setup
+    if not (root / "k32b").exists():
+        cache_of(root, data, tok, k=32, dtype="bfloat16", name="k32b")
+    monkeypatch.setattr(trainer, "tiny_qwen2", lambda **kw: (_ for _ in ()).throw(AssertionError("model built")))
+    raw = config(root, cache=str(root / "k32b"), top_k=32)
+    change(raw)
+    with pytest.raises(dz.ConfigError, match=message):
+        train(dz.load_config(raw), where="run.yaml")
+
+
+def test_another_tokenizer_s_cache_is_refused(setup, tok):
+    root, data, _ = setup
+    shutil.copytree(root / "k32", root / "other-tok") if (root / "k32").exists() else cache_of(
+        root, data, tok, k=32, name="other-tok")
+    manifest = json.loads((root / "other-tok" / "manifest.json").read_text())
+    manifest["tokenizer"] = "some/other-tokenizer"
+    (root / "other-tok" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(dz.ConfigError, match=r"tokenizer: 'some/other-tokenizer' in the cache, 'qwen"):
+        train(dz.load_config(config(root, cache=str(root / "other-tok"))))
+
+
+def test_a_truncated_shard_is_refused_naming_the_file(setup, tok, tmp_path):
+    root, data, _ = setup
+    cache_of(root, data, tok, k=8, name="trunc", shard_size=5)
+    victim = root / "trunc" / "shard-00001" / "logprobs.bin"
+    victim.write_bytes(victim.read_bytes()[:-6])
+    with pytest.raises(dz.DataError, match=r"shard-00001/logprobs.bin is [\d,]+ bytes; [\d,]+ expected .* truncated"):
+        TeacherCache(root / "trunc")
+    with pytest.raises(dz.ConfigError, match=r"teacher.cache: .*shard-00001/logprobs.bin"):
+        train(dz.load_config(config(root, cache=str(root / "trunc"))))
+
+
+def test_an_interrupted_cache_run_resumes_to_the_same_files(setup, tok, monkeypatch):
+    root, data, _ = setup
+    straight = cache_of(root, data, tok, k=8, name="straight", shard_size=4, batch_size=2)
+    real, calls = tc.teacher_topk, []
+
+    def dies_in_the_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # two batches per shard: the second shard's first batch
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tc, "teacher_topk", dies_in_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        cache_of(root, data, tok, k=8, name="killed", shard_size=4, batch_size=2)
+    monkeypatch.setattr(tc, "teacher_topk", real)
+    assert sorted(p.name for p in (root / "killed").iterdir()) == ["manifest.json", "shard-00000"]
+    with pytest.raises(dz.DataError, match=r"4 of 12 samples cached; the run was interrupted"):
+        TeacherCache(root / "killed")
+    with pytest.raises(dz.DataError, match=r"built differently \(k: 8 there, 16 now\)"):
+        cache_of(root, data, tok, k=16, name="killed", shard_size=4, batch_size=2)
+    resumed = cache_of(root, data, tok, k=8, name="killed", shard_size=4, batch_size=2)
+    assert len(resumed) == len(straight) == 12
+    for f in sorted((root / "straight").rglob("*")):
+        if f.is_file():
+            assert (root / "killed" / f.relative_to(root / "straight")).read_bytes() == f.read_bytes(), f
+
+
+def test_the_cli_reports_bytes_per_token(setup, tok, capsys):
+    from distillzoo.cli import main
+
+    root, data, _ = setup
+    out = root / "cli"
+    assert main(["cache-teacher", str(root / "teacher"), str(data), "--format", "chat", "--no-system", "--k", "8",
+                 "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    tokens = sum(int(s.offsets[-1]) for s in TeacherCache(out).shards)
+    assert f"for 12 samples, {tokens} response tokens, {8 * 6 + 4} bytes per token" in said
+    ids, logprobs, tail = TeacherCache(out).get("s3-2")
+    assert ids.shape == (2, 8) and logprobs.dtype == torch.float32  # "5" and <|im_end|>
+    assert math.isclose(float(torch.logsumexp(torch.cat([logprobs[0], tail[:1]]), 0)), 0.0, abs_tol=1e-2)
