@@ -35,11 +35,14 @@ from .causal_lm import SequenceLogps, sequence_logps
 from .data import PreferenceBatch, PreferenceDataset, collate_preference
 from .preference import PreferenceObjective, PreferenceStep, preference_step
 from .reference_cache import ReferenceCache, write_reference_cache
+from .scoring import ScoreBatch, Scorer
 from .tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ScoreBatch",
+    "Scorer",
     "ConfigError",
     "DataError",
     "DEFAULT_PLUGINS",

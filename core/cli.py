@@ -1,5 +1,5 @@
 """The ``distillzoo`` command line: list, show, plugins, config, check, train, generate, cache-teacher,
-prepare, reference-cache."""
+score, filter, prepare, reference-cache."""
 
 from __future__ import annotations
 
@@ -159,6 +159,30 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .scoring import score_from_config
+
+    cfg = load_config(args.config, args.overrides)
+    scores = score_from_config(cfg, where=args.config)
+    values = sorted(scores.values())
+    middle = values[len(values) // 2] if values else float("nan")
+    print(f"scored {len(scores)} samples with {cfg.score.scorer['name']} into {cfg.score.out} "
+          f"(min {values[0] if values else float('nan'):.4g}, median {middle:.4g}, "
+          f"max {values[-1] if values else float('nan'):.4g})")
+    return 0
+
+
+def _cmd_filter(args: argparse.Namespace) -> int:
+    from .scoring import filter_records, read_scores
+
+    result = filter_records(args.data, args.format, read_scores(args.scores), args.out, threshold=args.threshold,
+                            quantile=args.quantile, report=args.report)
+    print(f"kept {result['kept']} of {result['kept'] + result['dropped']} records (score >= {result['cut']:.4g}) "
+          f"in {args.out}" + (f"; dropped ones listed in {args.report}" if args.report else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distillzoo",
@@ -190,6 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_generate)
+    p = sub.add_parser("score", help="rate each sample with a scorer (mfd, judge, or a plugin's) as the config's "
+                                     "score section says; writes {id, score} JSONL")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_score)
+    p = sub.add_parser("filter", help="keep the records whose score passes a threshold or quantile")
+    p.add_argument("data", help="the JSONL the scores were computed on")
+    p.add_argument("--format", required=True, help="its data format (gives each record's sample id)")
+    p.add_argument("--scores", required=True, help="distillzoo score's output")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--threshold", type=float, help="keep records scoring at least this")
+    group.add_argument("--quantile", type=float, help="keep records scoring at least this quantile of the scores "
+                                                      "(0.75: the top quarter)")
+    p.add_argument("--out", required=True, help="the filtered JSONL (records verbatim, written atomically)")
+    p.add_argument("--report", default=None, help="a JSON report: counts, cut, and every dropped id with its score")
+    p.set_defaults(func=_cmd_filter)
     p = sub.add_parser("prepare", help="tokenize instruction JSONL (dolly, alpaca, chat) into an int32 shard directory")
     p.add_argument("data", nargs="+", help="JSONL file(s)")
     p.add_argument("--format", required=True, help="a registered data format: dolly, alpaca, chat, ...")

@@ -14,6 +14,7 @@ and line (or the override) that caused them, the valid choices and a "did you me
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -104,6 +105,19 @@ class GenerateConfig:
 
 
 @dataclass
+class ScoreConfig:
+    """``distillzoo score``: which scorer rates which samples, and where the scores go."""
+
+    data: Optional[str] = None
+    format: str = "chat"
+    out: Optional[str] = None
+    #: {name: mfd, ...params}: a scorer registered through the register_scorers hook
+    scorer: Optional[Dict[str, Any]] = None
+    batch_size: int = 8
+    progress: bool = True
+
+
+@dataclass
 class DistillConfig:
     """The schema every config is merged into (struct mode: unknown keys fail)."""
 
@@ -117,6 +131,7 @@ class DistillConfig:
     output_dir: Optional[str] = None
     resume: str = "auto"
     generate: Optional[GenerateConfig] = None
+    score: Optional[ScoreConfig] = None
 
 
 @dataclass(frozen=True)
@@ -196,10 +211,27 @@ def load_config(source: str | Path | dict, overrides: Sequence[str] = ()) -> Dic
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r} is not of the form key=value")
+        key, _, value = override.partition("=")
+        if re.search(r"\[\d+\]|\.\d+(\.|$)", key):  # into a list item: data.streams[0].path or data.streams.0.path
+            cfg = _update_item(cfg, key.strip(), value, f"override {override!r}")
+            continue
         cfg = _merge(cfg, OmegaConf.from_dotlist([override]), lambda key: f"override {override!r}")
     OmegaConf.set_struct(cfg, True)
-    if cfg.generate is None or cfg.objective is not None or cfg.objectives is not None:
-        objective_terms(cfg, locate)  # a config for distillzoo generate alone needs no objective
+    if (cfg.generate is None and cfg.score is None) or cfg.objective is not None or cfg.objectives is not None:
+        objective_terms(cfg, locate)  # a config for distillzoo generate or score alone needs no objective
+    return cfg
+
+
+def _update_item(cfg: DictConfig, key: str, value: str, where: str) -> DictConfig:
+    """``key=value`` where the key goes through a list index (OmegaConf.merge would replace the whole list)."""
+    try:
+        parsed = OmegaConf.from_dotlist([f"value={value}"]).value
+        cfg = cfg.copy()
+        OmegaConf.set_struct(cfg, True)
+        OmegaConf.update(cfg, key, parsed, merge=True)
+    except (OmegaConfBaseException, IndexError, TypeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{where}: {key}: {reason}") from None
     return cfg
 
 
@@ -216,6 +248,8 @@ def _merge(base: DictConfig, update: DictConfig, locate: Callable[[str], str]) -
             f"{locate(key)}: unknown config key {key!r}. Valid keys"
             f"{' under ' + repr(parent) if parent else ''}: {', '.join(valid)}." + did_you_mean(leaf, valid)
         ) from None
+    except TypeError as e:  # e.g. a mapping where the schema has a list
+        raise ConfigError(f"{locate('')}: {e}") from None
     except OmegaConfBaseException as e:
         key = str(getattr(e, "full_key", "") or "")
         reason = str(e).splitlines()[0]  # omegaconf appends full_key/object_type lines

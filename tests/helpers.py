@@ -110,3 +110,8 @@ def write_jsonl(path, records):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records),
                     encoding="utf-8")
     return path
+
+
+def answer_length_judge(prompt_messages, response):
+    """A stand-in LLM judge for tests: the reply's length in characters."""
+    return float(len(response))

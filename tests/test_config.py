@@ -50,7 +50,7 @@ def test_unknown_top_level_key_names_file_line_and_suggests(tmp_path):
     path = write(tmp_path, "objective: {name: fkl}\nsede: 3\n")
     with pytest.raises(dz.ConfigError) as err:
         dz.load_config(path)
-    assert str(err.value) == f"{path}:2: unknown config key 'sede'. Valid keys: objective, objectives, seed, student, teacher, data, train, output_dir, resume, generate. Did you mean 'seed'?"
+    assert str(err.value) == f"{path}:2: unknown config key 'sede'. Valid keys: objective, objectives, seed, student, teacher, data, train, output_dir, resume, generate, score. Did you mean 'seed'?"
 
 
 def test_unknown_key_in_an_override_names_the_override(tmp_path):
@@ -127,3 +127,15 @@ def test_starter_config_round_trips_to_the_same_objective(tmp_path, name):
     assert type(loss_fn) is spec.cls
     for pname, p in spec.params.items():
         assert getattr(loss_fn, pname) == p.default
+
+
+def test_overrides_reach_into_list_items_and_name_the_override_when_wrong():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = dz.load_config(root / "configs" / "quickstart.yaml", ["data.streams.0.path=other.jsonl",
+                                                             "data.streams[0].repeat=3"])
+    assert cfg.data.streams[0].path == "other.jsonl" and cfg.data.streams[0].repeat == 3.0
+    assert cfg.data.streams[0].name == "tasks"  # the rest of the item is kept
+    with pytest.raises(dz.ConfigError, match=r"override 'data.streams\[0\].pathz=1': .*Key 'pathz' not in 'StreamConfig'"):
+        dz.load_config(root / "configs" / "quickstart.yaml", ["data.streams[0].pathz=1"])

@@ -1,5 +1,6 @@
 """The example plugin package, installed into a throwaway directory, is found through its entry point."""
 
+import json
 import math
 import os
 import subprocess
@@ -57,3 +58,43 @@ def test_its_own_conformance_tests_pass(installed, tmp_path):
     out = run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(EXAMPLE),
                "-c", str(EXAMPLE / "pyproject.toml"), str(EXAMPLE / "tests")], tmp_path, installed)
     assert "11 passed" in out
+
+
+@pytest.mark.slow
+def test_its_scorer_is_chosen_by_name_like_the_built_ins(installed, tmp_path):
+    """The package also registers a data-selection scorer; distillzoo score uses it from outside."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import json, sys, torch\n"
+        "from distillzoo.manager import components\n"
+        "from distillzoo.causal_lm import tiny_qwen2\n"
+        "from distillzoo.scoring import make_scorer, score_samples\n"
+        "from distillzoo.shards import ConversationDataset\n"
+        "from distillzoo.tokenizer import load_tokenizer\n"
+        "tok = load_tokenizer()\n"
+        "teacher = tiny_qwen2(hidden_size=48, num_layers=1, seed=1).eval()\n"
+        "student = tiny_qwen2(hidden_size=32, num_layers=1, seed=2).eval()\n"
+        "with torch.no_grad():\n"
+        "    teacher.lm_head.weight.mul_(20)\n"
+        "data = sys.argv[1]\n"
+        "got = score_samples(make_scorer({'name': 'renyi_gap', 'alpha': 0.5}), data, 'chat', tok, teacher=teacher,\n"
+        "                    student=student, system=None)\n"
+        "want = {}\n"
+        "for item in ConversationDataset(data, 'chat', tok, system=None):\n"
+        "    ids, mask = item['input_ids'].long()[None], item['loss_mask'][1:]\n"
+        "    with torch.no_grad():\n"
+        "        lp = torch.log_softmax(teacher(input_ids=ids).logits[0, :-1].double(), -1)[mask]\n"
+        "        lq = torch.log_softmax(student(input_ids=ids).logits[0, :-1].double(), -1)[mask]\n"
+        "    want[item['id']] = float((torch.logsumexp(0.5 * lp + 0.5 * lq, -1) / (0.5 - 1)).mean())\n"
+        "print(components('scorers')['renyi_gap'].package)\n"
+        "print(json.dumps([got, want]))\n")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": f"r{i}", "messages": [
+        {"role": "user", "content": f"{i} + {i} = ?"}, {"role": "assistant", "content": str(2 * i)}]}) + "\n"
+        for i in range(4)))
+    package, values = run([str(probe), str(data)], tmp_path, installed).splitlines()
+    got, want = json.loads(values)
+    assert package == "distillzoo-renyi"
+    assert got.keys() == want.keys() and len(got) == 4
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-4)

@@ -1,4 +1,5 @@
-"""Renyi divergence of order alpha between teacher p and student q, as a distillzoo plugin.
+"""Renyi divergence of order alpha between teacher p and student q, as a distillzoo plugin
+(an objective, and a data-selection scorer built on it).
 
 D_alpha(p || q) = 1 / (alpha - 1) * log sum_v p_v^alpha q_v^(1 - alpha),  0 < alpha < 1.
 
@@ -43,3 +44,24 @@ CATALOGUE_ENTRY = {
 @dz.hookimpl
 def register_objectives(register):
     register(Renyi, entry=CATALOGUE_ENTRY)
+
+
+class RenyiGap(dz.Scorer):
+    """A data-selection scorer: each sample's mean Renyi divergence (teacher || student) over its response."""
+
+    name = "renyi_gap"
+    needs = ("teacher", "student")
+
+    def __init__(self, alpha: float = 0.5):
+        self.divergence = Renyi(alpha=alpha, reduction="none")
+
+    def score(self, batch):
+        hs, ws = self.head("student", batch)
+        ht, wt = self.head("teacher", batch)
+        with torch.no_grad():
+            return batch.per_sample_mean(self.divergence.from_hidden(hs, ws, ht, wt, batch.targets))
+
+
+@dz.hookimpl
+def register_scorers(register):
+    register("renyi_gap", RenyiGap, summary="mean Renyi divergence of order alpha per response token")

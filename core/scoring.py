@@ -1,0 +1,236 @@
+"""Data selection: scorers rate each sample (higher = more worth distilling), ``filter`` keeps the best.
+
+A scorer is a :class:`Scorer` subclass registered through the ``register_scorers``
+hook and chosen by name in a config's ``score`` section::
+
+    score:
+      data: data/train.jsonl
+      format: chat
+      out: runs/scores.jsonl
+      scorer: {name: mfd, metric: nll_gap}
+
+``distillzoo score`` writes ``{"id", "score"}`` per sample; ``distillzoo filter``
+keeps the records whose score passes a threshold or a quantile and reports the
+ones it dropped. Built in (plugins/scorers.py): ``mfd``, the teacher–student
+fitting gap, and ``judge``, an offline LLM-judge interface (any callable).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .atomic import write_text_atomically
+from .causal_lm import final_hidden, lm_head_weight
+from .data import IGNORE_INDEX, read_jsonl, read_records
+from .errors import ConfigError, DataError, DistillzooError, UnknownNameError, did_you_mean
+
+
+@dataclass
+class ScoreBatch:
+    """What a scorer sees: the samples' ids and conversations, the tokenized batch and the models."""
+
+    ids: list[str]
+    messages: list[list[dict]]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    teacher: object = None
+    student: object = None
+    tokenizer: object = None
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """``[B, T-1]``: the token each position predicts, IGNORE_INDEX off the responses."""
+        return self.labels[:, 1:]
+
+    def hidden(self, role: str) -> torch.Tensor:
+        """``[B, T-1, H]`` final hidden states of the teacher or student (no grad)."""
+        model = {"teacher": self.teacher, "student": self.student}[role]
+        with torch.no_grad():
+            return final_hidden(model, self.input_ids, self.attention_mask)[:, :-1]
+
+    def per_sample_mean(self, values: torch.Tensor) -> list[float]:
+        """Per-sample means over the response tokens of per-token values.
+
+        ``values``: ``[B, T-1]`` aligned with :attr:`targets` (what ``reduction="none"``
+        returns), or ``[n_valid]`` in the row-major order of the valid targets.
+        """
+        valid = (self.targets != IGNORE_INDEX).cpu()
+        counts = valid.sum(-1)
+        values = values.detach().double().cpu()
+        if values.shape == valid.shape:
+            sums = torch.where(valid, values, 0.0).sum(-1)
+        else:
+            rows = torch.repeat_interleave(torch.arange(len(counts)), counts)
+            sums = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, rows, values.reshape(-1))
+        return (sums / counts.clamp(min=1)).tolist()
+
+
+class Scorer:
+    """Base of every scorer: ``needs`` names the models it reads; ``score`` returns one float per sample."""
+
+    name = ""
+    needs: tuple[str, ...] = ()
+
+    def score(self, batch: ScoreBatch) -> list[float]:
+        raise NotImplementedError
+
+    def head(self, role: str, batch: ScoreBatch):
+        """``(hidden [B, T-1, H], lm_head weight)`` of a model, for the fused objectives' from_hidden."""
+        model = batch.teacher if role == "teacher" else batch.student
+        return batch.hidden(role), lm_head_weight(model)
+
+
+def make_scorer(spec: dict, where: str = "score.scorer") -> Scorer:
+    """The scorer a ``{name, **params}`` mapping names, through the ``register_scorers`` hook."""
+    from .manager import components
+
+    spec = dict(spec or {})
+    name = spec.pop("name", None)
+    found = components("scorers")
+    if name not in found:
+        raise UnknownNameError(f"{where}.name: unknown scorer {name!r}. Available: {', '.join(sorted(found))}."
+                               + did_you_mean(str(name), found))
+    try:
+        return found[name].obj(**spec)
+    except TypeError as e:
+        raise ConfigError(f"{where}: scorer {name!r}: {e}") from None
+
+
+def score_samples(scorer: Scorer, path: str | Path, format: str, tokenizer, *, teacher=None, student=None,
+                  system=None, max_length: int | None = None, batch_size: int = 8, progress: bool = False
+                  ) -> dict[str, float]:
+    """``{sample id: score}`` for every record of an instruction file."""
+    from .shards import ConversationDataset, collate_sft
+
+    dataset = ConversationDataset(path, format, tokenizer, max_length=max_length, system=system)
+    conversations = {str(fields["id"]): fields["messages"] for _, fields in read_records(path, format)}
+    models = [m for m in (teacher, student) if m is not None]
+    device = next(models[0].parameters()).device if models else torch.device("cpu")
+    scores: dict[str, float] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(dataset), desc=f"distillzoo score ({scorer.name or type(scorer).__name__})")
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = collate_sft(items, tokenizer.pad_id)
+        ids = [item["id"] for item in items]
+        values = scorer.score(ScoreBatch(ids, [conversations[i] for i in ids], batch["input_ids"].to(device),
+                                         batch["attention_mask"].to(device), batch["labels"].to(device), teacher,
+                                         student, tokenizer))
+        if len(values) != len(ids):
+            raise DistillzooError(f"scorer {scorer.name!r} returned {len(values)} scores for {len(ids)} samples")
+        for sample_id, value in zip(ids, values):
+            if sample_id in scores:
+                raise DataError(f"{path}: sample id {sample_id!r} occurs more than once; scores are keyed by id")
+            scores[sample_id] = float(value)
+        if bar is not None:
+            bar.update(len(items))
+    if bar is not None:
+        bar.close()
+    return scores
+
+
+def write_scores(path: str | Path, scores: dict[str, float]) -> None:
+    write_text_atomically(Path(path), "".join(json.dumps({"id": i, "score": s}, ensure_ascii=False) + "\n"
+                                              for i, s in scores.items()))
+
+
+def read_scores(path: str | Path) -> dict[str, float]:
+    out = {}
+    for where, record in read_jsonl(path):
+        if "id" not in record or not isinstance(record.get("score"), (int, float)):
+            raise DataError(f"{where}: a score line is {{\"id\", \"score\": number}}, got {record!r}")
+        out[str(record["id"])] = float(record["score"])
+    return out
+
+
+def filter_records(data: str | Path, format: str, scores: dict[str, float], out: str | Path, *,
+                   threshold: float | None = None, quantile: float | None = None,
+                   report: str | Path | None = None) -> dict:
+    """Keep the records scoring at least ``threshold`` (or the ``quantile`` of the scores); write them verbatim.
+
+    Returns (and writes to ``report``) ``{"kept", "dropped", "cut", "dropped_samples": [{id, score, where}]}``.
+    """
+    if (threshold is None) == (quantile is None):
+        raise ConfigError("filter: give exactly one of a threshold or a quantile")
+    if quantile is not None and not 0 <= quantile <= 1:
+        raise ConfigError(f"filter: quantile {quantile} is not in [0, 1]")
+    lines = Path(data).read_text(encoding="utf-8").splitlines(keepends=True)
+    ids = [(where, str(fields["id"])) for where, fields in read_records(data, format)]
+    missing = [(w, i) for w, i in ids if i not in scores]
+    if missing:
+        raise DataError(f"{missing[0][0]}: sample {missing[0][1]!r} has no score ({len(missing)} of {len(ids)} "
+                        "records have none); score this data first")
+    values = np.array([scores[i] for _, i in ids])
+    cut = float(threshold) if threshold is not None else float(np.quantile(values, quantile)) if len(values) else 0.0
+    kept, dropped = [], []
+    content = [line for line in lines if line.strip()]
+    for (where, sample_id), line in zip(ids, content):
+        (kept if scores[sample_id] >= cut else dropped).append((where, sample_id, line))
+    write_text_atomically(Path(out), "".join(line if line.endswith("\n") else line + "\n" for _, _, line in kept))
+    result = {"kept": len(kept), "dropped": len(dropped), "cut": cut, "threshold": threshold, "quantile": quantile,
+              "dropped_samples": [{"id": i, "score": scores[i], "where": w} for w, i, _ in dropped]}
+    if report is not None:
+        write_text_atomically(Path(report), json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return result
+
+
+def per_sample_nll(batch: ScoreBatch, role: str) -> torch.Tensor:
+    """``[n_valid]`` per-token NLL of the reference responses under a model (fused)."""
+    from .kernels import token_logprobs
+
+    hidden, weight = Scorer().head(role, batch)
+    targets = batch.targets
+    with torch.no_grad():
+        logps = token_logprobs(hidden, weight, targets)
+    return -logps[targets != IGNORE_INDEX]
+
+
+def validate_score(cfg, where: str) -> None:
+    """The ``score`` section, before any model loads."""
+    s = cfg.score
+    if s is None:
+        raise ConfigError(f"{where}: score: no 'score' section (data, format, out, scorer)")
+    if s.data is None or not Path(s.data).is_file():
+        raise ConfigError(f"{where}: score.data: {s.data!r} is not a JSONL file")
+    from .data import data_format
+
+    try:
+        data_format(s.format)
+        scorer = make_scorer(dict(s.scorer or {}), f"{where}: score.scorer")
+    except DistillzooError as e:
+        raise ConfigError(f"{where}: score: {e}" if not str(e).startswith(where) else str(e)) from None
+    for role in scorer.needs:
+        m = cfg[role]
+        if m is None or (m.path is None) == (m.tiny is None):
+            raise ConfigError(f"{where}: {role}: scorer {s.scorer.get('name')!r} needs the {role}; give {role}.path "
+                              f"or {role}.tiny")
+    if s.out is None:
+        raise ConfigError(f"{where}: score.out: give the JSONL file to write the scores to")
+
+
+def score_from_config(cfg, where: str = "<config>") -> dict[str, float]:
+    """``distillzoo score``: validate, load the models the scorer needs, score, write ``score.out``."""
+    from .tokenizer import QWEN_DEFAULT_SYSTEM, load_tokenizer
+    from .trainer import model_from_config
+
+    validate_score(cfg, where)
+    s = cfg.score
+    scorer = make_scorer(dict(s.scorer))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models = {role: model_from_config(cfg[role], role).to(device).eval() for role in scorer.needs}
+    data = cfg.data
+    scores = score_samples(scorer, s.data, s.format, load_tokenizer(data.tokenizer if data is not None else None),
+                           system=data.system if data is not None else QWEN_DEFAULT_SYSTEM,
+                           max_length=data.max_length if data is not None else None, batch_size=s.batch_size,
+                           progress=s.progress, **models)
+    write_scores(s.out, scores)
+    return scores
