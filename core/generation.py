@@ -156,7 +156,7 @@ def finished_ids(out_path: Path) -> set[str]:
         text = text[:text.rfind("\n") + 1]
         write_text_atomically(out_path, text)
     ids = set()
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n")[:-1], 1):  # "\n" only: a reply may hold U+2028, which splitlines splits
         try:
             ids.add(str(json.loads(line)["id"]))
         except (json.JSONDecodeError, KeyError, TypeError):
@@ -206,21 +206,20 @@ def generate_file(models: dict, tokenizer: ChatTokenizer, data: str | Path, form
         tokens = [tokenizer.encode_prompt(m, system) for _, m in chunk]
         answers = {role: decode(model, tokenizer, tokens, sampling, ids=ids, batch_size=batch_size)
                    for role, model in models.items()}
+        texts = {role: [tokenizer.decode(tokens) for tokens, _ in out] for role, out in answers.items()}
         records = []
         for k, (sample_id, messages) in enumerate(chunk):
-            if any(not tokenizer.decode(answers[role][k][0]).strip() for role in models):
+            if any(not texts[role][k].strip() for role in models):
                 empty.append(sample_id)  # neither chat nor preference training takes an empty reply
                 continue
+            finish = {role: answers[role][k][1] for role in models}
             if mode == "responses":
-                text, finish = tokenizer.decode(answers["responses"][k][0]), answers["responses"][k][1]
-                records.append({"id": sample_id, "messages": [*messages, {"role": "assistant", "content": text}],
-                                "finish_reason": finish})
+                records.append({"id": sample_id,
+                                "messages": [*messages, {"role": "assistant", "content": texts["responses"][k]}],
+                                "finish_reason": finish["responses"]})
             else:
-                records.append({"id": sample_id, "prompt": messages,
-                                "chosen": tokenizer.decode(answers["chosen"][k][0]),
-                                "rejected": tokenizer.decode(answers["rejected"][k][0]),
-                                "finish_reason": {"chosen": answers["chosen"][k][1],
-                                                  "rejected": answers["rejected"][k][1]}})
+                records.append({"id": sample_id, "prompt": messages, "chosen": texts["chosen"][k],
+                                "rejected": texts["rejected"][k], "finish_reason": finish})
         _append(out, records)
         if bar is not None:
             bar.update(len(chunk))
@@ -237,6 +236,7 @@ def validate_generate(cfg, where: str = "<config>") -> None:
     """The ``generate`` section, checked before any model is loaded."""
     from .data import data_format
     from .errors import ConfigError, DistillzooError
+    from .trainer import require_model
 
     g = cfg.generate
     if g is None:
@@ -247,10 +247,7 @@ def validate_generate(cfg, where: str = "<config>") -> None:
         raise ConfigError(f"{where}: generate.model: {g.model!r} is not one of ['teacher', 'student']")
     roles = ("teacher", "student") if g.mode == "pairs" else (g.model,)
     for role in roles:
-        m = cfg[role]
-        if m is None or (m.path is None) == (m.tiny is None):
-            raise ConfigError(f"{where}: {role}: generate (mode {g.mode}) needs the {role}; give {role}.path or "
-                              f"{role}.tiny")
+        require_model(cfg, role, f"generate (mode {g.mode})", where)
     if g.prompts is None or not Path(g.prompts).is_file():
         raise ConfigError(f"{where}: generate.prompts: {g.prompts!r} is not a JSONL file")
     try:

@@ -54,6 +54,10 @@ class ScoreBatch:
         with torch.no_grad():
             return final_hidden(model, self.input_ids, self.attention_mask)[:, :-1]
 
+    def head(self, role: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden [B, T-1, H], lm_head weight)`` of the teacher or student, for the fused ``from_hidden``."""
+        return self.hidden(role), lm_head_weight(self.teacher if role == "teacher" else self.student)
+
     def per_sample_mean(self, values: torch.Tensor) -> list[float]:
         """Per-sample means over the response tokens of per-token values.
 
@@ -79,11 +83,6 @@ class Scorer:
 
     def score(self, batch: ScoreBatch) -> list[float]:
         raise NotImplementedError
-
-    def head(self, role: str, batch: ScoreBatch):
-        """``(hidden [B, T-1, H], lm_head weight)`` of a model, for the fused objectives' from_hidden."""
-        model = batch.teacher if role == "teacher" else batch.student
-        return batch.hidden(role), lm_head_weight(model)
 
 
 def make_scorer(spec: dict, where: str = "score.scorer") -> Scorer:
@@ -163,7 +162,8 @@ def filter_records(data: str | Path, format: str, scores: dict[str, float], out:
         raise ConfigError("filter: give exactly one of a threshold or a quantile")
     if quantile is not None and not 0 <= quantile <= 1:
         raise ConfigError(f"filter: quantile {quantile} is not in [0, 1]")
-    lines = Path(data).read_text(encoding="utf-8").splitlines(keepends=True)
+    with Path(data).open(encoding="utf-8") as f:
+        lines = f.readlines()  # split as read_jsonl numbers them ("\n"), so line N of `where` is lines[N - 1]
     ids = [(where, str(fields["id"])) for where, fields in read_records(data, format)]
     missing = [(w, i) for w, i in ids if i not in scores]
     if missing:
@@ -172,8 +172,8 @@ def filter_records(data: str | Path, format: str, scores: dict[str, float], out:
     values = np.array([scores[i] for _, i in ids])
     cut = float(threshold) if threshold is not None else float(np.quantile(values, quantile)) if len(values) else 0.0
     kept, dropped = [], []
-    content = [line for line in lines if line.strip()]
-    for (where, sample_id), line in zip(ids, content):
+    for where, sample_id in ids:
+        line = lines[int(where.rpartition(":")[2]) - 1]
         (kept if scores[sample_id] >= cut else dropped).append((where, sample_id, line))
     write_text_atomically(Path(out), "".join(line if line.endswith("\n") else line + "\n" for _, _, line in kept))
     result = {"kept": len(kept), "dropped": len(dropped), "cut": cut, "threshold": threshold, "quantile": quantile,
@@ -187,7 +187,7 @@ def per_sample_nll(batch: ScoreBatch, role: str) -> torch.Tensor:
     """``[n_valid]`` per-token NLL of the reference responses under a model (fused)."""
     from .kernels import token_logprobs
 
-    hidden, weight = Scorer().head(role, batch)
+    hidden, weight = batch.head(role)
     targets = batch.targets
     with torch.no_grad():
         logps = token_logprobs(hidden, weight, targets)
@@ -208,11 +208,10 @@ def validate_score(cfg, where: str) -> None:
         scorer = make_scorer(dict(s.scorer or {}), f"{where}: score.scorer")
     except DistillzooError as e:
         raise ConfigError(f"{where}: score: {e}" if not str(e).startswith(where) else str(e)) from None
+    from .trainer import require_model
+
     for role in scorer.needs:
-        m = cfg[role]
-        if m is None or (m.path is None) == (m.tiny is None):
-            raise ConfigError(f"{where}: {role}: scorer {s.scorer.get('name')!r} needs the {role}; give {role}.path "
-                              f"or {role}.tiny")
+        require_model(cfg, role, f"scorer {s.scorer.get('name')!r}", where)
     if s.out is None:
         raise ConfigError(f"{where}: score.out: give the JSONL file to write the scores to")
 

@@ -170,6 +170,11 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
+    @property
+    def ids(self) -> list[str]:
+        """The sample id of each example, in order."""
+        return [sample_id for sample_id, _, _ in self.examples]
+
     def __getitem__(self, i: int) -> dict:
         sample_id, ids, mask = self.examples[i]
         return {"id": sample_id, "input_ids": ids, "loss_mask": mask}

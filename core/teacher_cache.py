@@ -83,8 +83,9 @@ def write_teacher_cache(out_dir: str | Path, teacher, dataset, *, k: int, temper
         raise ParameterError(f"k={k} must be in [1, {vocab}] (the teacher's vocab)")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ParameterError(f"temperature must be > 0, got {temperature}")
-    ids = [dataset[i].get("id") for i in range(len(dataset))]
-    if any(i is None for i in ids):
+    ids = getattr(dataset, "ids", None)  # TokenShards and ConversationDataset know them without reading items
+    ids = list(ids) if ids is not None else [dataset[i].get("id") for i in range(len(dataset))]
+    if len(ids) != len(dataset) or any(i is None for i in ids):
         raise DataError("the dataset's examples carry no sample ids (a directory from an older distillzoo prepare? "
                         "prepare it again); the cache is keyed by id")
     if len(set(ids)) != len(ids):

@@ -54,8 +54,11 @@ PARALLEL = ("ddp", "fsdp")
 
 
 # ---------------------------------------------------------------------------- config checks (no model loaded)
-def validate(cfg: DictConfig, where: str = "<config>") -> None:
-    """Everything that can be checked without loading a model: names, paths, sizes."""
+def validate(cfg: DictConfig, where: str = "<config>"):
+    """Everything that can be checked without loading a model: names, paths, sizes.
+
+    Returns the opened teacher cache when the config names one (else None), so it is read once.
+    """
     terms = objective_terms(cfg)
     from .manager import objective_spec
 
@@ -86,8 +89,7 @@ def validate(cfg: DictConfig, where: str = "<config>") -> None:
     if objective.needs_teacher and len(sources) != 1:
         raise ConfigError(f"{where}: teacher: the objective needs a teacher; give one of teacher.path, teacher.tiny "
                           f"or teacher.cache{f' (got {sources})' if sources else ''}")
-    if teacher is not None and teacher.cache is not None:
-        _check_cache(cfg, objective, where)
+    cache = _check_cache(cfg, objective, where) if teacher is not None and teacher.cache is not None else None
     if cfg.data is None or not cfg.data.streams:
         raise ConfigError(f"{where}: data.streams: give at least one stream {{name, path, format, repeat|weight}}")
     streams = list(enumerate(cfg.data.streams)) + ([("eval", cfg.data.eval)] if cfg.data.eval is not None else [])
@@ -118,6 +120,7 @@ def validate(cfg: DictConfig, where: str = "<config>") -> None:
         raise ConfigError(f"{where}: resume: {cfg.resume!r} is not one of ['auto', 'never']")
     if cfg.output_dir is None:
         raise ConfigError(f"{where}: output_dir: give a directory for checkpoints, metrics and the final student")
+    return cache
 
 
 # ---------------------------------------------------------------------------- pieces
@@ -137,6 +140,13 @@ def model_from_config(mcfg, what: str):
         return tiny_qwen2(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{what}.tiny: {e}") from None
+
+
+def require_model(cfg, role: str, needed_by: str, where: str) -> None:
+    """A ConfigError unless ``cfg[role]`` names a model one way (a path or a tiny config)."""
+    m = cfg[role]
+    if m is None or (m.path is None) == (m.tiny is None):
+        raise ConfigError(f"{where}: {role}: {needed_by} needs the {role}; give {role}.path or {role}.tiny")
 
 
 def _given(mcfg) -> bool:
@@ -209,7 +219,7 @@ class TrainResult:
 
 # ---------------------------------------------------------------------------- the loop
 def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
-    validate(cfg, where)
+    cache = validate(cfg, where)
     from .tokenizer import load_tokenizer
 
     t = cfg.train
@@ -236,10 +246,9 @@ def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
 
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
     student = model_from_config(cfg.student, "student").to(device).train()
-    teacher = cache = None
+    teacher = None
     objective = _sum_objective(cfg)
-    if cfg.teacher is not None and cfg.teacher.cache is not None:
-        cache = _check_cache(cfg, objective, where)
+    if cache is not None:
         cache.check(f"{where}: teacher.cache", vocab_size=lm_head_weight(student).shape[0])
     elif objective.needs_teacher or (eval_set is not None and _given(cfg.teacher)):  # eval reports the KL too
         teacher = model_from_config(cfg.teacher, "teacher").to(device).eval().requires_grad_(False)

@@ -45,15 +45,15 @@ def run(config: Path, overrides: list[str], label: str) -> Path:
     return result.output_dir / "final"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/quickstart", help="where the three runs go (default runs/quickstart)")
     parser.add_argument("--teacher-steps", type=int, help="override the teacher config's train.steps")
     parser.add_argument("--student-steps", type=int, help="override the student config's train.steps")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    out = Path(args.out).resolve()  # relative to where the command was run
     os.chdir(ROOT)  # the configs name data/quickstart/*.jsonl relative to the repository root
-    out = Path(args.out).resolve()
     common = ["resume=never"] + (["train.progress=false"] if args.no_progress else [])
     started = time.perf_counter()
 

@@ -35,8 +35,8 @@ class MFD(Scorer):
             return batch.per_sample_mean(per_sample_nll(batch, "student") - per_sample_nll(batch, "teacher"))
         from distillzoo.manager import objective
 
-        hs, ws = self.head("student", batch)
-        ht, wt = self.head("teacher", batch)
+        hs, ws = batch.head("student")
+        ht, wt = batch.head("teacher")
         with torch.no_grad():
             kl = objective("fkl", reduction="none").from_hidden(hs, ws, ht, wt, batch.targets)
         return batch.per_sample_mean(kl)

@@ -115,3 +115,17 @@ def write_jsonl(path, records):
 def answer_length_judge(prompt_messages, response):
     """A stand-in LLM judge for tests: the reply's length in characters."""
     return float(len(response))
+
+
+def naive_greedy(model, prompt, stop, max_new_tokens):
+    """One prompt, no padding, no cache: the argmax of the full logits, token by token (a reference for decode)."""
+    ids = list(prompt)
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            if token == stop:
+                break
+            out.append(token)
+            ids.append(token)
+    return out

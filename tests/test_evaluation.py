@@ -6,7 +6,7 @@ import torch
 from distillzoo.causal_lm import tiny_qwen2
 from distillzoo.evaluation import exact_match, greedy_answers, response_kl, response_nll
 from distillzoo.shards import ConversationDataset
-from helpers import write_jsonl
+from helpers import naive_greedy, write_jsonl
 
 RECORDS = [
     ("add", "What is 3 + 4?"), ("add", "计算 12 + 1"), ("words", "Write 42 in words."),
@@ -20,20 +20,6 @@ def peaked(seed, hidden=32):
     with torch.no_grad():
         model.lm_head.weight.mul_(30)
     return model
-
-
-def naive_greedy(model, prompt, stop, max_new_tokens):
-    """One prompt, no padding, no cache: the argmax of the full logits, token by token."""
-    ids = list(prompt)
-    out = []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
-            if token == stop:
-                break
-            out.append(token)
-            ids.append(token)
-    return out
 
 
 def test_batched_left_padded_greedy_matches_one_prompt_at_a_time(tok):

@@ -10,7 +10,7 @@ import distillzoo as dz
 from distillzoo.causal_lm import tiny_qwen2
 from distillzoo.data import read_records
 from distillzoo.generation import Sampling, _pick, decode, generate_file, sample_seed
-from helpers import write_jsonl
+from helpers import naive_greedy, write_jsonl
 
 PROMPTS = ["What is 3 + 4?", "计算 12 + 1", "Write 42 in words.", "用中文写出 7", "Sort the digits: 9120",
            "Reverse the digits: 381", "hello", "你好"]
@@ -129,11 +129,10 @@ def test_pairs_are_preference_records_that_dpkd_trains_on(tmp_path, tok):
                            Sampling(max_new_tokens=3, temperature=0), mode="pairs", system=None, progress=False)
     written = lines(out)
     assert report["written"] == len(written) > 0 and report["written"] + len(report["empty"]) == 8
-    from distillzoo.evaluation import greedy_answers as greedy
-    for r in written:
+    for r in written:  # against one-prompt, uncached argmax loops
         prompt = tok.encode_prompt(r["prompt"], None)
-        assert r["chosen"] == tok.decode(greedy(teacher, tok, [prompt], max_new_tokens=3)[0])
-        assert r["rejected"] == tok.decode(greedy(student, tok, [prompt], max_new_tokens=3)[0])
+        assert r["chosen"] == tok.decode(naive_greedy(teacher, prompt, tok.im_end_id, 3))
+        assert r["rejected"] == tok.decode(naive_greedy(student, prompt, tok.im_end_id, 3))
 
     data = dz.PreferenceDataset(out, max_length=64)
     batch = dz.collate_preference([data[i] for i in range(len(data))], data.tokenizer.pad_id)
@@ -193,3 +192,14 @@ def test_bad_generate_configs_fail_before_any_model_is_loaded(tmp_path, monkeypa
     path.write_text(json.dumps(raw))
     with pytest.raises(dz.ConfigError, match=message):
         generate_from_config(dz.load_config(path), where=str(path))
+
+
+def test_a_reply_holding_a_line_separator_does_not_break_the_resume(tmp_path):
+    """json.dumps(ensure_ascii=False) leaves U+2028 raw; str.splitlines would cut the record there."""
+    from distillzoo.generation import finished_ids
+
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"id": "a", "messages": [{"role": "assistant", "content": "x\u2028y"}]},
+                              ensure_ascii=False) + "\n" + '{"id": "b", "mess', encoding="utf-8")
+    assert finished_ids(out) == {"a"}
+    assert out.read_text(encoding="utf-8").count("\n") == 1 and "\u2028" in out.read_text(encoding="utf-8")

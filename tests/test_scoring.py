@@ -126,3 +126,13 @@ def test_bad_score_configs_fail_before_any_model_loads(sample, tmp_path, monkeyp
         raw.pop(drop)
     with pytest.raises(dz.DistillzooError, match=message):
         score_from_config(dz.load_config(raw), where="s.yaml")
+
+
+def test_filter_keeps_records_whole_when_they_hold_a_line_separator(tmp_path):
+    records = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"q{i}\u2028more"},
+                                            {"role": "assistant", "content": "a"}]} for i in range(3)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) + "\n", encoding="utf-8")
+    filter_records(data, "chat", {"r0": 0.0, "r1": 2.0, "r2": 1.0}, tmp_path / "out.jsonl", threshold=1.0)
+    kept = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").split("\n") if line]
+    assert kept == [records[1], records[2]]

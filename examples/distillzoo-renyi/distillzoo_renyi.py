@@ -56,8 +56,8 @@ class RenyiGap(dz.Scorer):
         self.divergence = Renyi(alpha=alpha, reduction="none")
 
     def score(self, batch):
-        hs, ws = self.head("student", batch)
-        ht, wt = self.head("teacher", batch)
+        hs, ws = batch.head("student")
+        ht, wt = batch.head("teacher")
         with torch.no_grad():
             return batch.per_sample_mean(self.divergence.from_hidden(hs, ws, ht, wt, batch.targets))
 
