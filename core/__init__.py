@@ -7,6 +7,9 @@
     loss = loss_fn.from_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight, labels)
     dpo = dz.objective("dpo", beta=0.1)
     loss = dpo(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+
+Training algorithms (``dz.Algorithm``: distill, preference, dpkd, plugins') and
+trainer callbacks (``dz.Callback``) are plugins too; ``distillzoo train`` runs them all.
 """
 
 from .config import build_objective, load_config, starter_config
@@ -22,6 +25,8 @@ from .errors import (
 from .hookspecs import hookimpl
 from .manager import (
     DEFAULT_PLUGINS,
+    algorithm_spec,
+    algorithm_specs,
     components,
     get_plugin_manager,
     list_objectives,
@@ -31,6 +36,8 @@ from .manager import (
     plugins_info,
 )
 from .base import LogitObjective, Mixture, Objective, PointwiseDivergence, SparseTeacher
+from .algorithm import Algorithm, MicroBatch, Models, Run, StepLoss
+from .callbacks import Callback
 from .causal_lm import SequenceLogps, sequence_logps
 from .data import PreferenceBatch, PreferenceDataset, collate_preference
 from .preference import PreferenceObjective, PreferenceStep, preference_step
@@ -41,6 +48,14 @@ from .tokenizer import load_tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "Algorithm",
+    "Callback",
+    "MicroBatch",
+    "Models",
+    "Run",
+    "StepLoss",
+    "algorithm_spec",
+    "algorithm_specs",
     "ScoreBatch",
     "Scorer",
     "ConfigError",

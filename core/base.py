@@ -131,6 +131,8 @@ class Objective(torch.nn.Module):
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""
+    #: the training algorithm ``distillzoo train`` runs it with when a config names none
+    default_algorithm: ClassVar[str] = ""
 
 
 class LogitObjective(Objective):
@@ -143,6 +145,7 @@ class LogitObjective(Objective):
     """
 
     kind: ClassVar[str] = "logit"
+    default_algorithm: ClassVar[str] = "distill"
     #: False for objectives that use only the student and the labels (ce).
     needs_teacher: ClassVar[bool] = True
     #: True for objectives computed from the two distributions alone, which accept a SparseTeacher.

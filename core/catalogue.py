@@ -127,6 +127,28 @@ class ParamSpec:
         return f"{self.name}: {self.type} = {self.default!r}{valid}"
 
 
+def validate_params(specs: Mapping[str, ParamSpec], params: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Defaults of ``specs`` overlaid with ``params``, each checked; unknown names are an error."""
+    out = {name: spec.default for name, spec in specs.items()}
+    for key, value in params.items():
+        if key not in specs:
+            raise UnknownNameError(
+                f"{where}: unknown parameter {key!r}. Valid parameters: {', '.join(specs) or '(none)'}."
+                + did_you_mean(key, specs)
+            )
+        out[key] = specs[key].validate(value, where)
+    return out
+
+
+def params_as_dict(specs: Mapping[str, ParamSpec]) -> dict:
+    """Parameter specs as JSON-ready mappings (what ``distillzoo list --json`` prints)."""
+    return {
+        n: {k: v for k, v in (("type", p.type), ("default", p.default), ("range", str(p.range) if p.range else None),
+                              ("choices", list(p.choices) if p.choices else None), ("doc", p.doc)) if v is not None}
+        for n, p in specs.items()
+    }
+
+
 @dataclass(frozen=True)
 class ObjectiveSpec:
     """A catalogue entry joined with the class that implements it."""
@@ -143,16 +165,7 @@ class ObjectiveSpec:
 
     def validate_params(self, params: Mapping[str, Any], where: str | None = None) -> dict[str, Any]:
         """Defaults overlaid with ``params``, each checked; unknown names are an error."""
-        where = where or f"objective {self.name!r}"
-        out = {name: spec.default for name, spec in self.params.items()}
-        for key, value in params.items():
-            if key not in self.params:
-                raise UnknownNameError(
-                    f"{where}: unknown parameter {key!r}. Valid parameters: {', '.join(self.params)}."
-                    + did_you_mean(key, self.params)
-                )
-            out[key] = self.params[key].validate(value, where)
-        return out
+        return validate_params(self.params, params, where or f"objective {self.name!r}")
 
     def as_dict(self) -> dict:
         return {
@@ -160,11 +173,7 @@ class ObjectiveSpec:
             "kind": self.kind,
             "summary": self.summary,
             "formula": self.formula,
-            "params": {
-                n: {k: v for k, v in (("type", p.type), ("default", p.default), ("range", str(p.range) if p.range else None),
-                                      ("choices", list(p.choices) if p.choices else None), ("doc", p.doc)) if v is not None}
-                for n, p in self.params.items()
-            },
+            "params": params_as_dict(self.params),
             "inputs": list(self.inputs),
             "paper": self.paper,
             "package": self.package,

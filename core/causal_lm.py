@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import ParameterError
+from .errors import ConfigError, ParameterError
 from .kernels import token_logprobs
 
 _UNSUPPORTED_HEADS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
@@ -56,16 +56,17 @@ class SequenceLogps:
     """Per-row response log-probs and what the sequence objectives also need.
 
     ``logps``: ``[B]`` summed ``log pi(y)`` over response tokens (fp32; grad flows to
-    the model). ``lengths``: ``[B]`` int64 response token counts. ``hidden`` and
+    the model). ``lengths``: ``[B]`` int64 response token counts. ``hidden``,
     ``targets`` (``[B, T-1, H]`` and ``[B, T-1]``, shifted so that row ``t`` scores
-    ``targets[t]``) are kept for token-level terms on the same forward pass; None
-    on the naive path.
+    ``targets[t]``) and the lm_head ``weight`` they were scored with are kept for
+    token-level terms on the same forward pass; None on the naive path.
     """
 
     logps: Tensor
     lengths: Tensor
     hidden: Tensor | None = None
     targets: Tensor | None = None
+    weight: Tensor | None = None
 
 
 def _check(input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> None:
@@ -97,7 +98,7 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor | None, labe
         weight = lm_head_weight(model)
         hidden = final_hidden(model, input_ids, attention_mask)[:, :-1]
         per_token = token_logprobs(hidden, weight, targets, ignore_index=ignore_index, chunk_size=chunk_size)
-        return SequenceLogps(per_token.sum(-1), lengths, hidden, targets)
+        return SequenceLogps(per_token.sum(-1), lengths, hidden, targets, weight)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
     log_probs = torch.log_softmax(logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32), dim=-1)
     mask = targets != ignore_index
@@ -146,3 +147,29 @@ def load_causal_lm(path: str, *, dtype: torch.dtype | str | None = None, device:
     except (OSError, ValueError) as e:
         raise ParameterError(f"model {str(path)!r} could not be loaded as a transformers causal LM: {e}") from None
     return model.to(device or "cpu").eval()
+
+
+# ---------------------------------------------------------------------------- models named by a config
+def model_given(mcfg) -> bool:
+    """Whether a ``student`` / ``teacher`` / ``reference`` config section names a model (a path or a tiny config)."""
+    return mcfg is not None and (mcfg.path is not None or mcfg.tiny is not None)
+
+
+def require_model(cfg, role: str, needed_by: str, where: str) -> None:
+    """A ConfigError unless ``cfg[role]`` names a model one way (a path or a tiny config)."""
+    m = cfg[role]
+    if m is None or (m.path is None) == (m.tiny is None):
+        raise ConfigError(f"{where}: {role}: {needed_by} needs the {role}; give {role}.path or {role}.tiny")
+
+
+def model_from_config(mcfg, what: str):
+    """The model a ``student`` / ``teacher`` / ``reference`` section names: a local directory, or a tiny Qwen2."""
+    if mcfg.path is not None:
+        return load_causal_lm(mcfg.path)
+    from omegaconf import OmegaConf
+
+    kwargs = {"tie_word_embeddings": True, **OmegaConf.to_container(mcfg.tiny, resolve=True)}
+    try:
+        return tiny_qwen2(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{what}.tiny: {e}") from None

@@ -1,5 +1,5 @@
-"""The ``distillzoo`` command line: list, show, plugins, config, check, train, generate, cache-teacher,
-score, filter, prepare, reference-cache."""
+"""The ``distillzoo`` command line: list, algorithms, show, plugins, config, check, train, generate,
+cache-teacher, score, filter, prepare, reference-cache."""
 
 from __future__ import annotations
 
@@ -21,6 +21,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps([s.as_dict() for s in specs], indent=2))
         return 0
     rows = [("NAME", "KIND", "PACKAGE", "SUMMARY")] + [(s.name, s.kind, s.package, s.summary) for s in specs]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
+    return 0
+
+
+def _cmd_algorithms(args: argparse.Namespace) -> int:
+    from .manager import algorithm_specs
+
+    specs = sorted(algorithm_specs().values(), key=lambda s: s.name)
+    if args.json:
+        print(json.dumps([s.as_dict() for s in specs], indent=2))
+        return 0
+    rows = [("NAME", "PACKAGE", "RECORDS", "SUMMARY")] + [(s.name, s.package, s.cls.records, s.summary) for s in specs]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
@@ -192,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list every objective, built-in and third-party")
     p.add_argument("--json", action="store_true", help="print the catalogue entries as JSON")
     p.set_defaults(func=_cmd_list)
+    p = sub.add_parser("algorithms", help="list every training algorithm distillzoo train runs, built-in and "
+                                          "third-party (select one with algorithm: {name: ...})")
+    p.add_argument("--json", action="store_true", help="print name, package, records, params and paper as JSON")
+    p.set_defaults(func=_cmd_algorithms)
     p = sub.add_parser("show", help="formula, parameters and paper of one objective")
     p.add_argument("name")
     p.add_argument("--json", action="store_true")

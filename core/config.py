@@ -30,11 +30,11 @@ from .tokenizer import QWEN_DEFAULT_SYSTEM
 @dataclass
 class ModelConfig:
     """A model: a local transformers directory (``path``), a Qwen2 built from ``tiny`` (tiny_qwen2 kwargs), or
-    for the teacher, a top-k teacher ``cache``."""
+    a ``cache`` read instead of running a model."""
 
     path: Optional[str] = None
     tiny: Optional[Dict[str, Any]] = None
-    #: teacher only: a ``distillzoo cache-teacher`` directory read instead of running a model
+    #: teacher: a ``distillzoo cache-teacher`` directory; reference: a ``distillzoo reference-cache`` file
     cache: Optional[str] = None
     #: with ``cache``: the k the run expects (the manifest must agree)
     top_k: Optional[int] = None
@@ -123,9 +123,15 @@ class DistillConfig:
 
     objective: Optional[Dict[str, Any]] = None
     objectives: Optional[List[Dict[str, Any]]] = None
+    #: {name: distill | preference | dpkd | a plugin's, ...params}; default: the objective's own
+    algorithm: Optional[Dict[str, Any]] = None
     seed: int = 0
     student: Optional[ModelConfig] = None
     teacher: Optional[ModelConfig] = None
+    #: the frozen reference of preference training (a model, or a reference-cache file)
+    reference: Optional[ModelConfig] = None
+    #: [{name: ..., ...params}]: callbacks registered through register_trainer_callbacks
+    callbacks: Optional[List[Dict[str, Any]]] = None
     data: Optional[DataConfig] = None
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: Optional[str] = None
@@ -219,6 +225,7 @@ def load_config(source: str | Path | dict, overrides: Sequence[str] = ()) -> Dic
     OmegaConf.set_struct(cfg, True)
     if (cfg.generate is None and cfg.score is None) or cfg.objective is not None or cfg.objectives is not None:
         objective_terms(cfg, locate)  # a config for distillzoo generate or score alone needs no objective
+    algorithm_choice(cfg, locate)
     return cfg
 
 
@@ -302,6 +309,33 @@ def objective_terms(cfg: DictConfig, locate: _Locator | None = None) -> list[Obj
                 raise ConfigError(str(e)) from None
         terms.append(ObjectiveTerm(spec.name, float(weight), params, path))
     return terms
+
+
+def algorithm_choice(cfg: DictConfig, locate: _Locator | None = None) -> tuple[str | None, dict]:
+    """The ``algorithm`` section as ``(name, params)``, checked against the registered algorithm; ``(None, {})``
+    when the config has none (the trainer then takes the objective's default algorithm)."""
+    from .manager import algorithm_spec
+
+    locate = locate or _Locator("<config>", "", ())
+    node = cfg.get("algorithm")
+    if node is None:
+        return None, {}
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{locate('algorithm')}: algorithm must be a mapping {{name: ..., params}}, got {node!r}")
+    body = OmegaConf.to_container(node, resolve=True)
+    name = body.pop("name", None)
+    try:
+        spec = algorithm_spec(str(name), where=f"{locate('algorithm.name')}: algorithm.name")
+    except DistillzooError as e:
+        raise ConfigError(str(e)) from None
+    params = {}
+    for key, value in body.items():
+        try:
+            where = f"{locate('algorithm.' + key)}: algorithm.{key} (algorithm {spec.name!r})"
+            params[key] = spec.validate_params({key: value}, where=where)[key]
+        except DistillzooError as e:
+            raise ConfigError(str(e)) from None
+    return spec.name, params
 
 
 def build_objective(cfg: DictConfig):

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .errors import DataError, DistillzooError, UnknownNameError, did_you_mean
+from .errors import DataError, DistillzooError, PluginError, UnknownNameError, did_you_mean
 from .tokenizer import QWEN_DEFAULT_SYSTEM, ChatTokenizer, load_tokenizer
 
 IGNORE_INDEX = -100
@@ -55,6 +55,28 @@ def data_format(name: str):
         raise UnknownNameError(f"unknown data format {name!r}. Available: {', '.join(sorted(formats))}."
                                + did_you_mean(name, formats))
     return formats[name].obj
+
+
+def format_records(name: str) -> str:
+    """``"instruction"`` or ``"preference"``: what the records of data format ``name`` hold (as registered)."""
+    from .manager import components
+
+    from .hookspecs import RECORDS
+
+    data_format(name)  # an unknown name fails here, with the choices
+    found = components("data_formats")[name]
+    records = found.details.get("records", "instruction")
+    if records not in RECORDS:
+        raise PluginError(f"data format {name!r} (package {found.package!r}) registered records={records!r}; "
+                          f"expected one of {list(RECORDS)}")
+    return records
+
+
+def formats_of(records: str) -> list[str]:
+    """The registered data formats whose records are ``records``."""
+    from .manager import components
+
+    return sorted(n for n, c in components("data_formats").items() if c.details.get("records", "instruction") == records)
 
 
 def read_records(path: str | Path, format: str) -> Iterator[tuple[str, dict]]:

@@ -15,18 +15,18 @@ import importlib.metadata as metadata
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pluggy
 
 from . import hookspecs
-from .catalogue import ObjectiveSpec, build_spec, load_registry_yaml
+from .catalogue import ObjectiveSpec, ParamSpec, build_spec, load_registry_yaml, params_as_dict, validate_params
 from .errors import PluginError, PluginWarning, UnknownNameError, did_you_mean
 
 ENTRYPOINT_GROUP = "distillzoo"
 DEFAULT_PLUGINS = ("distillzoo.plugins.divergences", "distillzoo.plugins.token", "distillzoo.plugins.preference",
-                   "distillzoo.plugins.formats", "distillzoo.plugins.scorers")
+                   "distillzoo.plugins.formats", "distillzoo.plugins.scorers", "distillzoo.plugins.algorithms")
 BUILTIN_PACKAGE = "distillzoo"
 COMPONENT_HOOKS = {
     "data_formats": "register_data_formats",
@@ -162,14 +162,17 @@ def objective_specs(pm: PluginManager | None = None) -> dict[str, ObjectiveSpec]
     return specs
 
 
-def objective_spec(name: str, pm: PluginManager | None = None, where: str | None = None) -> ObjectiveSpec:
-    specs = objective_specs(pm)
+def _lookup(specs: dict, what: str, name: str, where: str | None):
     if name not in specs:
         prefix = f"{where}: " if where else ""
         raise UnknownNameError(
-            f"{prefix}unknown objective {name!r}. Available: {', '.join(sorted(specs))}." + did_you_mean(name, specs)
+            f"{prefix}unknown {what} {name!r}. Available: {', '.join(sorted(specs))}." + did_you_mean(name, specs)
         )
     return specs[name]
+
+
+def objective_spec(name: str, pm: PluginManager | None = None, where: str | None = None) -> ObjectiveSpec:
+    return _lookup(objective_specs(pm), "objective", name, where)
 
 
 def list_objectives(pm: PluginManager | None = None) -> list[str]:
@@ -183,6 +186,66 @@ def objective(name: str, **params: Any):
     return spec.cls(**spec.validate_params(params))
 
 
+# ---------------------------------------------------------------------- training algorithms
+ALGORITHM_METHODS = ("roles", "check", "prepare", "micro_batches", "loss", "eval_batches", "eval_loss",
+                     "state_dict", "load_state_dict")
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """A registered training algorithm: its class, package and parameter specs."""
+
+    name: str
+    cls: type
+    package: str
+    params: dict[str, ParamSpec]
+
+    @property
+    def summary(self) -> str:
+        return self.cls.summary
+
+    def validate_params(self, params: dict, where: str | None = None) -> dict:
+        return validate_params(self.params, params, where or f"algorithm {self.name!r}")
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "package": self.package, "summary": self.summary, "records": self.cls.records,
+                "objective_kinds": list(self.cls.objective_kinds), "params": params_as_dict(self.params),
+                "paper": dict(self.cls.paper)}
+
+
+def algorithm_specs(pm: PluginManager | None = None) -> dict[str, AlgorithmSpec]:
+    """Every registered training algorithm, by name."""
+    pm = pm or get_plugin_manager()
+    specs: dict[str, AlgorithmSpec] = {}
+
+    def make_register(plugin_name: str, package: str):
+        def register(cls):
+            # distillzoo.algorithm's base class, by what it defines (that module reaches back to this one)
+            if not (isinstance(cls, type) and all(callable(getattr(cls, m, None)) for m in ALGORITHM_METHODS)):
+                raise PluginError(f"plugin {plugin_name!r} (package {package!r}) registered {cls!r} as an algorithm; "
+                                  "it must be a distillzoo.Algorithm subclass")
+            name = cls.name
+            if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                raise PluginError(f"algorithm class {cls.__qualname__} (package {package!r}) needs a lower-case "
+                                  f"`name`, got {name!r}")
+            if name in specs:
+                raise PluginError(f"algorithm {name!r} is registered twice: by package {specs[name].package!r} and by "
+                                  f"package {package!r}. Uninstall one, or leave it out of DISTILLZOO_PLUGINS.")
+            where = f"algorithm {name!r} (package {package!r})"
+            if cls.records not in hookspecs.RECORDS:
+                raise PluginError(f"{where}: records {cls.records!r} is not one of {list(RECORDS)}")
+            params = {n: ParamSpec.from_entry(n, raw, where) for n, raw in (cls.params or {}).items()}
+            specs[name] = AlgorithmSpec(name, cls, package, params)
+
+        return register
+
+    _call_each(pm, "register_algorithms", make_register)
+    return specs
+
+
+def algorithm_spec(name: str, pm: PluginManager | None = None, where: str | None = None) -> AlgorithmSpec:
+    return _lookup(algorithm_specs(pm), "algorithm", name, where)
+
+
 # ---------------------------------------------------------------------- other components
 @dataclass(frozen=True)
 class Component:
@@ -190,6 +253,8 @@ class Component:
     obj: Any
     summary: str
     package: str
+    #: extra keywords the plugin passed to register (a data format's ``records``)
+    details: dict = field(default_factory=dict)
 
 
 def components(kind: str, pm: PluginManager | None = None) -> dict[str, Component]:
@@ -199,12 +264,12 @@ def components(kind: str, pm: PluginManager | None = None) -> dict[str, Componen
     label = kind.rstrip("s").replace("_", " ")
 
     def make_register(plugin_name: str, package: str):
-        def register(name: str, obj: Any, summary: str = ""):
+        def register(name: str, obj: Any, summary: str = "", **details: Any):
             if name in found:
                 raise PluginError(
                     f"{label} {name!r} is registered twice: by package {found[name].package!r} and by package {package!r}"
                 )
-            found[name] = Component(name, obj, summary, package)
+            found[name] = Component(name, obj, summary, package, details)
 
         return register
 
@@ -216,6 +281,7 @@ def plugins_info(pm: PluginManager | None = None) -> list[dict]:
     """What ``distillzoo plugins`` prints: each loaded plugin, its package, hooks and names."""
     pm = pm or get_plugin_manager()
     objective_specs(pm)  # surface registry errors (duplicates, bad entries) before listing
+    algorithm_specs(pm)
     info = []
     for name, plugin in sorted(pm.list_name_plugin()):
         package, version = pm.packages.get(name, (name, None))
@@ -226,6 +292,7 @@ def plugins_info(pm: PluginManager | None = None) -> list[dict]:
             "version": version,
             "hooks": hooks,
             "objectives": sorted(_names_from(pm, name, "register_objectives")),
+            "algorithms": sorted(_names_from(pm, name, "register_algorithms")),
             **{kind: sorted(_names_from(pm, name, hook)) for kind, hook in COMPONENT_HOOKS.items()},
         })
     return info

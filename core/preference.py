@@ -60,6 +60,7 @@ class PreferenceObjective(Objective):
     """
 
     kind: ClassVar[str] = "preference"
+    default_algorithm: ClassVar[str] = "preference"
     #: False for reference-free objectives (simpo): their reference arguments must be None.
     needs_reference: ClassVar[bool] = True
 
@@ -163,29 +164,41 @@ def preference_step(objective: PreferenceObjective, policy, batch, reference=Non
     no ``[2B, T, V]`` tensor). Reference log-probs come from ``reference`` (a frozen
     model, run without grad) or, when it is None, from the batch (a data column or a
     :class:`~distillzoo.reference_cache.ReferenceCache`). Metrics: the objective's
-    (``rewards/*``, ``logps/*``, ...) plus ``loss``.
+    (``rewards/*``, ``logps/*``, ...) plus ``loss``. ``distillzoo train`` runs the
+    same loss through :func:`preference_loss` inside its training loop.
     """
-    name = objective.name or type(objective).__name__
-    n = batch.n_pairs
     out = sequence_logps(policy, batch.input_ids, batch.attention_mask, batch.labels, fused=fused,
                          chunk_size=chunk_size)
     ref_out = None
+    if objective.needs_reference and reference is not None:
+        with torch.no_grad():
+            ref_out = sequence_logps(reference, batch.input_ids, batch.attention_mask, batch.labels, fused=fused,
+                                     chunk_size=chunk_size)
+    loss = preference_loss(objective, batch, out, ref_out, policy, reference)
+    return PreferenceStep(loss, {"loss": loss.detach(), **objective.metrics})
+
+
+def preference_loss(objective: PreferenceObjective, batch, policy: SequenceLogps, reference: SequenceLogps | None,
+                    policy_model=None, reference_model=None) -> Tensor:
+    """The objective on one batch from the policy's (and the reference's) response log-probs ``[2B]``.
+
+    ``reference`` is None when the reference log-probs come from the batch (a data
+    column or a reference cache); ``objective.metrics`` holds the batch metrics after the call.
+    """
+    name = objective.name or type(objective).__name__
+    n = batch.n_pairs
     ref_chosen = ref_rejected = None
     if objective.needs_reference:
         if reference is not None:
-            with torch.no_grad():
-                ref_out = sequence_logps(reference, batch.input_ids, batch.attention_mask, batch.labels, fused=fused,
-                                         chunk_size=chunk_size)
-            ref_chosen, ref_rejected = ref_out.logps[:n], ref_out.logps[n:]
+            ref_chosen, ref_rejected = reference.logps[:n], reference.logps[n:]
         elif batch.reference_chosen_logps is not None:
             ref_chosen, ref_rejected = batch.reference_chosen_logps, batch.reference_rejected_logps
         else:
             raise ParameterError(f"{name} needs reference log-probs: pass a reference model, or data whose records carry "
                                  "reference_chosen_logps/reference_rejected_logps (a column or a reference cache)")
-    extra = objective.step_inputs(out, ref_out, n, policy, reference)
-    loss = objective(out.logps[:n], out.logps[n:], ref_chosen, ref_rejected,
-                     chosen_lengths=out.lengths[:n], rejected_lengths=out.lengths[n:], **extra)
-    return PreferenceStep(loss, {"loss": loss.detach(), **objective.metrics})
+    extra = objective.step_inputs(policy, reference, n, policy_model, reference_model)
+    return objective(policy.logps[:n], policy.logps[n:], ref_chosen, ref_rejected,
+                     chosen_lengths=policy.lengths[:n], rejected_lengths=policy.lengths[n:], **extra)
 
 
 def length_normalised(logps: Tensor, lengths: Tensor | None) -> Tensor:

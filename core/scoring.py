@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .atomic import write_text_atomically
-from .causal_lm import final_hidden, lm_head_weight
+from .causal_lm import final_hidden, lm_head_weight, model_from_config, require_model
 from .data import IGNORE_INDEX, read_jsonl, read_records
 from .errors import ConfigError, DataError, DistillzooError, UnknownNameError, did_you_mean
 
@@ -208,8 +208,6 @@ def validate_score(cfg, where: str) -> None:
         scorer = make_scorer(dict(s.scorer or {}), f"{where}: score.scorer")
     except DistillzooError as e:
         raise ConfigError(f"{where}: score: {e}" if not str(e).startswith(where) else str(e)) from None
-    from .trainer import require_model
-
     for role in scorer.needs:
         require_model(cfg, role, f"scorer {s.scorer.get('name')!r}", where)
     if s.out is None:
@@ -219,7 +217,6 @@ def validate_score(cfg, where: str) -> None:
 def score_from_config(cfg, where: str = "<config>") -> dict[str, float]:
     """``distillzoo score``: validate, load the models the scorer needs, score, write ``score.out``."""
     from .tokenizer import QWEN_DEFAULT_SYSTEM, load_tokenizer
-    from .trainer import model_from_config
 
     validate_score(cfg, where)
     s = cfg.score

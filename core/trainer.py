@@ -1,25 +1,33 @@
-"""The training loop: distil a teacher into a student with the objective a config names.
+"""The training loop of ``distillzoo train``: every algorithm, one loop.
 
 Read top to bottom: validate the config (before any model is loaded), data
-streams, models, optimiser and schedule, resume, then the loop. Each optimiser
-step takes ``train.batch_size`` examples (split over ranks and micro-batches);
-the loss is the objective summed over valid tokens divided by the global count
-of valid tokens of the step, so accumulation and ranks weigh every token alike.
-The student's logits are never materialised: ``objective.from_hidden`` gets the
-final hidden states and lm_head weights of both models, inside the forward of
-one module (:class:`_Step`) that holds student and frozen teacher.
+streams, models, the algorithm's preparation, optimiser and schedule, resume,
+then the loop. What a step computes belongs to the training algorithm the config
+selects (:mod:`distillzoo.algorithm`; built-ins in ``distillzoo.plugins.algorithms``:
+``distill``, ``preference``, ``dpkd``); this loop owns everything they share and
+special-cases none of them.
 
-Under ``torchrun`` that module is wrapped in DDP (``train.parallel: ddp``; the
-teacher is neither broadcast nor reduced) or sharded with FSDP2
-(``train.parallel: fsdp``: ``fully_shard`` on every decoder layer of both
-models, the rest in the root unit). ``train.precision`` picks bf16 autocast
-(the default on CUDA) or fp32 (the default on CPU).
+Each optimiser step takes ``train.batch_size`` examples (split over ranks and
+micro-batches). The algorithm turns this rank's examples into micro-batches, each
+with a count (valid tokens, or pairs); the counts are summed over micro-batches
+and ranks before the first backward, and the loss of every micro-batch, summed
+over its units, is divided by that global count, so accumulation and ranks weigh
+every unit alike. The loss is the forward of one module,
+:class:`~distillzoo.algorithm.Models`, that holds student, teacher and reference.
+
+Under ``torchrun`` that module is wrapped in DDP (``train.parallel: ddp``; teacher
+and reference are neither broadcast nor reduced) or sharded with FSDP2
+(``train.parallel: fsdp``: ``fully_shard`` on every decoder layer of each model,
+the rest in the root unit). ``train.precision`` picks bf16 autocast (the default on
+CUDA) or fp32 (the default on CPU).
 
 Checkpoints (``train.checkpoint_every``) hold the weights, the optimiser,
-schedule, data order and RNG states; they are written under a temporary name and
-renamed, and ``resume: auto`` continues from the newest one, giving the weights
-an uninterrupted run would have reached. The final student is saved with
-``save_pretrained`` under ``output_dir/final``.
+schedule, data order, the algorithm's state and RNG states; they are written
+under a temporary name and renamed, and ``resume: auto`` continues from the newest
+one, giving the weights an uninterrupted run would have reached. The final
+student is saved with ``save_pretrained`` under ``output_dir/final``. Callbacks a
+config enables (``callbacks:``) are called at start, at each logged step, after
+each evaluation and checkpoint, and at the end.
 """
 
 from __future__ import annotations
@@ -37,15 +45,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from .algorithm import Models, Run
 from .atomic import write_dir_atomically, write_text_atomically
-from .causal_lm import final_hidden, lm_head_weight, load_causal_lm, tiny_qwen2
-from .config import build_objective, objective_terms
-from .data import IGNORE_INDEX, data_format
-from .errors import ConfigError, DataError, DistillzooError
+from .callbacks import Callbacks, build_callbacks
+from .causal_lm import model_from_config, model_given, require_model
+from .config import algorithm_choice, objective_terms
+from .data import PreferenceDataset, format_records, formats_of
+from .errors import ConfigError, DistillzooError
+from .manager import algorithm_spec
 from .manager import objective as make_objective
-from .shards import ConversationDataset, TokenShards, collate_sft
+from .shards import ConversationDataset, TokenShards
 from .streams import MixedStreams, Stream
 
 CHECKPOINT_PREFIX = "step-"
@@ -55,41 +66,13 @@ PARALLEL = ("ddp", "fsdp")
 
 # ---------------------------------------------------------------------------- config checks (no model loaded)
 def validate(cfg: DictConfig, where: str = "<config>"):
-    """Everything that can be checked without loading a model: names, paths, sizes.
+    """Everything that can be checked without loading a model: names, paths, sizes, what the algorithm needs.
 
-    Returns the opened teacher cache when the config names one (else None), so it is read once.
+    Returns the algorithm (built with the objective, its own checks done) and the enabled callbacks.
     """
-    terms = objective_terms(cfg)
-    from .manager import objective_spec
-
-    for term in terms:
-        kind = objective_spec(term.name).kind
-        if kind != "logit":
-            raise ConfigError(f"{where}: {term.path}.name: '{term.name}' is a {kind} objective; "
-                              "distillzoo train runs logit-level objectives (use preference_step for dpo/simpo/dpkd)")
+    algorithm, inferred_from = build_algorithm(cfg, where)
     if cfg.student is None or (cfg.student.path is None) == (cfg.student.tiny is None):
         raise ConfigError(f"{where}: student: give exactly one of student.path (a local model directory) or student.tiny")
-    t = cfg.train
-    if not 0 <= t.on_policy <= 1:
-        raise ConfigError(f"{where}: train.on_policy: {t.on_policy} is not a probability in [0, 1]")
-    if t.on_policy:
-        if cfg.teacher is not None and cfg.teacher.cache is not None:
-            raise ConfigError(f"{where}: train.on_policy: a teacher cache covers the data's responses only; the "
-                              "student's own samples need a live teacher (teacher.path or teacher.tiny)")
-        if t.parallel == "fsdp":
-            raise ConfigError(f"{where}: train.on_policy: sampling from an FSDP2-sharded student is not supported "
-                              "yet; use train.parallel=ddp")
-        try:
-            _on_policy_sampling(t, cfg.seed, 0)
-        except DistillzooError as e:
-            raise ConfigError(f"{where}: train.on_policy_*: {e}") from None
-    objective = build_objective(cfg)
-    teacher = cfg.teacher
-    sources = [] if teacher is None else [key for key in ("path", "tiny", "cache") if teacher[key] is not None]
-    if objective.needs_teacher and len(sources) != 1:
-        raise ConfigError(f"{where}: teacher: the objective needs a teacher; give one of teacher.path, teacher.tiny "
-                          f"or teacher.cache{f' (got {sources})' if sources else ''}")
-    cache = _check_cache(cfg, objective, where) if teacher is not None and teacher.cache is not None else None
     if cfg.data is None or not cfg.data.streams:
         raise ConfigError(f"{where}: data.streams: give at least one stream {{name, path, format, repeat|weight}}")
     streams = list(enumerate(cfg.data.streams)) + ([("eval", cfg.data.eval)] if cfg.data.eval is not None else [])
@@ -99,17 +82,33 @@ def validate(cfg: DictConfig, where: str = "<config>"):
         if path.is_dir():
             if not (path / "meta.json").is_file():
                 raise ConfigError(f"{where}: {key}.path: {path} is a directory but not a prepared one (no meta.json)")
+            records, what = "instruction", "a prepared directory"
         elif path.is_file():
             if stream.format is None:
                 raise ConfigError(f"{where}: {key}.format: {path} is JSONL; name its format (dolly, alpaca, chat, ...)")
             try:
-                data_format(stream.format)
+                records, what = format_records(stream.format), f"format {stream.format!r}"
             except DistillzooError as e:
                 raise ConfigError(f"{where}: {key}.format: {e}") from None
         else:
             raise ConfigError(f"{where}: {key}.path: {str(path)!r} does not exist")
+        wanted = (algorithm.eval_records or algorithm.records) if i == "eval" else algorithm.records
+        if records != wanted:
+            formats = f"{wanted} formats: {', '.join(formats_of(wanted))}"
+            if inferred_from is not None and i != "eval":
+                term = inferred_from
+                raise ConfigError(f"{where}: {term.path}.name: {term.name!r} is a {algorithm.objective.kind} objective, "
+                                  f"trained by algorithm {algorithm.name!r} on {wanted} records, but {key} "
+                                  f"({what}) holds {records} records; give {wanted} data ({formats}) or choose "
+                                  f"algorithm.name")
+            raise ConfigError(f"{where}: {key}: {what} holds {records} records, but algorithm {algorithm.name!r} "
+                              f"{'evaluates' if i == 'eval' else 'trains'} on {wanted} records ({formats})")
         if i != "eval" and stream.repeat is None and stream.weight is None:
             raise ConfigError(f"{where}: {key}: give a repeat count or a weight")
+    algorithm.check(cfg, where)
+    for role, required in algorithm.roles(cfg).items():
+        if required:
+            require_model(cfg, role, f"algorithm {algorithm.name!r}", where)
     t = cfg.train
     if t.steps < 1 or t.batch_size < 1:
         raise ConfigError(f"{where}: train.steps and train.batch_size must be >= 1")
@@ -120,61 +119,45 @@ def validate(cfg: DictConfig, where: str = "<config>"):
         raise ConfigError(f"{where}: resume: {cfg.resume!r} is not one of ['auto', 'never']")
     if cfg.output_dir is None:
         raise ConfigError(f"{where}: output_dir: give a directory for checkpoints, metrics and the final student")
-    return cache
+    return algorithm, build_callbacks(cfg, where)
+
+
+def build_algorithm(cfg: DictConfig, where: str = "<config>"):
+    """``(algorithm, term)``: the config's algorithm built with its objective (every term summed over units).
+
+    ``term`` is the objective term whose kind chose the algorithm when the config
+    names none (its ``default_algorithm``), else None.
+    """
+    from .base import Mixture
+
+    terms = objective_terms(cfg)
+    built = [(t.weight, make_objective(t.name, **{**t.params, "reduction": "sum"})) for t in terms]
+    objective = built[0][1] if cfg.get("objective") is not None else Mixture(built)
+    name, params = algorithm_choice(cfg)
+    inferred_from = None if name is not None else terms[0]
+    name = name or objective.default_algorithm
+    try:
+        spec = algorithm_spec(name, where=f"{where}: algorithm.name")
+    except DistillzooError as e:
+        raise ConfigError(str(e)) from None
+    if objective.kind not in spec.cls.objective_kinds:
+        from .manager import objective_specs
+
+        fits = sorted(n for n, s in objective_specs().items() if s.kind in spec.cls.objective_kinds)
+        raise ConfigError(f"{where}: {terms[0].path}.name: {terms[0].name!r} is a {objective.kind} objective; "
+                          f"algorithm {name!r} trains {'/'.join(spec.cls.objective_kinds)} objectives "
+                          f"({', '.join(fits)})")
+    return spec.cls(objective, **spec.validate_params(params, f"{where}: algorithm")), inferred_from
 
 
 # ---------------------------------------------------------------------------- pieces
-def _dataset(stream, tokenizer, data):
+def _dataset(stream, records: str, tokenizer, data):
     path = Path(stream.path)
+    if records == "preference":
+        return PreferenceDataset(path, tokenizer, format=stream.format, max_length=data.max_length, system=data.system)
     if path.is_dir():
         return TokenShards(path)
     return ConversationDataset(path, stream.format, tokenizer, max_length=data.max_length, system=data.system)
-
-
-def model_from_config(mcfg, what: str):
-    """The model a ``student`` / ``teacher`` section names: a local directory, or a tiny Qwen2 from its config."""
-    if mcfg.path is not None:
-        return load_causal_lm(mcfg.path)
-    kwargs = {"tie_word_embeddings": True, **OmegaConf.to_container(mcfg.tiny, resolve=True)}
-    try:
-        return tiny_qwen2(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{what}.tiny: {e}") from None
-
-
-def require_model(cfg, role: str, needed_by: str, where: str) -> None:
-    """A ConfigError unless ``cfg[role]`` names a model one way (a path or a tiny config)."""
-    m = cfg[role]
-    if m is None or (m.path is None) == (m.tiny is None):
-        raise ConfigError(f"{where}: {role}: {needed_by} needs the {role}; give {role}.path or {role}.tiny")
-
-
-def _given(mcfg) -> bool:
-    return mcfg is not None and (mcfg.path is not None or mcfg.tiny is not None)
-
-
-def _check_cache(cfg, objective, where: str):
-    """The teacher cache, refused unless its manifest agrees with the config (k, tokenizer, temperature)."""
-    from .base import Mixture
-    from .teacher_cache import TeacherCache
-    from .tokenizer import load_tokenizer
-
-    try:
-        cache = TeacherCache(cfg.teacher.cache)
-    except DistillzooError as e:
-        raise ConfigError(f"{where}: teacher.cache: {e}") from None
-    terms = objective.terms if isinstance(objective, Mixture) else [objective]
-    dense_only = [t.name for t in terms if t.needs_teacher and not t.accepts_sparse_teacher]
-    if dense_only:
-        raise ConfigError(f"{where}: teacher.cache: {', '.join(dense_only)} cannot take a top-k (sparse) teacher; a "
-                          "cache works with the objectives that accept one (fkl, rkl, jsd, skl, srkl, tvd)")
-    temperatures = {float(t.temperature) for t in terms if getattr(t, "needs_teacher", False)}
-    if len(temperatures) > 1:
-        raise ConfigError(f"{where}: objectives: a teacher cache holds one temperature; the terms use {sorted(temperatures)}")
-    tokenizer = load_tokenizer(cfg.data.tokenizer if cfg.data is not None else None).name
-    cache.check(f"{where}: teacher.cache", k=cfg.teacher.top_k, tokenizer=tokenizer,
-                temperature=temperatures.pop() if temperatures else None)
-    return cache
 
 
 def lr_at(step: int, t) -> float:
@@ -183,15 +166,6 @@ def lr_at(step: int, t) -> float:
         return t.lr * (step + 1) / t.warmup_steps
     progress = (step - t.warmup_steps) / max(t.steps - t.warmup_steps, 1)
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
-def _sum_objective(cfg):
-    """The config's objective with reduction 'sum' on every term (the loop normalises by global tokens)."""
-    from .base import Mixture
-
-    terms = objective_terms(cfg)
-    built = [(t.weight, make_objective(t.name, **{**t.params, "reduction": "sum"})) for t in terms]
-    return built[0][1] if cfg.get("objective") is not None else Mixture(built)
 
 
 def _rng_state() -> dict:
@@ -219,7 +193,7 @@ class TrainResult:
 
 # ---------------------------------------------------------------------------- the loop
 def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
-    cache = validate(cfg, where)
+    algorithm, enabled = validate(cfg, where)
     from .tokenizer import load_tokenizer
 
     t = cfg.train
@@ -234,33 +208,37 @@ def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
     per_rank = t.batch_size // world
     micro = t.micro_batch_size or per_rank
     output_dir = Path(cfg.output_dir)
+    callbacks = Callbacks(enabled, rank)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    streams = MixedStreams([Stream(s.name, _dataset(s, tokenizer, cfg.data), s.repeat, s.weight)
-                            for s in cfg.data.streams], seed=cfg.seed, samples_per_epoch=cfg.data.samples_per_epoch,
-                           rank=rank, world_size=world)
-    eval_set = _dataset(cfg.data.eval, tokenizer, cfg.data) if cfg.data.eval is not None else None
+    datasets = [_dataset(s, algorithm.records, tokenizer, cfg.data) for s in cfg.data.streams]
+    streams = MixedStreams([Stream(s.name, d, s.repeat, s.weight) for s, d in zip(cfg.data.streams, datasets)],
+                           seed=cfg.seed, samples_per_epoch=cfg.data.samples_per_epoch, rank=rank, world_size=world)
+    eval_set = None
+    if cfg.data.eval is not None:
+        eval_set = _dataset(cfg.data.eval, algorithm.eval_records or algorithm.records, tokenizer, cfg.data)
 
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
-    student = model_from_config(cfg.student, "student").to(device).train()
-    teacher = None
-    objective = _sum_objective(cfg)
-    if cache is not None:
-        cache.check(f"{where}: teacher.cache", vocab_size=lm_head_weight(student).shape[0])
-    elif objective.needs_teacher or (eval_set is not None and _given(cfg.teacher)):  # eval reports the KL too
-        teacher = model_from_config(cfg.teacher, "teacher").to(device).eval().requires_grad_(False)
-    step_of = _Step(student, teacher, objective, bf16)
     fsdp = distributed and t.parallel == "fsdp"
+    run = Run(cfg, where, tokenizer, device, rank, world, ("fsdp" if fsdp else "ddp") if distributed else None,
+              datasets + ([eval_set] if eval_set is not None else []),
+              student=model_from_config(cfg.student, "student").to(device).train())
+    for role in algorithm.roles(cfg):
+        if model_given(cfg[role]):
+            setattr(run, role, model_from_config(cfg[role], role).to(device).eval().requires_grad_(False))
+    algorithm.prepare(run)
+    student = run.student
+    models = Models(student, run.teacher, run.reference, algorithm, bf16)
+    step_of = models
     if fsdp:
-        step_of = _fully_shard(step_of)
+        step_of = _fully_shard(models)
     elif distributed:
-        if teacher is not None:  # frozen and identical on every rank: neither broadcast nor reduced
-            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                step_of, [f"teacher.{name}" for name, _ in [*teacher.named_parameters(), *teacher.named_buffers()]])
-        step_of = torch.nn.parallel.DistributedDataParallel(step_of)
+        # teacher and reference are frozen and identical on every rank: neither broadcast nor reduced
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(models, models.frozen())
+        step_of = torch.nn.parallel.DistributedDataParallel(models)
     optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=not fsdp)
     step = 0
     checkpoint = latest_checkpoint(output_dir) if cfg.resume == "auto" else None
@@ -268,6 +246,7 @@ def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
         state = torch.load(checkpoint / "state.pt", weights_only=False, map_location="cpu")
         _load_training_state(student, optimizer, state)
         streams.load_state_dict(state["data"])
+        algorithm.load_state_dict(state.get("algorithm") or {})
         _set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
         step = state["step"]
         if rank == 0:
@@ -275,51 +254,57 @@ def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
             print(f"resumed from {checkpoint} at step {step}", file=sys.stderr)
     elif rank == 0 and cfg.resume == "never" and (output_dir / "metrics.jsonl").exists():
         (output_dir / "metrics.jsonl").unlink()
+    run.extra["step"] = step
+    callbacks.fire("on_train_start", run)
 
     bar = None
     if t.progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=t.steps, initial=step, desc="distillzoo train", dynamic_ncols=True)
+        bar = tqdm(total=t.steps, initial=step, desc=f"distillzoo train ({algorithm.name})", dynamic_ncols=True)
     loss_value = float("nan")
     while step < t.steps:
         started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, t)
-        examples = streams.take(per_rank)
-        if t.on_policy and _on_policy_step(cfg.seed, step, t.on_policy):
-            examples = student_samples(student, tokenizer, examples, _on_policy_sampling(t, cfg.seed, step))
-        chunks = _chunks(examples, micro)
-        batches = [{k: v.to(device) for k, v in collate_sft(chunk, tokenizer.pad_id).items()} for chunk in chunks]
-        n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        n_global = _all_reduce(torch.tensor(float(n_local)), distributed)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        batches = algorithm.micro_batches(run, streams.take(per_rank), step, micro)
+        counts = _all_reduce(torch.tensor([float(sum(b.count for b in batches)), float(sum(b.tokens for b in batches))],
+                                          dtype=torch.float64), distributed)
+        n_global, tokens = float(counts[0]), int(counts[1])
+        sums: dict[str, torch.Tensor] = {}
         for i, b in enumerate(batches):
-            last = i == len(batches) - 1
-            with _gradient_sync(step_of, last, distributed):
-                targets = b["labels"][:, 1:]
-                sparse = None if cache is None else cache.sparse_teacher(_sample_ids(chunks[i], where), targets)
-                part = step_of(b["input_ids"], b["attention_mask"], targets, sparse=sparse)
-                (part * (world / max(float(n_global), 1.0))).backward()
-            loss_sum += part.detach().double().cpu()
+            with _gradient_sync(step_of, i == len(batches) - 1, distributed):
+                out = step_of(b)
+                (out.value * (world / max(n_global, 1.0))).backward()
+            _accumulate(sums, {"loss": out.value, **out.metrics})
         norm = _full(torch.nn.utils.clip_grad_norm_(student.parameters(), t.max_grad_norm or float("inf")))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss_value = float(_all_reduce(loss_sum, distributed)) / max(float(n_global), 1.0)
+        means = _global_means(sums, n_global, distributed)
+        loss_value = means.pop("loss")
         elapsed = time.perf_counter() - started
         record = {"step": step, "loss": loss_value, "lr": lr_at(step - 1, t), "grad_norm": float(norm),
-                  "tokens": int(n_global), "tokens_per_s": float(n_global) / max(elapsed, 1e-9)}
+                  "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+        if algorithm.unit != "tokens":
+            record[algorithm.unit] = int(n_global)
+        record.update(means)
         if t.eval_every and eval_set is not None and (step % t.eval_every == 0 or step == t.steps):
-            record.update(evaluate(step_of, eval_set, tokenizer.pad_id, micro, device))
-        if rank == 0:
-            if t.log_every and (step % t.log_every == 0 or step == t.steps or "eval/nll" in record):
-                _append_jsonl(output_dir / "metrics.jsonl", record)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            evaluated = evaluate(step_of, algorithm, run, eval_set, micro)
+            record.update(evaluated)
+            callbacks.fire("on_evaluate", step, evaluated)
+        logged = bool(t.log_every) and (step % t.log_every == 0 or step == t.steps
+                                        or any(k.startswith("eval/") for k in record))
+        if logged and rank == 0:
+            _append_jsonl(output_dir / "metrics.jsonl", record)
+        if logged:
+            callbacks.fire("on_log", step, record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(_progress(record, algorithm))
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:
-            _save_checkpoint(output_dir, step, student, optimizer, streams, distributed, rank)
+            path = _save_checkpoint(output_dir, step, student, optimizer, streams, algorithm, distributed, rank)
+            callbacks.fire("on_checkpoint", step, path)
     if bar is not None:
         bar.close()
     weights = _full_model_state(student) if fsdp else None
@@ -327,61 +312,16 @@ def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
         write_dir_atomically(output_dir / "final", lambda tmp: _save_pretrained(student, weights, tmp))
     if distributed:
         torch.distributed.barrier()
-    return TrainResult(output_dir, step, loss_value)
+    result = TrainResult(output_dir, step, loss_value)
+    callbacks.fire("on_train_end", result)
+    return result
 
 
-class _Step(torch.nn.Module):
-    """Student and frozen teacher as one module whose forward is the loss, so that DDP and FSDP2 see it.
-
-    ``forward`` returns the objective summed over the valid tokens of a batch,
-    from the final hidden states and lm_head weights (no ``[tokens, V]`` logits).
-    Under FSDP2 the lm_head weights are whole only inside this forward, which is
-    why the loss is computed here and not by the caller. With ``bf16`` the
-    decoders run under autocast and the loss head takes bf16 operands
-    (accumulating in fp32); the fp32 weights stay the master copy.
-    """
-
-    def __init__(self, student, teacher, objective, bf16: bool) -> None:
-        super().__init__()
-        self.student = student
-        self.teacher = teacher
-        self.objective = objective
-        self.bf16 = bf16
-
-    def _hidden(self, model, input_ids, attention_mask):
-        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return final_hidden(model, input_ids, attention_mask)[:, :-1]
-
-    def _cast(self, x):
-        return x.to(torch.bfloat16) if self.bf16 else x
-
-    def forward(self, input_ids, attention_mask, targets, evaluate: bool = False, sparse=None):
-        """``sparse``: a SparseTeacher from a teacher cache, used in place of the teacher model."""
-        hs = self._cast(self._hidden(self.student, input_ids, attention_mask))
-        ws = self._cast(lm_head_weight(self.student))
-        ht = wt = None
-        if sparse is not None:
-            ht = sparse
-        elif self.teacher is not None and (evaluate or self.objective.needs_teacher):
-            with torch.no_grad():
-                ht = self._cast(self._hidden(self.teacher, input_ids, attention_mask))
-                wt = self._cast(lm_head_weight(self.teacher))
-        if not evaluate:
-            return self.objective.from_hidden(hs, ws, ht, wt, targets)
-        from .kernels import token_logprobs
-
-        nll = -token_logprobs(hs, ws, targets).double().sum()
-        if ht is None:
-            return torch.stack([nll, torch.zeros_like(nll)])
-        kl = make_objective("fkl", reduction="sum").from_hidden(hs, ws, ht, wt, targets)
-        return torch.stack([nll, kl.double()])
-
-
-def _fully_shard(step_of: _Step):
-    """FSDP2: each decoder layer of student and teacher is a unit; the rest (embeddings, norms, heads) the root."""
+def _fully_shard(models: Models):
+    """FSDP2: each decoder layer of every model is a unit; the rest (embeddings, norms, heads) the root."""
     from torch.distributed.fsdp import fully_shard
 
-    for model in (step_of.student, step_of.teacher):
+    for model in (models.student, models.teacher, models.reference):
         if model is None:
             continue
         layers = getattr(model.get_decoder(), "layers", None)
@@ -389,7 +329,7 @@ def _fully_shard(step_of: _Step):
             raise ConfigError(f"train.parallel=fsdp: {type(model).__name__} has no decoder.layers to shard")
         for layer in layers:
             fully_shard(layer)
-    return fully_shard(step_of)
+    return fully_shard(models)
 
 
 def _gradient_sync(step_of, last: bool, distributed: bool):
@@ -407,25 +347,43 @@ def _full(x):
     return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 
+def _accumulate(sums: dict, values: dict) -> None:
+    for key, value in values.items():
+        value = value.detach().double().cpu()
+        sums[key] = sums[key] + value if key in sums else value
+
+
+def _global_means(sums: dict, count: float, distributed: bool) -> dict[str, float]:
+    """Sums over micro-batches, all-reduced over ranks (one call), divided by the step's global count."""
+    keys = sorted(sums)
+    total = _all_reduce(torch.stack([sums[k].reshape(()) for k in keys]), distributed)
+    return {k: float(v) / max(count, 1.0) for k, v in zip(keys, total.tolist())}
+
+
+def _progress(record: dict, algorithm) -> dict:
+    """The progress bar's postfix: the loss, each mixture term's loss, the algorithm's chosen metrics, tokens/s."""
+    shown = {"loss": f"{record['loss']:.4f}"}
+    for key, value in record.items():
+        if key.startswith("loss/") or key in algorithm.progress_metrics:
+            shown[key.rpartition("/")[2] if key.startswith("loss/") else key] = f"{value:.4f}"
+    shown["tok_s"] = f"{record['tokens_per_s']:.0f}"
+    return shown
+
+
 @torch.no_grad()
-def evaluate(step_of, dataset, pad_id: int, batch_size: int, device) -> dict:
-    """Held-out student NLL per response token and, with a teacher, KL(teacher || student) per token."""
-    module = step_of.module if isinstance(step_of, torch.nn.parallel.DistributedDataParallel) else step_of
-    was_training = module.student.training
-    module.student.eval()
-    sums = torch.zeros(2, dtype=torch.float64)
-    tokens = 0
-    for start in range(0, len(dataset), batch_size):
-        batch = collate_sft([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], pad_id)
-        targets = batch["labels"][:, 1:].to(device)
-        sums += step_of(batch["input_ids"].to(device), batch["attention_mask"].to(device), targets,
-                        evaluate=True).cpu()
-        tokens += int((targets != IGNORE_INDEX).sum())
-    module.student.train(was_training)
-    out = {"eval/nll": float(sums[0]) / max(tokens, 1)}
-    if module.teacher is not None:
-        out["eval/kl_teacher_student"] = float(sums[1]) / max(tokens, 1)
-    return out
+def evaluate(step_of, algorithm, run: Run, dataset, batch_size: int) -> dict:
+    """The algorithm's held-out metrics over the whole of ``dataset``, each per unit: ``{"eval/<name>": value}``."""
+    models = step_of.module if isinstance(step_of, torch.nn.parallel.DistributedDataParallel) else step_of
+    was_training = models.student.training
+    models.student.eval()
+    sums: dict[str, torch.Tensor] = {}
+    count = 0.0
+    examples = [dataset[i] for i in range(len(dataset))]
+    for b in algorithm.eval_batches(run, examples, batch_size):
+        _accumulate(sums, step_of(b, evaluate=True).metrics)
+        count += b.count
+    models.student.train(was_training)
+    return {f"eval/{k}": float(v) / max(count, 1.0) for k, v in sums.items()}
 
 
 def _state_options(**kwargs):
@@ -459,7 +417,8 @@ def _save_pretrained(student, weights: dict | None, directory: Path) -> None:
     student.save_pretrained(directory)
 
 
-def _save_checkpoint(output_dir: Path, step: int, student, optimizer, streams, distributed: bool, rank: int) -> None:
+def _save_checkpoint(output_dir: Path, step: int, student, optimizer, streams, algorithm, distributed: bool,
+                     rank: int) -> Path:
     rng = _rng_state()
     if distributed:
         gathered = [None] * torch.distributed.get_world_size()
@@ -469,68 +428,16 @@ def _save_checkpoint(output_dir: Path, step: int, student, optimizer, streams, d
 
     model_state = _full_model_state(student)
     optimizer_state = get_optimizer_state_dict(student, optimizer, options=_state_options(cpu_offload=True))
+    path = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
     if rank == 0:
         state = {"step": step, "model": model_state, "optimizer": optimizer_state,
-                 "data": streams.state_dict(), "rng": rng}
-        write_dir_atomically(output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}",
-                    lambda tmp: torch.save(state, tmp / "state.pt"))
+                 "data": streams.state_dict(), "algorithm": algorithm.state_dict(), "rng": rng}
+        write_dir_atomically(path, lambda tmp: torch.save(state, tmp / "state.pt"))
         for old in sorted((output_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"))[:-2]:
             shutil.rmtree(old, ignore_errors=True)  # keep the two newest
     if distributed:
         torch.distributed.barrier()
-
-
-def _on_policy_step(seed: int, step: int, probability: float) -> bool:
-    """Whether step ``step`` trains on student samples: the same on every rank, and after a resume."""
-    from .generation import sample_seed
-
-    return torch.rand((), generator=torch.Generator().manual_seed(sample_seed(seed, f"on-policy:{step}"))) < probability
-
-
-def _on_policy_sampling(t, seed: int, step: int):
-    from .generation import Sampling
-
-    return Sampling(t.on_policy_max_new_tokens, t.on_policy_temperature, seed=seed * 1_000_003 + step)
-
-
-@torch.no_grad()
-def student_samples(student, tokenizer, examples: list[dict], sampling) -> list[dict]:
-    """The examples with their last scored reply replaced by the student's own sample (GKD's on-policy data).
-
-    The prompt is everything before the last run of loss tokens; the sample is
-    scored, with ``<|im_end|>`` when the student produced it. Each example samples
-    from a generator seeded by the step's seed and its sample id (or position).
-    """
-    from .generation import decode
-
-    prompts = []
-    for ex in examples:
-        mask = ex["loss_mask"].tolist()
-        last = len(mask) - 1 - mask[::-1].index(True)
-        start = last
-        while start > 0 and mask[start - 1]:
-            start -= 1
-        prompts.append(ex["input_ids"][:start].tolist())
-    ids = [str(ex.get("id", i)) for i, ex in enumerate(examples)]
-    answers = decode(student, tokenizer, prompts, sampling, ids=ids, batch_size=len(examples))
-    out = []
-    for ex, prompt, (answer, finish) in zip(examples, prompts, answers):
-        reply = answer + ([tokenizer.im_end_id] if finish == "stop" else [])  # never empty: max_new_tokens >= 1
-        out.append({**ex, "input_ids": torch.tensor(prompt + reply, dtype=torch.int32),
-                    "loss_mask": torch.tensor([False] * len(prompt) + [True] * len(reply))})
-    return out
-
-
-def _sample_ids(examples, where: str) -> list:
-    ids = [ex.get("id") for ex in examples]
-    if any(i is None for i in ids):
-        raise DataError(f"{where}: teacher.cache: an example has no sample id (a data directory from an older "
-                        "distillzoo prepare? prepare it again); the cache is read by id")
-    return ids
-
-
-def _chunks(items, size):
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return path
 
 
 def _all_reduce(x: torch.Tensor, distributed: bool) -> torch.Tensor:

@@ -148,8 +148,8 @@ def read_chat(record: dict) -> dict:
 
 @hookimpl
 def register_data_formats(register):
-    register("dolly", read_dolly, summary="instruction, optional context, response (databricks-dolly-15k)")
-    register("alpaca", read_alpaca, summary="instruction, optional input, output (Stanford Alpaca)")
-    register("chat", read_chat, summary="messages: [{role, content}, ...]; the loss on assistant turns")
-    register("preference", read_preference,
+    register("dolly", read_dolly, records="instruction", summary="instruction, optional context, response (databricks-dolly-15k)")
+    register("alpaca", read_alpaca, records="instruction", summary="instruction, optional input, output (Stanford Alpaca)")
+    register("chat", read_chat, records="instruction", summary="messages: [{role, content}, ...]; the loss on assistant turns")
+    register("preference", read_preference, records="preference",
              summary="prompt/chosen/rejected as strings or chat messages (TRL's formats); optional id and reference log-probs")

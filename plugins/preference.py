@@ -107,6 +107,7 @@ class DPKD(DPO):
     """
 
     name = "dpkd"
+    default_algorithm = "dpkd"
     extra_inputs = ("reverse_kl",)
 
     def __init__(self, *, beta: float = 0.1, ce_weight: float = 0.0, rkl_weight: float = 0.0, **common) -> None:
@@ -121,8 +122,10 @@ class DPKD(DPO):
                                  "(its logits along the teacher's response); a reference cache holds only sequence "
                                  "log-probs")
         rkl = objective("rkl", reduction="none")
-        per_token = rkl.from_hidden(policy.hidden[:n_pairs], lm_head_weight(policy_model), reference.hidden[:n_pairs],
-                                    lm_head_weight(reference_model), policy.targets[:n_pairs])
+        ws = policy.weight if policy.weight is not None else lm_head_weight(policy_model)
+        wt = reference.weight if reference.weight is not None else lm_head_weight(reference_model)
+        per_token = rkl.from_hidden(policy.hidden[:n_pairs], ws, reference.hidden[:n_pairs], wt,
+                                    policy.targets[:n_pairs])
         return {"reverse_kl": per_token.sum(-1) / policy.lengths[:n_pairs]}
 
     def pair_losses(self, pc, pr, rc, rr, cl, rl, reverse_kl: Tensor | None = None, **extra) -> PairTerms:

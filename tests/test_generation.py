@@ -48,6 +48,34 @@ def test_sampling_follows_temperature_top_k_and_top_p_by_hand():
     assert frequencies(logits, Sampling(temperature=0)).tolist() == [1.0, 0, 0, 0]
 
 
+def test_mixed_sampling_draws_from_the_weighted_mixture_by_hand():
+    """MiniLLM's teacher-mixed sampling: (1 - w) q + w p, each at the temperature, over the shared vocab."""
+    q = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    p = torch.tensor([0.1, 0.1, 0.2, 0.4, 0.2])  # one entry more: only the shared first four are compared
+    n = 6000
+    picks = _pick(q.log()[None].expand(n, -1).clone(), Sampling(temperature=1.0), generators(n),
+                  (p.log()[None].expand(n, -1).clone(), 0.25))
+    shared = p[:4] / p[:4].sum()
+    want = 0.75 * q + 0.25 * shared
+    assert (torch.bincount(picks, minlength=4).double() / n).tolist() == pytest.approx(want.tolist(), abs=0.02)
+
+
+def test_mixed_decoding_at_weight_0_and_1_is_each_model_alone(tok):
+    student = tiny_qwen2(hidden_size=32, num_layers=1, seed=0)
+    teacher = tiny_qwen2(hidden_size=48, num_layers=1, seed=1)
+    prompts = [tok.encode_prompt([{"role": "user", "content": p}], None) for p in PROMPTS[:4]]
+    ids = [f"p{i}" for i in range(4)]
+    sampling = Sampling(max_new_tokens=4, temperature=1.0, seed=3)
+    assert decode(student, tok, prompts, sampling, ids=ids, mix=(teacher, 0.0)) == decode(student, tok, prompts,
+                                                                                           sampling, ids=ids)
+    assert decode(student, tok, prompts, sampling, ids=ids, mix=(teacher, 1.0)) == decode(teacher, tok, prompts,
+                                                                                           sampling, ids=ids)
+    halfway = decode(student, tok, prompts, sampling, ids=ids, mix=(teacher, 0.5))
+    assert halfway != decode(student, tok, prompts, sampling, ids=ids)
+    with pytest.raises(dz.ParameterError, match="mixed sampling needs temperature > 0"):
+        decode(student, tok, prompts, Sampling(max_new_tokens=2, temperature=0), ids=ids, mix=(teacher, 0.5))
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"temperature": -1}, "temperature must be >= 0"), ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
     ({"top_k": -2}, "top_k must be >= 0"), ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
@@ -179,13 +207,13 @@ def test_the_cli_answers_then_a_rerun_finds_everything_done(tmp_path, capsys):
     (lambda g, c: g.update(model="judge"), r"generate.model: 'judge' is not one of"),
 ])
 def test_bad_generate_configs_fail_before_any_model_is_loaded(tmp_path, monkeypatch, change, message):
-    import distillzoo.trainer as trainer
+    import distillzoo.causal_lm as causal_lm  # where models are built
     from distillzoo.generation import generate_from_config
 
     def no_models(*args, **kwargs):
         raise AssertionError("a model was built before the config was checked")
 
-    monkeypatch.setattr(trainer, "tiny_qwen2", no_models)
+    monkeypatch.setattr(causal_lm, "tiny_qwen2", no_models)
     raw = generate_config(tmp_path)
     change(raw["generate"], raw)
     path = tmp_path / "bad.yaml"

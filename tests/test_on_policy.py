@@ -10,7 +10,8 @@ from distillzoo.causal_lm import tiny_qwen2
 from distillzoo.generation import Sampling, decode
 from distillzoo.shards import ConversationDataset
 from distillzoo.streams import MixedStreams, Stream
-from distillzoo.trainer import _on_policy_step, train
+from distillzoo.plugins.algorithms import on_policy_step as _on_policy_step
+from distillzoo.trainer import train
 from helpers import write_jsonl
 
 STUDENT = {"hidden_size": 32, "num_layers": 1, "seed": 0}

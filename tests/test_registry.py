@@ -214,12 +214,59 @@ def test_plugins_info_reports_hooks_and_names(register_plugin):
     assert builtin["hooks"] == ["register_objectives"]
     mine = info["components-plugin"]
     assert mine["hooks"] == ["register_data_formats", "register_scorers", "register_trainer_callbacks"]
+    assert mine["algorithms"] == []
     assert (mine["data_formats"], mine["scorers"], mine["trainer_callbacks"]) == (["tsv"], ["length"], ["print-loss"])
+
+
+class NoisyDistill(dz.Algorithm):
+    """A throwaway third-party algorithm (never run here: registration and lookup only)."""
+
+    name = "noisy"
+    summary = "a throwaway algorithm"
+    params = {"sigma": {"type": "float", "default": 0.1, "range": "[0, inf)"}}
+
+
+class AlgorithmPlugin:
+    def __init__(self, cls=NoisyDistill):
+        self.cls = cls
+
+    @dz.hookimpl
+    def register_algorithms(self, register):
+        register(self.cls)
+
+
+def test_hook_register_algorithms(register_plugin):
+    register_plugin(AlgorithmPlugin(), "noisy-plugin")
+    spec = dz.algorithm_spec("noisy")
+    assert spec.package == "noisy-plugin" and spec.cls is NoisyDistill
+    assert spec.validate_params({"sigma": 2}) == {"sigma": 2.0}
+    with pytest.raises(dz.ParameterError, match=r"algorithm 'noisy': parameter 'sigma' = -1.0 is out of range"):
+        spec.validate_params({"sigma": -1.0})
+    info = {p["name"]: p for p in dz.plugins_info()}
+    assert info["noisy-plugin"]["algorithms"] == ["noisy"] and info["noisy-plugin"]["hooks"] == ["register_algorithms"]
+    assert info["distillzoo.plugins.algorithms"]["algorithms"] == ["distill", "dpkd", "preference"]
+
+
+def test_duplicate_algorithm_name_names_both_packages(register_plugin):
+    class FakeDistill(NoisyDistill):
+        name = "distill"
+
+    register_plugin(AlgorithmPlugin(FakeDistill), "copycat-algorithms")
+    with pytest.raises(dz.PluginError, match="algorithm 'distill' is registered twice: by package 'distillzoo' and by "
+                                             "package 'copycat-algorithms'"):
+        dz.algorithm_specs()
+
+
+def test_registering_a_non_algorithm_is_refused(register_plugin):
+    register_plugin(AlgorithmPlugin(dict), "confused-algorithms")
+    with pytest.raises(dz.PluginError, match="registered <class 'dict'> as an algorithm; it must be a "
+                                             "distillzoo.Algorithm subclass"):
+        dz.algorithm_specs()
 
 
 def test_every_hook_has_a_test_and_a_readme_section():
     hooks = [n for n in dir(hookspecs) if n.startswith("register_")]
-    assert len(hooks) == 4
+    assert len(hooks) == 5
     this_file = Path(__file__).read_text()
     readme = (ROOT / "README.md").read_text()
     for hook in hooks:

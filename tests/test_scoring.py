@@ -116,10 +116,10 @@ def test_a_judge_is_any_callable_named_by_import_path(sample, tok):
     ({"name": "mfd"}, "teacher", r"teacher: scorer 'mfd' needs the teacher"),
 ])
 def test_bad_score_configs_fail_before_any_model_loads(sample, tmp_path, monkeypatch, scorer, drop, message):
-    import distillzoo.trainer as trainer
+    import distillzoo.causal_lm as causal_lm  # where models are built
     from distillzoo.scoring import score_from_config
 
-    monkeypatch.setattr(trainer, "tiny_qwen2", lambda **kw: (_ for _ in ()).throw(AssertionError("model built")))
+    monkeypatch.setattr(causal_lm, "tiny_qwen2", lambda **kw: (_ for _ in ()).throw(AssertionError("model built")))
     raw = {"teacher": {"tiny": TEACHER}, "student": {"tiny": STUDENT},
            "score": {"data": str(sample), "out": str(tmp_path / "s.jsonl"), "scorer": scorer}}
     if drop:

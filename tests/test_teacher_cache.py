@@ -109,12 +109,12 @@ def test_a_top_32_bf16_cache_is_close_to_the_live_teacher(setup, tok):
 ])
 def test_a_cache_that_disagrees_with_the_config_is_refused_before_any_model_loads(setup, tok, monkeypatch, change,
                                                                                    message):
-    import distillzoo.trainer as trainer
+    import distillzoo.causal_lm as causal_lm  # where models are built
 
     root, data, _ = setup
     if not (root / "k32b").exists():
         cache_of(root, data, tok, k=32, dtype="bfloat16", name="k32b")
-    monkeypatch.setattr(trainer, "tiny_qwen2", lambda **kw: (_ for _ in ()).throw(AssertionError("model built")))
+    monkeypatch.setattr(causal_lm, "tiny_qwen2", lambda **kw: (_ for _ in ()).throw(AssertionError("model built")))
     raw = config(root, cache=str(root / "k32b"), top_k=32)
     change(raw)
     with pytest.raises(dz.ConfigError, match=message):

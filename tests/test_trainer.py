@@ -116,13 +116,13 @@ def test_sigkill_then_resume_auto_reaches_the_uninterrupted_weights(tmp_path):
     (lambda c: c["train"].update(parallel="zero3"), r"train.parallel: 'zero3' is not one of \['ddp', 'fsdp'\]"),
 ])
 def test_bad_config_fails_before_any_model_is_loaded(tmp_path, monkeypatch, change, message):
-    import distillzoo.trainer as trainer
+    import distillzoo.causal_lm as causal_lm  # where models are built
 
     def no_models(*args, **kwargs):
         raise AssertionError("a model was built before the config was checked")
 
-    monkeypatch.setattr(trainer, "tiny_qwen2", no_models)
-    monkeypatch.setattr(trainer, "load_causal_lm", no_models)
+    monkeypatch.setattr(causal_lm, "tiny_qwen2", no_models)
+    monkeypatch.setattr(causal_lm, "load_causal_lm", no_models)
     raw = config(tmp_path)
     change(raw)
     path = tmp_path / "bad.yaml"
