@@ -129,3 +129,26 @@ def naive_greedy(model, prompt, stop, max_new_tokens):
             out.append(token)
             ids.append(token)
     return out
+
+
+def install_into(target, package_dir):
+    """pip-install a package directory (no deps, no build isolation, no network) into ``target``; returns it."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
+                    "--target", str(target), str(package_dir)], check=True, capture_output=True, timeout=600)
+    return target
+
+
+def run_installed(args, cwd, target):
+    """``python ARGS`` with ``target`` on PYTHONPATH and every plugin allowed; its stdout (asserting exit 0)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "DISTILLZOO_PLUGINS"}  # load every plugin
+    env["PYTHONPATH"] = str(target)
+    result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout

@@ -2,12 +2,11 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import install_into, run_installed
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "distillzoo-minillm"
@@ -15,20 +14,12 @@ STUDENT = {"hidden_size": 32, "num_layers": 1, "seed": 0}
 TEACHER = {"hidden_size": 48, "num_layers": 1, "seed": 1}
 
 
-def run(args, cwd, target):
-    env = {k: v for k, v in os.environ.items() if k != "DISTILLZOO_PLUGINS"}  # load every plugin
-    env["PYTHONPATH"] = str(target)
-    result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
+run = run_installed
 
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
-                    "--target", str(target), str(EXAMPLE)], check=True, capture_output=True, timeout=600)
-    return target
+    return install_into(tmp_path_factory.mktemp("site"), EXAMPLE)
 
 
 def write_config(tmp_path, teacher_mix, steps=1):
