@@ -114,6 +114,8 @@ class Algorithm:
     unit: ClassVar[str] = "tokens"
     #: metrics shown on the progress bar besides the loss and every "loss/<term>"
     progress_metrics: ClassVar[tuple[str, ...]] = ()
+    #: ``train.*`` keys of GKD's on-policy mixing it reads (only ``distill`` does; the loop refuses them elsewhere)
+    reads_on_policy: ClassVar[bool] = False
     #: the records it trains on and evaluates on (instance attributes may override, from params)
     records: str = "instruction"
     eval_records: str | None = None
@@ -130,6 +132,11 @@ class Algorithm:
 
     def check(self, cfg, where: str) -> None:
         """Config checks of this algorithm; raise :class:`~distillzoo.ConfigError` naming the key."""
+
+    def reads(self, cfg) -> set[str]:
+        """The ``teacher`` / ``reference`` sections it reads, models or caches (after :meth:`check`); the loop
+        refuses a section nothing reads. Default: the roles."""
+        return set(self.roles(cfg))
 
     # ------------------------------------------------------------------ before the loop
     def prepare(self, run: Run) -> None:

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from .algorithm import Models, Run
+from .algorithm import ROLES, Models, Run
 from .atomic import write_dir_atomically, write_text_atomically
 from .callbacks import Callbacks, build_callbacks
 from .causal_lm import model_from_config, model_given, require_model
@@ -105,10 +105,19 @@ def validate(cfg: DictConfig, where: str = "<config>"):
                               f"{'evaluates' if i == 'eval' else 'trains'} on {wanted} records ({formats})")
         if i != "eval" and stream.repeat is None and stream.weight is None:
             raise ConfigError(f"{where}: {key}: give a repeat count or a weight")
+    if cfg.train.on_policy and not algorithm.reads_on_policy:
+        raise ConfigError(f"{where}: train.on_policy: GKD's on-policy mixing is part of algorithm 'distill', not "
+                          f"{algorithm.name!r}" + ("; for student samples in DPKD use algorithm: {name: dpkd, online: "
+                                                   "true}" if algorithm.name == "dpkd" else ""))
     algorithm.check(cfg, where)
     for role, required in algorithm.roles(cfg).items():
         if required:
             require_model(cfg, role, f"algorithm {algorithm.name!r}", where)
+    for role in ROLES:
+        section = cfg[role]
+        if section is not None and (model_given(section) or section.cache is not None) and role not in algorithm.reads(cfg):
+            raise ConfigError(f"{where}: {role}: algorithm {algorithm.name!r} does not use a {role}; remove the "
+                              "section (nothing would read it)")
     t = cfg.train
     if t.steps < 1 or t.batch_size < 1:
         raise ConfigError(f"{where}: train.steps and train.batch_size must be >= 1")

@@ -55,7 +55,11 @@ class LogitDistillation(Algorithm):
              "url": "https://arxiv.org/abs/2306.13649"}
     objective_kinds = ("logit",)
     records = "instruction"
+    reads_on_policy = True
     cache = None
+
+    def reads(self, cfg):
+        return {"teacher"}  # a model or a cache; a teacher named for a ce run reports eval/kl_teacher_student
 
     def _cache_given(self, cfg) -> bool:
         return cfg.teacher is not None and cfg.teacher.cache is not None
@@ -208,6 +212,9 @@ class PreferenceOptimisation(Algorithm):
 
     def roles(self, cfg):
         return {"reference": True} if self.source == "model" else {"teacher": True} if self.source == "teacher" else {}
+
+    def reads(self, cfg):
+        return set(self.roles(cfg)) | ({"reference"} if self.source == "cache" else set())
 
     def prepare(self, run):
         if self.source == "initial":  # taken before a checkpoint loads: the starting weights, also on resume

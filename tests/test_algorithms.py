@@ -157,6 +157,7 @@ def test_callbacks_run_on_rank_zero_unless_they_ask_for_every_rank():
 def test_a_third_party_algorithm_is_chosen_by_name_and_its_state_survives_a_resume(tmp_path, register_plugin):
     register_plugin(AlgorithmPlugin(), "counting-plugin")
     raw = config(tmp_path, "ce", steps=4, micro_batch_size=1, checkpoint_every=2, min_lr_ratio=1.0)
+    raw.pop("teacher")  # nothing in counting_ce reads one
     raw["algorithm"] = {"name": "counting_ce", "scale": 2.0}
     raw["resume"] = "auto"
     straight = metrics(train(dz.load_config(raw)).output_dir)
@@ -251,6 +252,14 @@ def bad(change, objective="fkl", fmt="chat"):
     (bad(lambda c, p: (c.update(algorithm={"name": "dpkd", "online": True}), c["train"].update(parallel="fsdp")),
          "dpkd", "chat"),
      r"algorithm.online: sampling from an FSDP2-sharded student is not supported yet"),
+    # keys and sections that the chosen algorithm would not read
+    (bad(lambda c, p: c["train"].update(on_policy=0.5), "dpkd", "preference"),
+     r"train.on_policy: GKD's on-policy mixing is part of algorithm 'distill', not 'dpkd'; for student samples in "
+     r"DPKD use algorithm: \{name: dpkd, online: true\}"),
+    (bad(lambda c, p: None, "dpo", "preference"),
+     r"teacher: algorithm 'preference' does not use a teacher; remove the section \(nothing would read it\)"),
+    (bad(lambda c, p: c.update(reference={"tiny": STUDENT}), "fkl", "chat"),
+     r"reference: algorithm 'distill' does not use a reference"),
 ])
 def test_bad_algorithm_configs_fail_before_any_model_loads(tmp_path, no_models, register_plugin, make, message):
     register_plugin(CallbackPlugin(), "recorder-plugin")
