@@ -82,7 +82,7 @@ def test_dpo_train_step(benchmark, provider, shape):
                               "data": {"streams": []}})
         algorithm, _ = build_algorithm(cfg)
         algorithm.check(cfg, "bench")
-        run = Run(cfg, "bench", tok, torch.device(DEVICE), 0, 1, None, [], student, reference=reference)
+        run = Run(cfg, "bench", tok, torch.device(DEVICE), 0, 1, [], student, reference=reference)
         models = Models(student, None, reference, algorithm, bf16)
 
         def loss_of():

@@ -83,7 +83,6 @@ class Run:
     device: torch.device
     rank: int
     world_size: int
-    parallel: str | None  # None (one process), "ddp" or "fsdp"
     datasets: list
     student: torch.nn.Module
     teacher: torch.nn.Module | None = None

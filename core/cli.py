@@ -89,6 +89,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     loss_fn = build_objective(cfg)
     sys.stdout.write(OmegaConf.to_yaml(cfg))
     print(f"# objective: {loss_fn!r}".replace("\n", "\n# "))
+    from .trainer import build_algorithm
+
+    print(f"# algorithm: {build_algorithm(cfg, where=args.config)[0]!r}")
     return 0
 
 

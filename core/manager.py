@@ -234,6 +234,9 @@ def algorithm_specs(pm: PluginManager | None = None) -> dict[str, AlgorithmSpec]
             if cls.records not in hookspecs.RECORDS:
                 raise PluginError(f"{where}: records {cls.records!r} is not one of {list(RECORDS)}")
             params = {n: ParamSpec.from_entry(n, raw, where) for n, raw in (cls.params or {}).items()}
+            shadowed = [n for n in params if callable(getattr(cls, n, None))]
+            if shadowed:  # params become attributes of the instance
+                raise PluginError(f"{where}: parameter(s) {shadowed} would hide the algorithm's methods; rename them")
             specs[name] = AlgorithmSpec(name, cls, package, params)
 
         return register

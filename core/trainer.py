@@ -232,8 +232,7 @@ def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
 
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
     fsdp = distributed and t.parallel == "fsdp"
-    run = Run(cfg, where, tokenizer, device, rank, world, ("fsdp" if fsdp else "ddp") if distributed else None,
-              datasets + ([eval_set] if eval_set is not None else []),
+    run = Run(cfg, where, tokenizer, device, rank, world, datasets + ([eval_set] if eval_set is not None else []),
               student=model_from_config(cfg.student, "student").to(device).train())
     for role in algorithm.roles(cfg):
         if model_given(cfg[role]):

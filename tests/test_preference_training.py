@@ -279,8 +279,10 @@ def test_sigkill_then_resume_auto_reaches_the_uninterrupted_weights_online_dpkd(
     sigkill_then_resume(tmp_path, online_config(tmp_path), steps=9)
 
 
-def test_two_gloo_processes_follow_the_single_process_dpo_curve(tmp_path):
-    raw = config(tmp_path / "two", {"name": "dpo"}, micro_batch_size=None)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_processes_follow_the_single_process_dpo_curve(tmp_path, parallel):
+    """torchrun --nproc_per_node 2: each rank scores two of the step's four pairs (FSDP2 shards the reference too)."""
+    raw = config(tmp_path / "two", {"name": "dpo"}, micro_batch_size=None, parallel=parallel)
     raw["reference"] = {"tiny": REFERENCE}
     single_ref = config(tmp_path / "one-ref", {"name": "dpo"}, micro_batch_size=None)
     single_ref["reference"] = {"tiny": REFERENCE}

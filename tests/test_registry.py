@@ -257,6 +257,17 @@ def test_duplicate_algorithm_name_names_both_packages(register_plugin):
         dz.algorithm_specs()
 
 
+def test_an_algorithm_param_may_not_hide_a_method(register_plugin):
+    class Shadowing(NoisyDistill):
+        name = "shadowing"
+        params = {"loss": {"type": "float", "default": 1.0}}
+
+    register_plugin(AlgorithmPlugin(Shadowing), "shadow-plugin")
+    with pytest.raises(dz.PluginError, match=r"algorithm 'shadowing' \(package 'shadow-plugin'\): parameter\(s\) "
+                                             r"\['loss'\] would hide the algorithm's methods"):
+        dz.algorithm_specs()
+
+
 def test_registering_a_non_algorithm_is_refused(register_plugin):
     register_plugin(AlgorithmPlugin(dict), "confused-algorithms")
     with pytest.raises(dz.PluginError, match="registered <class 'dict'> as an algorithm; it must be a "
