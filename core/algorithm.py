@@ -180,7 +180,10 @@ class Algorithm:
 
     # ------------------------------------------------------------------ state kept across steps
     def state_dict(self) -> dict:
-        """What a checkpoint must hold for an exact resume (schedules, running statistics); default none."""
+        """What a checkpoint must hold for an exact resume (schedules, running statistics); default none.
+
+        Keep it the same on every rank (derive it from all-reduced values): rank 0's is saved.
+        """
         return {}
 
     def load_state_dict(self, state: dict) -> None:

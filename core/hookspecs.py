@@ -29,7 +29,7 @@ RECORDS = ("instruction", "preference")
 
 # register(objective_class, entry=None)
 RegisterObjective = Callable[..., None]
-# register(name, component, summary="")
+# register(name, component, summary="", **details), e.g. a data format's records="preference"
 RegisterComponent = Callable[..., None]
 
 

@@ -175,6 +175,21 @@ def test_a_third_party_algorithm_is_chosen_by_name_and_its_state_survives_a_resu
     assert straight[0]["loss"] == pytest.approx(2 * ce[0]["loss"], rel=1e-6)  # scale=2 on the same first batch
 
 
+def test_each_mixture_term_s_loss_is_logged_and_shown(tmp_path):
+    from distillzoo.plugins.algorithms import LogitDistillation
+    from distillzoo.trainer import _progress
+
+    raw = config(tmp_path, steps=3, micro_batch_size=1)
+    raw.pop("objective")
+    raw["objectives"] = [{"name": "ce", "weight": 0.25}, {"name": "fkl", "weight": 0.75}]
+    rows = metrics(train(dz.load_config(raw)).output_dir)
+    for r in rows:  # every term's own per-token loss, weighted back into the logged total
+        assert r["loss/ce"] > r["loss/fkl"] > 0
+        assert 0.25 * r["loss/ce"] + 0.75 * r["loss/fkl"] == pytest.approx(r["loss"], rel=1e-6)
+    shown = _progress(rows[-1], LogitDistillation)
+    assert list(shown) == ["loss", "ce", "fkl", "tok_s"] and shown["fkl"] == f"{rows[-1]['loss/fkl']:.4f}"
+
+
 def test_the_default_algorithm_follows_the_objective(tmp_path):
     from distillzoo.trainer import build_algorithm
 
