@@ -64,8 +64,9 @@ class Callbacks:
                 method(*args)
 
 
-def build_callbacks(cfg, where: str) -> list[Any]:
-    """The callbacks a config's ``callbacks`` list enables, each checked by name and params, then built."""
+def build_callbacks(cfg, where: str, construct: bool = True) -> list[Any]:
+    """The callbacks a config's ``callbacks`` list enables, each checked by name and params, then built
+    (``construct=False``: checked only, for ``distillzoo check``; returns [])."""
     from omegaconf import DictConfig, OmegaConf
 
     from .manager import components
@@ -92,6 +93,8 @@ def build_callbacks(cfg, where: str) -> list[Any]:
                               f"these params: {e}") from None
         except ValueError:
             pass  # no signature to check (a builtin); the call below tells
+        if not construct:
+            continue
         try:
             built.append(factory(**params))
         except DistillzooError as e:

@@ -173,3 +173,31 @@ def model_from_config(mcfg, what: str):
         return tiny_qwen2(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{what}.tiny: {e}") from None
+
+
+def model_vocab(mcfg) -> int | None:
+    """The vocab size a model section declares, read without building the model (config.json, or the tiny
+    config); None when it cannot be told."""
+    if mcfg.tiny is not None:
+        return int(mcfg.tiny.get("vocab_size", QWEN_VOCAB))
+    if mcfg.path is not None:
+        import json
+        from pathlib import Path
+
+        try:
+            config = json.loads((Path(mcfg.path) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # loading reports it
+        value = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+        return int(value) if isinstance(value, int) else None
+    return None
+
+
+def check_vocab(cfg, role: str, tokenizer_vocab: int, where: str) -> None:
+    """A ConfigError when ``cfg[role]``'s model has fewer vocab entries than the tokenizer has ids."""
+    vocab = model_vocab(cfg[role])
+    if vocab is not None and vocab < tokenizer_vocab:
+        source = f"{cfg[role].path}/config.json" if cfg[role].path is not None else f"{role}.tiny.vocab_size"
+        raise ConfigError(f"{where}: {role}: its vocab has {vocab:,} entries ({source}) but the tokenizer has "
+                          f"{tokenizer_vocab:,} ids; ids from {vocab:,} up would index past its embedding. Use a "
+                          "model of this tokenizer's family, or its tokenizer (data.tokenizer)")

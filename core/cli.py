@@ -86,12 +86,28 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from .config import build_objective, load_config
 
     cfg = load_config(args.config, args.overrides)
-    loss_fn = build_objective(cfg)
     sys.stdout.write(OmegaConf.to_yaml(cfg))
-    print(f"# objective: {loss_fn!r}".replace("\n", "\n# "))
-    from .trainer import build_algorithm
+    checked = []
+    if cfg.objective is not None or cfg.objectives is not None:
+        print(f"# objective: {build_objective(cfg)!r}".replace("\n", "\n# "))
+        from .trainer import build_algorithm, validate
 
-    print(f"# algorithm: {build_algorithm(cfg, where=args.config)[0]!r}")
+        print(f"# algorithm: {build_algorithm(cfg, where=args.config)[0]!r}")
+        if cfg.student is not None or cfg.data is not None or cfg.output_dir is not None:
+            validate(cfg, args.config, build_callbacks_too=False)  # all that train checks before a model loads
+            checked.append("train")
+    if cfg.generate is not None:
+        from .generation import validate_generate
+
+        validate_generate(cfg, args.config)
+        checked.append("generate")
+    if cfg.score is not None:
+        from .scoring import validate_score
+
+        validate_score(cfg, args.config)
+        checked.append("score")
+    print(f"# checked for: {', '.join(checked)}" if checked else
+          "# checked: the objective only; add student, data and output_dir to check it for distillzoo train")
     return 0
 
 

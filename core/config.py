@@ -14,6 +14,7 @@ and line (or the override) that caused them, the valid choices and a "did you me
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,6 +213,7 @@ def load_config(source: str | Path | dict, overrides: Sequence[str] = ()) -> Dic
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of keys, got {type(raw).__name__}")
     locate = _Locator(where, text, overrides)
+    _check_containers(DistillConfig, raw, "", locate.in_file)
     schema = OmegaConf.structured(DistillConfig)
     cfg = _merge(schema, OmegaConf.create(raw), locate.in_file)
     for override in overrides:
@@ -227,6 +229,49 @@ def load_config(source: str | Path | dict, overrides: Sequence[str] = ()) -> Dic
         objective_terms(cfg, locate)  # a config for distillzoo generate or score alone needs no objective
     algorithm_choice(cfg, locate)
     return cfg
+
+
+def _container_kind(hint) -> tuple[str | None, Any]:
+    """``("mapping", dataclass or None)``, ``("list", item hint)`` or ``(None, None)`` for a schema type hint."""
+    import dataclasses
+    import typing
+
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    origin = typing.get_origin(hint)
+    if origin is typing.Union and len(args) == 1:
+        return _container_kind(args[0])
+    if dataclasses.is_dataclass(hint):
+        return "mapping", hint
+    if origin in (dict, Dict):
+        return "mapping", None
+    if origin in (list, List):
+        return "list", args[0] if args else None
+    return None, None
+
+
+def _check_containers(schema, raw: Any, path: str, locate: Callable[[str], str]) -> None:
+    """A mapping where the schema has a list (or the reverse) fails here, naming the key (omegaconf names none)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if not isinstance(raw, dict) or f.name not in raw or raw[f.name] is None:
+            continue
+        key = f"{path}.{f.name}" if path else f.name
+        kind, inner = _container_kind(hints[f.name])
+        value = raw[f.name]
+        if kind == "mapping" and not isinstance(value, dict) or kind == "list" and not isinstance(value, list):
+            got = "a list" if isinstance(value, list) else "a mapping" if isinstance(value, dict) else repr(value)
+            raise ConfigError(f"{locate(key)}: {key} must be {'a mapping of keys' if kind == 'mapping' else 'a list'}, "
+                              f"got {got}")
+        if kind == "mapping" and inner is not None:
+            _check_containers(inner, value, key, locate)
+        elif kind == "list" and dataclasses.is_dataclass(inner):
+            for i, item in enumerate(value):
+                if not isinstance(item, dict):
+                    raise ConfigError(f"{locate(f'{key}[{i}]')}: {key}[{i}] must be a mapping of keys, got {item!r}")
+                _check_containers(inner, item, f"{key}[{i}]", locate)
 
 
 def _update_item(cfg: DictConfig, key: str, value: str, where: str) -> DictConfig:
@@ -299,6 +344,9 @@ def objective_terms(cfg: DictConfig, locate: _Locator | None = None) -> list[Obj
             raise ConfigError(f"{locate(path + '.weight')}: a single 'objective' takes no weight; use 'objectives:' to mix")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ConfigError(f"{locate(path + '.weight')}: {path}.weight must be a number, got {weight!r}")
+        if not (math.isfinite(weight) and weight > 0):
+            raise ConfigError(f"{locate(path + '.weight')}: {path}.weight must be a finite number > 0, got {weight!r}; "
+                              "leave a term out rather than weigh it by 0")
         params = {}
         for key, value in body.items():
             key_path = f"{path}.{key}"

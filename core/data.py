@@ -32,11 +32,16 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 (byte {e.start + 1} of the line, {raw[e.start:e.start + 4]!r}: "
+                                f"{e.reason}); re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
@@ -118,6 +123,12 @@ class PreferenceExample:
     where: str = ""
 
 
+def check_max_length(max_length: int | None, what: str = "max_length") -> None:
+    """A DataError unless ``max_length`` is None or a positive number of tokens."""
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise DataError(f"{what} must be a positive number of tokens (or None), got {max_length!r}")
+
+
 def _truncate(prompt: list[int], response: list[int], max_length: int | None, max_prompt_length: int | None):
     """Keep the prompt's end (at most max_prompt_length) and the response's start, within max_length."""
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
@@ -142,6 +153,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
                  format: str = "preference", max_length: int | None = None, max_prompt_length: int | None = None,
                  system: str | None = QWEN_DEFAULT_SYSTEM) -> None:
         self.tokenizer = tokenizer or load_tokenizer()
+        check_max_length(max_length)
+        check_max_length(max_prompt_length, "max_prompt_length")
         if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
             raise DataError(f"max_prompt_length={max_prompt_length} leaves no room for the response within "
                             f"max_length={max_length}")

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 
 from .atomic import write_text_atomically
-from .causal_lm import model_from_config, require_model
+from .causal_lm import check_vocab, model_from_config, require_model
 from .data import read_records
 from .errors import DataError, ParameterError
 from .tokenizer import QWEN_DEFAULT_SYSTEM, ChatTokenizer
@@ -306,6 +306,11 @@ def validate_generate(cfg, where: str = "<config>") -> None:
     roles = ("teacher", "student") if g.mode == "pairs" else (g.model,)
     for role in roles:
         require_model(cfg, role, f"generate (mode {g.mode})", where)
+    from .tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(cfg.data.tokenizer if cfg.data is not None else None).vocab_size
+    for role in roles:
+        check_vocab(cfg, role, vocab, where)
     if g.prompts is None or not Path(g.prompts).is_file():
         raise ConfigError(f"{where}: generate.prompts: {g.prompts!r} is not a JSONL file")
     try:

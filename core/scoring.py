@@ -18,6 +18,7 @@ fitting gap, and ``judge``, an offline LLM-judge interface (any callable).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from .atomic import write_text_atomically
-from .causal_lm import final_hidden, lm_head_weight, model_from_config, require_model
+from .causal_lm import check_vocab, final_hidden, lm_head_weight, model_from_config, require_model
 from .data import IGNORE_INDEX, read_jsonl, read_records
 from .errors import ConfigError, DataError, DistillzooError, UnknownNameError, did_you_mean
 
@@ -160,10 +161,17 @@ def filter_records(data: str | Path, format: str, scores: dict[str, float], out:
     """
     if (threshold is None) == (quantile is None):
         raise ConfigError("filter: give exactly one of a threshold or a quantile")
-    if quantile is not None and not 0 <= quantile <= 1:
-        raise ConfigError(f"filter: quantile {quantile} is not in [0, 1]")
-    with Path(data).open(encoding="utf-8") as f:
-        lines = f.readlines()  # split as read_jsonl numbers them ("\n"), so line N of `where` is lines[N - 1]
+    if quantile is not None and not 0 <= quantile <= 1:  # False for nan too
+        raise ConfigError(f"filter: --quantile {quantile} is not in [0, 1]")
+    if threshold is not None and not math.isfinite(threshold):
+        raise ConfigError(f"filter: --threshold {threshold} is not a finite number; no score would pass it (nan) or "
+                          "the cut would be meaningless (inf)")
+    for what, path in (("--out", out), ("--report", report)):
+        if path is not None and Path(path).exists() and Path(path).resolve() == Path(data).resolve():
+            raise ConfigError(f"filter: {what} {str(path)!r} is the input file; write the kept records elsewhere "
+                              "(the input would be lost)")
+    with Path(data).open("rb") as f:
+        lines = f.readlines()  # split as read_jsonl numbers them (b"\n"), so line N of `where` is lines[N - 1]
     ids = [(where, str(fields["id"])) for where, fields in read_records(data, format)]
     missing = [(w, i) for w, i in ids if i not in scores]
     if missing:
@@ -173,7 +181,7 @@ def filter_records(data: str | Path, format: str, scores: dict[str, float], out:
     cut = float(threshold) if threshold is not None else float(np.quantile(values, quantile)) if len(values) else 0.0
     kept, dropped = [], []
     for where, sample_id in ids:
-        line = lines[int(where.rpartition(":")[2]) - 1]
+        line = lines[int(where.rpartition(":")[2]) - 1].decode("utf-8")  # read_records has checked it decodes
         (kept if scores[sample_id] >= cut else dropped).append((where, sample_id, line))
     write_text_atomically(Path(out), "".join(line if line.endswith("\n") else line + "\n" for _, _, line in kept))
     result = {"kept": len(kept), "dropped": len(dropped), "cut": cut, "threshold": threshold, "quantile": quantile,
@@ -208,8 +216,12 @@ def validate_score(cfg, where: str) -> None:
         scorer = make_scorer(dict(s.scorer or {}), f"{where}: score.scorer")
     except DistillzooError as e:
         raise ConfigError(f"{where}: score: {e}" if not str(e).startswith(where) else str(e)) from None
+    from .tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(cfg.data.tokenizer if cfg.data is not None else None).vocab_size
     for role in scorer.needs:
         require_model(cfg, role, f"scorer {s.scorer.get('name')!r}", where)
+        check_vocab(cfg, role, vocab, where)
     if s.out is None:
         raise ConfigError(f"{where}: score.out: give the JSONL file to write the scores to")
 

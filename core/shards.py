@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .atomic import write_dir_atomically
-from .data import IGNORE_INDEX, read_records
+from .data import IGNORE_INDEX, check_max_length, read_records
 from .errors import DataError
 from .tokenizer import QWEN_DEFAULT_SYSTEM, ChatTokenizer, load_tokenizer
 
@@ -50,6 +50,7 @@ def tokenize_conversations(paths: Sequence[str | Path], format: str, tokenizer: 
 
     A record left with no loss token (its prompt fills max_length) is skipped, with a warning.
     """
+    check_max_length(max_length)
     examples, skipped = [], []
     for path in paths:
         for where, fields in read_records(path, format):
@@ -115,18 +116,48 @@ class TokenShards(torch.utils.data.Dataset):
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
             raise DataError(f"{self.path} is not a prepared data directory (no meta.json); run distillzoo prepare")
-        self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        self.meta = _read_json(meta_path, dict)
         if self.meta.get("distillzoo_shards") != FORMAT_VERSION:
             raise DataError(f"{meta_path}: not a distillzoo shard directory of format {FORMAT_VERSION}")
+        missing = [k for k in ("dtype", "vocab_size", "examples", "tokens") if k not in self.meta]
+        if missing:
+            raise DataError(f"{meta_path}: missing field(s) {missing}; the directory is damaged: prepare it again")
         store = check_store_dtype(self.meta["dtype"], self.meta["vocab_size"], str(meta_path))
-        self.offsets = np.load(self.path / "index.npy")
+        index = self.path / "index.npy"
+        try:
+            self.offsets = np.load(index)
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f"{index}: unreadable ({type(e).__name__}: {e}); the directory is damaged: prepare it "
+                            "again") from None
+        if self.offsets.ndim != 1 or len(self.offsets) != self.meta["examples"] + 1 or self.offsets[0] != 0 \
+                or (np.diff(self.offsets) < 0).any() or int(self.offsets[-1]) != self.meta["tokens"]:
+            raise DataError(f"{index}: {len(self.offsets)} offsets ending at {int(self.offsets[-1]) if len(self.offsets) else None} "
+                            f"do not describe meta.json's {self.meta['examples']} examples of {self.meta['tokens']} "
+                            "tokens; the directory is damaged: prepare it again")
         n_tokens = int(self.offsets[-1])
+        for name, dtype in (("tokens.bin", store), ("loss_mask.bin", np.dtype(np.uint8))):
+            file = self.path / name
+            actual, expected = (file.stat().st_size if file.exists() else -1), n_tokens * np.dtype(dtype).itemsize
+            if actual != expected:
+                raise DataError(f"{file} is {'missing' if actual < 0 else f'{actual:,} bytes'}; {expected:,} expected "
+                                f"for {n_tokens:,} tokens ({np.dtype(dtype).name}): truncated or damaged, prepare it "
+                                "again")
         self.tokens = np.memmap(self.path / "tokens.bin", dtype=store, mode="r", shape=(n_tokens,)) if n_tokens else \
             np.zeros(0, store)
         self.loss_mask = np.memmap(self.path / "loss_mask.bin", dtype=np.uint8, mode="r", shape=(n_tokens,)) if n_tokens \
             else np.zeros(0, np.uint8)
+        vocab = int(self.meta["vocab_size"])
+        if n_tokens and (int(self.tokens.max()) >= vocab or int(self.tokens.min()) < 0):
+            position = int(np.argmax((self.tokens >= vocab) | (self.tokens < 0)))
+            example = int(np.searchsorted(self.offsets, position, side="right")) - 1
+            raise DataError(f"{self.path / 'tokens.bin'}: token id {int(self.tokens[position])} (example {example}, "
+                            f"token {position - int(self.offsets[example])}) is outside the vocab [0, {vocab}) of "
+                            "meta.json; the file is damaged: prepare it again")
         ids_path = self.path / "ids.json"  # sample ids (keys of a teacher cache); older directories have none
-        self.ids = json.loads(ids_path.read_text(encoding="utf-8")) if ids_path.is_file() else None
+        self.ids = _read_json(ids_path, list) if ids_path.is_file() else None
+        if self.ids is not None and len(self.ids) != len(self):
+            raise DataError(f"{ids_path}: {len(self.ids)} sample ids for {len(self)} examples; the directory is "
+                            "damaged: prepare it again")
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -140,6 +171,16 @@ class TokenShards(torch.utils.data.Dataset):
         if self.ids is not None:
             item["id"] = self.ids[i]
         return item
+
+
+def _read_json(path: Path, kind: type):
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); the directory is damaged: prepare it again") from None
+    if not isinstance(value, kind):
+        raise DataError(f"{path}: expected a JSON {'object' if kind is dict else 'list'}, got {type(value).__name__}")
+    return value
 
 
 def collate_sft(examples: Sequence[dict], pad_id: int) -> dict:

@@ -8,6 +8,7 @@ of the mass outside them (the tail), keyed by sample id::
     manifest.json        teacher, vocab size, k, temperature, dtype, tokenizer, data
     shard-00000/
         ids.json         sample ids of the shard, in order
+        fingerprints.json  a hash of each sample's token ids and loss mask, in order
         index.npy        int64 token offsets [samples + 1]
         topk_ids.bin     int32 [tokens, k]
         logprobs.bin     float16 / bfloat16 / float32 [tokens, k]
@@ -18,11 +19,14 @@ Each shard is written under a temporary name and renamed, so a killed run leaves
 whole shards only; rerun with the same arguments, it checks the manifest and the
 shards already there and writes the rest. The trainer reads the cache by sample
 id (never by step or position: a shuffled or mixed stream still gets each
-sample's own teacher) and refuses one whose manifest disagrees with its config.
+sample's own teacher), refuses one whose manifest disagrees with its config, and
+refuses a sample whose tokens no longer match its fingerprint (data edited under
+the same id), or whose stored values are not finite log-probs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -37,9 +41,17 @@ from .causal_lm import final_hidden, lm_head_weight
 from .data import IGNORE_INDEX
 from .errors import ConfigError, DataError, ParameterError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-sample token fingerprints
+MANIFEST_FIELDS = ("teacher", "vocab_size", "k", "temperature", "dtype", "tokenizer", "samples")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _STORE = {torch.float16: np.float16, torch.bfloat16: np.int16, torch.float32: np.float32}  # bf16 stored as its bits
+
+
+def token_fingerprint(example: dict) -> str:
+    """A short hash of an example's token ids and loss mask: what the cached teacher was computed on."""
+    ids = np.ascontiguousarray(example["input_ids"].numpy(), dtype=np.int32)
+    mask = np.ascontiguousarray(example["loss_mask"].numpy(), dtype=np.uint8)
+    return hashlib.sha1(ids.tobytes() + b"\0" + mask.tobytes()).hexdigest()[:16]
 
 
 def _to_numpy(x: torch.Tensor) -> np.ndarray:
@@ -117,16 +129,18 @@ def write_teacher_cache(out_dir: str | Path, teacher, dataset, *, k: int, temper
         shard_dir = out / f"shard-{n:05d}"
         members = list(range(start, min(start + shard_size, len(ids))))
         if shard_dir.exists():
-            _Shard(shard_dir, k, store)  # whole and readable, or a clear error
-            if json.loads((shard_dir / "ids.json").read_text(encoding="utf-8")) != [ids[i] for i in members]:
+            shard = _Shard(shard_dir, k, store)  # whole and readable, or a clear error
+            if shard.ids != [ids[i] for i in members] \
+                    or shard.fingerprints != [token_fingerprint(dataset[i]) for i in members]:
                 raise DataError(f"{shard_dir} holds other samples than this data's {n}th shard; the data changed "
                                 "since the cache was started: remove the cache or write to another directory")
             if bar is not None:
                 bar.update(len(members))
             continue
-        parts, counts = [], []
+        parts, counts, fingerprints = [], [], []
         for b in range(0, len(members), batch_size):
             items = [dataset[i] for i in members[b:b + batch_size]]
+            fingerprints += [token_fingerprint(item) for item in items]
             batch = collate_sft(items, pad_id)
             targets = batch["labels"][:, 1:].to(device)
             hidden = final_hidden(teacher, batch["input_ids"].to(device), batch["attention_mask"].to(device))[:, :-1]
@@ -138,8 +152,10 @@ def write_teacher_cache(out_dir: str | Path, teacher, dataset, *, k: int, temper
         top_ids, top_logprobs, tail = (torch.cat(x) for x in zip(*parts))
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
-        def write(tmp: Path, members=members, top_ids=top_ids, top_logprobs=top_logprobs, tail=tail, offsets=offsets):
+        def write(tmp: Path, members=members, top_ids=top_ids, top_logprobs=top_logprobs, tail=tail, offsets=offsets,
+                  fingerprints=fingerprints):
             (tmp / "ids.json").write_text(json.dumps([ids[i] for i in members], ensure_ascii=False), encoding="utf-8")
+            (tmp / "fingerprints.json").write_text(json.dumps(fingerprints), encoding="utf-8")
             np.save(tmp / "index.npy", offsets)
             top_ids.cpu().numpy().astype(np.int32).tofile(tmp / "topk_ids.bin")
             _to_numpy(top_logprobs.to(store)).tofile(tmp / "logprobs.bin")
@@ -156,12 +172,17 @@ class _Shard:
         self.path = path
         try:
             self.ids = json.loads((path / "ids.json").read_text(encoding="utf-8"))
+            self.fingerprints = json.loads((path / "fingerprints.json").read_text(encoding="utf-8"))
             self.offsets = np.load(path / "index.npy")
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path}: unreadable cache shard ({e}); remove it and rerun distillzoo cache-teacher") from None
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f"{path}: unreadable cache shard ({type(e).__name__}: {e}); remove it and rerun "
+                            "distillzoo cache-teacher") from None
         tokens = int(self.offsets[-1]) if len(self.offsets) else 0
         if len(self.offsets) != len(self.ids) + 1:
             raise DataError(f"{path}/index.npy has {len(self.offsets)} offsets for {len(self.ids)} ids")
+        if not isinstance(self.fingerprints, list) or len(self.fingerprints) != len(self.ids):
+            raise DataError(f"{path}/fingerprints.json does not hold one fingerprint per id ({len(self.ids)}); remove "
+                            "the shard and rerun distillzoo cache-teacher")
         itemsize = torch.empty(0, dtype=store).element_size()
         arrays = {"topk_ids.bin": (np.int32, (tokens, k), 4 * tokens * k),
                   "logprobs.bin": (_STORE[store], (tokens, k), itemsize * tokens * k),
@@ -186,9 +207,21 @@ class TeacherCache:
         manifest_path = self.path / "manifest.json"
         if not manifest_path.is_file():
             raise DataError(f"{self.path} is not a teacher cache (no manifest.json); run distillzoo cache-teacher")
-        self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if self.manifest.get("distillzoo_teacher_cache") != FORMAT_VERSION:
-            raise DataError(f"{manifest_path}: not a distillzoo teacher cache of format {FORMAT_VERSION}")
+        try:
+            self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{manifest_path}: not valid JSON ({e}); the cache is damaged: remove it and rerun "
+                            "distillzoo cache-teacher") from None
+        if not isinstance(self.manifest, dict) or self.manifest.get("distillzoo_teacher_cache") != FORMAT_VERSION:
+            version = self.manifest.get("distillzoo_teacher_cache") if isinstance(self.manifest, dict) else None
+            raise DataError(f"{manifest_path}: not a distillzoo teacher cache of format {FORMAT_VERSION}"
+                            + (f" (format {version}, without token fingerprints: rebuild it)" if version else ""))
+        missing = [f for f in MANIFEST_FIELDS if f not in self.manifest]
+        if missing:
+            raise DataError(f"{manifest_path}: missing field(s) {missing}; the cache is damaged: remove it and rerun "
+                            "distillzoo cache-teacher")
+        if self.manifest["dtype"] not in DTYPES:
+            raise DataError(f"{manifest_path}: dtype {self.manifest['dtype']!r} is not one of {list(DTYPES)}")
         self.k = int(self.manifest["k"])
         self.store = DTYPES[self.manifest["dtype"]]
         self.shards = [_Shard(p, self.k, self.store) for p in sorted(self.path.glob("shard-*")) if p.is_dir()]
@@ -212,21 +245,39 @@ class TeacherCache:
         if bad:
             raise ConfigError(f"{where}: teacher cache {self.path} does not match: {'; '.join(bad)}")
 
-    def get(self, sample_id: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(ids [n, k] int64, logprobs [n, k] fp32, tail [n] fp32)`` of one sample's response tokens."""
+    def get(self, sample_id: str, fingerprint: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ids [n, k] int64, logprobs [n, k] fp32, tail [n] fp32)`` of one sample's response tokens.
+
+        With ``fingerprint`` (:func:`token_fingerprint` of the example being trained on)
+        a sample whose tokens changed since the cache was built is refused.
+        """
         try:
             shard, j = self.where[str(sample_id)]
         except KeyError:
             raise DataError(f"sample id {sample_id!r} is not in the teacher cache {self.path}; it was built from "
                             "other data") from None
+        if fingerprint is not None and shard.fingerprints[j] != fingerprint:
+            raise DataError(f"sample {sample_id!r}: its tokens differ from those the teacher cache {shard.path} was "
+                            "built from (the data was edited under the same id, or tokenized differently); rebuild the "
+                            "cache for this data")
         a, b = int(shard.offsets[j]), int(shard.offsets[j + 1])
         logprobs = torch.from_numpy(np.array(shard.logprobs[a:b]))
         if self.store == torch.bfloat16:
             logprobs = logprobs.view(torch.bfloat16)
-        return (torch.from_numpy(np.array(shard.topk_ids[a:b])).long(), logprobs.float(),
-                torch.from_numpy(np.array(shard.tail[a:b])))
+        ids, logprobs, tail = (torch.from_numpy(np.array(shard.topk_ids[a:b])).long(), logprobs.float(),
+                               torch.from_numpy(np.array(shard.tail[a:b])))
+        # log-probs: no NaN, nothing above 0 (bf16 rounds within 1e-2), some mass left on every token
+        bad = logprobs.isnan().any(-1) | (logprobs > 1e-2).any(-1) | tail.isnan() | (tail > 1e-2) \
+            | ((logprobs == float("-inf")).all(-1) & (tail == float("-inf")))
+        if bool(bad.any()):
+            token = int(bad.nonzero()[0])
+            raise DataError(f"{shard.path}: sample {sample_id!r}, response token {token}: the cached teacher is not a "
+                            f"distribution (log-probs {logprobs[token, :4].tolist()}..., tail {float(tail[token])}); "
+                            "the cache is damaged or was written from a non-finite teacher: rebuild it")
+        return ids, logprobs, tail
 
-    def sparse_teacher(self, sample_ids: Sequence[str], targets: torch.Tensor) -> SparseTeacher:
+    def sparse_teacher(self, sample_ids: Sequence[str], targets: torch.Tensor,
+                       fingerprints: Sequence[str] | None = None) -> SparseTeacher:
         """A ``[B, T, k]`` SparseTeacher for a batch, its rows filled at the valid ``targets`` positions."""
         valid = targets != IGNORE_INDEX
         shape = (*targets.shape, self.k)
@@ -235,7 +286,7 @@ class TeacherCache:
         logprobs = torch.full(shape, -math.log(self.k))
         tail = torch.full(targets.shape, float("-inf"))
         for row, sample_id in enumerate(sample_ids):
-            top_ids, top_logprobs, top_tail = self.get(sample_id)
+            top_ids, top_logprobs, top_tail = self.get(sample_id, None if fingerprints is None else fingerprints[row])
             positions = valid[row].nonzero().flatten().cpu()
             if len(positions) != len(top_ids):
                 raise DataError(f"sample {sample_id!r}: the cache holds {len(top_ids)} response tokens, the batch "

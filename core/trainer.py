@@ -45,12 +45,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .algorithm import ROLES, Models, Run
 from .atomic import write_dir_atomically, write_text_atomically
 from .callbacks import Callbacks, build_callbacks
-from .causal_lm import model_from_config, model_given, require_model
+from .causal_lm import check_vocab, model_from_config, model_given, require_model
 from .config import algorithm_choice, objective_terms
 from .data import PreferenceDataset, format_records, formats_of
 from .errors import ConfigError, DistillzooError
@@ -65,10 +65,11 @@ PARALLEL = ("ddp", "fsdp")
 
 
 # ---------------------------------------------------------------------------- config checks (no model loaded)
-def validate(cfg: DictConfig, where: str = "<config>"):
+def validate(cfg: DictConfig, where: str = "<config>", build_callbacks_too: bool = True):
     """Everything that can be checked without loading a model: names, paths, sizes, what the algorithm needs.
 
-    Returns the algorithm (built with the objective, its own checks done) and the enabled callbacks.
+    Returns the algorithm (built with the objective, its own checks done) and the enabled callbacks
+    (checked but not built with ``build_callbacks_too=False``, as ``distillzoo check`` does).
     """
     algorithm, inferred_from = build_algorithm(cfg, where)
     if cfg.student is None or (cfg.student.path is None) == (cfg.student.tiny is None):
@@ -118,9 +119,14 @@ def validate(cfg: DictConfig, where: str = "<config>"):
         if section is not None and (model_given(section) or section.cache is not None) and role not in algorithm.reads(cfg):
             raise ConfigError(f"{where}: {role}: algorithm {algorithm.name!r} does not use a {role}; remove the "
                               "section (nothing would read it)")
+    from .tokenizer import load_tokenizer
+
+    tokenizer_vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
+    for role in ("student", *ROLES):
+        if model_given(cfg[role]):
+            check_vocab(cfg, role, tokenizer_vocab, where)
     t = cfg.train
-    if t.steps < 1 or t.batch_size < 1:
-        raise ConfigError(f"{where}: train.steps and train.batch_size must be >= 1")
+    _check_values(cfg, where)
     for key, choices in (("precision", PRECISIONS), ("parallel", PARALLEL)):
         if t[key] not in choices:
             raise ConfigError(f"{where}: train.{key}: {t[key]!r} is not one of {list(choices)}")
@@ -128,7 +134,37 @@ def validate(cfg: DictConfig, where: str = "<config>"):
         raise ConfigError(f"{where}: resume: {cfg.resume!r} is not one of ['auto', 'never']")
     if cfg.output_dir is None:
         raise ConfigError(f"{where}: output_dir: give a directory for checkpoints, metrics and the final student")
-    return algorithm, build_callbacks(cfg, where)
+    return algorithm, build_callbacks(cfg, where, construct=build_callbacks_too)
+
+
+def _at_least(low: float):
+    return lambda v: math.isfinite(v) and v >= low
+
+
+# (key, test, what it must be); None passes where the schema allows it
+_VALUE_RULES = (
+    ("train.steps", _at_least(1), "an integer >= 1"),
+    ("train.batch_size", _at_least(1), "an integer >= 1"),
+    ("train.micro_batch_size", _at_least(1), "an integer >= 1, or null for the whole per-rank batch"),
+    ("train.lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ("train.weight_decay", _at_least(0), "a finite number >= 0"),
+    ("train.warmup_steps", _at_least(0), "an integer >= 0"),
+    ("train.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("train.max_grad_norm", lambda v: math.isfinite(v) and v > 0, "a finite number > 0, or null for no clipping"),
+    ("train.log_every", _at_least(0), "an integer >= 0 (0: no metrics.jsonl)"),
+    ("train.eval_every", _at_least(0), "an integer >= 0 (0: no held-out evaluation)"),
+    ("train.checkpoint_every", _at_least(0), "an integer >= 0 (0: no checkpoints)"),
+    ("data.max_length", _at_least(1), "an integer >= 1 (tokens per example)"),
+    ("data.samples_per_epoch", _at_least(1), "an integer >= 1, or null for the sum of the stream sizes"),
+)
+
+
+def _check_values(cfg: DictConfig, where: str) -> None:
+    """Numbers the schema types but cannot bound: a negative lr, a zero micro-batch, a negative max_length."""
+    for key, ok, what in _VALUE_RULES:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{where}: {key}: {value!r} is not valid; it must be {what}")
 
 
 def build_algorithm(cfg: DictConfig, where: str = "<config>"):

