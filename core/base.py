@@ -31,7 +31,7 @@ from typing import ClassVar, Sequence
 import torch
 from torch import Tensor
 
-from .errors import ParameterError
+from .errors import NonFiniteError, ParameterError
 from .kernels import backend as kernel_backend
 from .kernels import vocab_chunked
 from .kernels.backend import auto_chunk_rows
@@ -120,6 +120,14 @@ class SparseTeacher:
                 row = int(repeated[0])
                 raise ParameterError(f"{where}: sparse teacher ids repeat within token {row} "
                                      f"({ordered[row].tolist()[:16]}...); each kept id must be distinct")
+        lp, tail = flat.logprobs, flat.tail_logprob
+        bad = lp.isnan().any(-1) | (lp == torch.inf).any(-1) | tail.isnan() | (tail == torch.inf) \
+            | ((lp == -torch.inf).all(-1) & (tail == -torch.inf))
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0])
+            raise NonFiniteError(f"{where}: the sparse teacher at row {row} is not a distribution (log-probs "
+                                 f"{lp[row, :4].tolist()}..., tail {float(tail[row])}): NaN, +inf, or no mass at all",
+                                 row)
         if self.k == vocab:
             return SparseTeacher(flat.ids, flat.logprobs, torch.full_like(flat.tail_logprob, -torch.inf))
         return flat
@@ -259,7 +267,7 @@ class LogitObjective(Objective):
         labels = self._labels(labels, lead, student_logits.device, "student_logits")
         student = student_logits.reshape(-1, student_logits.shape[-1])
         vocab, teacher = self._compared_vocab(student.shape[-1], teacher)
-        valid = self._valid_rows(labels)
+        valid = self._valid_rows(labels, vocab)
         need_grad = torch.is_grad_enabled() and student.requires_grad
         if self.reduction == "none":
             per_token = _LogitLoss.apply(self, student, teacher, labels, valid, vocab, need_grad, None)
@@ -320,7 +328,7 @@ class LogitObjective(Objective):
         else:
             def teacher_rows(rows: Tensor) -> SparseTeacher:
                 return teacher.select(rows)
-        valid = self._valid_rows(labels)
+        valid = self._valid_rows(labels, vocab)
         per_entry = 4 * _TEMPORARIES_PER_ROW
         if kernel_backend.backend_for(hs) == "triton":
             per_entry = 2 * hs.element_size() + 4  # the chunk's two logits and (at most fp32) gradient
@@ -374,8 +382,16 @@ class LogitObjective(Objective):
             raise ParameterError(f"{self.name or type(self).__name__}: labels must be an integer tensor, got {labels.dtype}")
         return labels.reshape(-1)
 
-    def _valid_rows(self, labels: Tensor) -> Tensor:
-        return (labels != self.ignore_index).nonzero().squeeze(1)
+    def _valid_rows(self, labels: Tensor, vocab: int) -> Tensor:
+        """The rows scored: labels other than ignore_index, each of which must be an id in ``[0, vocab)``."""
+        valid = (labels != self.ignore_index).nonzero().squeeze(1)
+        picked = labels[valid]
+        if picked.numel() and (int(picked.min()) < 0 or int(picked.max()) >= vocab):
+            i = int(((picked < 0) | (picked >= vocab)).nonzero()[0])
+            raise ParameterError(f"{self.name or type(self).__name__}: label {int(picked[i])} is outside the compared "
+                                 f"vocab [0, {vocab}) at row {int(valid[i])}, and is not ignore_index "
+                                 f"({self.ignore_index}); it would be scored as a token")
+        return valid
 
     def _reduce(self, per_token: Tensor, valid: Tensor, n_rows: int, lead: tuple) -> Tensor:
         if self.reduction == "sum":
@@ -573,6 +589,7 @@ class _LogitLoss(torch.autograd.Function):
             s = student[rows][:, :vocab]
             t = teacher if teacher is None else (teacher.select(rows) if isinstance(teacher, SparseTeacher)
                                                  else teacher[rows][:, :vocab])
+            _check_teacher(objective, t, rows)
             g = None
             if need_grad:
                 g_dtype = objective.grad_dtype(s, t)
@@ -601,6 +618,24 @@ class _LogitLoss(torch.autograd.Function):
         return None, grad, None, None, None, None, None, None
 
 
+def _check_teacher(objective, teacher, rows) -> None:
+    """Every row of a dense teacher block must be a distribution: no NaN, no +inf, not -inf everywhere.
+
+    (A NaN teacher used to give that token a loss of 0 and the student a NaN gradient.)
+    ``rows``: the block's rows in the flattened input (an index tensor, or a slice of it).
+    """
+    if not isinstance(teacher, Tensor):
+        return  # none, or a SparseTeacher (checked by SparseTeacher.validate)
+    top = teacher.amax(-1)  # NaN propagates; +inf stays; -inf only if the whole row is
+    bad = ~torch.isfinite(top)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        row = rows.start + i if isinstance(rows, slice) else int(rows[i])
+        what = "NaN" if bool(top[i].isnan()) else "+inf" if float(top[i]) > 0 else "-inf everywhere (no mass at all)"
+        raise NonFiniteError(f"{objective.name or type(objective).__name__}: the teacher's logits at row {row} are "
+                             f"{what}; a teacher must give a distribution on every scored token", row)
+
+
 def _chunk_grads(objective, hs, ws, teacher_rows, labels, rows, dtype, want_grad):
     """Loss ``[c]`` of one chunk of rows and, if wanted, d(sum)/d(student logits) ``[c, V]``.
 
@@ -609,6 +644,7 @@ def _chunk_grads(objective, hs, ws, teacher_rows, labels, rows, dtype, want_grad
     """
     logits = hs[rows] @ ws.T
     teacher = teacher_rows(rows)
+    _check_teacher(objective, teacher, rows)
     grad = None
     if want_grad:
         grad = torch.zeros(logits.shape, dtype=objective.grad_dtype(logits, teacher), device=logits.device)

@@ -117,16 +117,27 @@ def tiny_qwen2(*, vocab_size: int = QWEN_VOCAB, hidden_size: int = 32, num_layer
     For tests, benchmarks and the quickstart: the real architecture and vocab
     (151,936 by default) at a size that runs on a CPU.
     """
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
-    config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-                         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                         intermediate_size=intermediate_size or 2 * hidden_size, max_position_embeddings=4096,
-                         tie_word_embeddings=tie_word_embeddings)
+    config = _tiny_qwen2_config(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+                                num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+                                tie_word_embeddings=tie_word_embeddings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)
     return model.to(dtype)
+
+
+def _tiny_qwen2_config(*, vocab_size: int = QWEN_VOCAB, hidden_size: int = 32, num_layers: int = 2,
+                       num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int | None = None,
+                       tie_word_embeddings: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """The transformers config of :func:`tiny_qwen2` (same keywords; ``seed`` and ``dtype`` do not enter it)."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                       num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                       intermediate_size=intermediate_size or 2 * hidden_size, max_position_embeddings=4096,
+                       tie_word_embeddings=tie_word_embeddings)
 
 
 def load_causal_lm(path: str, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None):
@@ -173,6 +184,26 @@ def model_from_config(mcfg, what: str):
         return tiny_qwen2(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{what}.tiny: {e}") from None
+
+
+def parameter_count(mcfg) -> int | None:
+    """How many parameters the model a section names has, counted on the meta device (no weights are
+    read or allocated); None when its config cannot be read (loading it reports why)."""
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        if mcfg.tiny is not None:
+            config = _tiny_qwen2_config(**{"tie_word_embeddings": True, **OmegaConf.to_container(mcfg.tiny, resolve=True)})
+        elif mcfg.path is not None:
+            config = AutoConfig.from_pretrained(mcfg.path, local_files_only=True)
+        else:
+            return None
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return sum(p.numel() for p in model.parameters())  # tied weights once, as saved
 
 
 def model_vocab(mcfg) -> int | None:

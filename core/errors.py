@@ -21,6 +21,18 @@ class ParameterError(DistillzooError, ValueError):
     """A parameter value of the wrong type or outside its valid range."""
 
 
+class NonFiniteError(ParameterError):
+    """A value that must be finite is not: a teacher row that is no distribution, a loss, a gradient.
+
+    ``row`` is the flattened token row where it was found (None when it is not one row's);
+    callers that know which sample a row belongs to add that to the message.
+    """
+
+    def __init__(self, message: str, row: int | None = None) -> None:
+        super().__init__(message)
+        self.row = row
+
+
 class PluginError(DistillzooError):
     """A plugin broke a rule of the registry (duplicate name, missing catalogue entry)."""
 

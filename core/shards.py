@@ -17,6 +17,7 @@ written under a temporary name and renamed into place: a malformed record
 
 from __future__ import annotations
 
+import glob
 import json
 import warnings
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .atomic import write_dir_atomically
+from .atomic import sweep_temporaries, write_dir_atomically
 from .data import IGNORE_INDEX, check_max_length, read_records
 from .errors import DataError
 from .tokenizer import QWEN_DEFAULT_SYSTEM, ChatTokenizer, load_tokenizer
@@ -81,6 +82,7 @@ def prepare_shards(paths: str | Path | Sequence[str | Path], out_dir: str | Path
     tokenizer = tokenizer or load_tokenizer()
     store = check_store_dtype(dtype, tokenizer.vocab_size)
     out_dir = Path(out_dir)
+    sweep_temporaries(out_dir.parent, glob.escape(out_dir.name))  # a killed prepare's half-written copy
     if out_dir.exists() and not overwrite:
         raise DataError(f"{out_dir} already exists; remove it or pass overwrite=True (--overwrite)")
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)

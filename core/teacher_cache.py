@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .atomic import write_dir_atomically, write_text_atomically
+from .atomic import sweep_temporaries, write_dir_atomically, write_text_atomically
 from .base import SparseTeacher
 from .causal_lm import final_hidden, lm_head_weight
 from .data import IGNORE_INDEX
@@ -117,6 +117,7 @@ def write_teacher_cache(out_dir: str | Path, teacher, dataset, *, k: int, temper
     else:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomically(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    sweep_temporaries(out, "shard-*")  # the shards a killed run was writing are written again below
     store = DTYPES[dtype]
     device = next(teacher.parameters()).device
     shards = range(0, len(ids), shard_size)

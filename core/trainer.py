@@ -33,11 +33,9 @@ each evaluation and checkpoint, and at the end.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -48,18 +46,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .algorithm import ROLES, Models, Run
-from .atomic import write_dir_atomically, write_text_atomically
 from .callbacks import Callbacks, build_callbacks
-from .causal_lm import check_vocab, model_from_config, model_given, require_model
+from .causal_lm import check_vocab, model_from_config, model_given, parameter_count, require_model
 from .config import algorithm_choice, objective_terms
 from .data import PreferenceDataset, format_records, formats_of
-from .errors import ConfigError, DistillzooError
+from .errors import ConfigError, DistillzooError, NonFiniteError
 from .manager import algorithm_spec
 from .manager import objective as make_objective
+from .run_dir import RunDir, check_space, check_writable
 from .shards import ConversationDataset, TokenShards
 from .streams import MixedStreams, Stream
 
-CHECKPOINT_PREFIX = "step-"
 PRECISIONS = ("auto", "fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")
 
@@ -134,6 +131,10 @@ def validate(cfg: DictConfig, where: str = "<config>", build_callbacks_too: bool
         raise ConfigError(f"{where}: resume: {cfg.resume!r} is not one of ['auto', 'never']")
     if cfg.output_dir is None:
         raise ConfigError(f"{where}: output_dir: give a directory for checkpoints, metrics and the final student")
+    check_writable(cfg.output_dir, where)
+    n_params = parameter_count(cfg.student)
+    if n_params is not None and int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes
+        check_space(cfg.output_dir, n_params, bool(cfg.train.checkpoint_every), where)
     return algorithm, build_callbacks(cfg, where, construct=build_callbacks_too)
 
 
@@ -223,12 +224,6 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    found = sorted((output_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")) if output_dir.exists() else []
-    found = [p for p in found if (p / "state.pt").is_file()]
-    return found[-1] if found else None
-
-
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -238,7 +233,13 @@ class TrainResult:
 
 # ---------------------------------------------------------------------------- the loop
 def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
+    """Validate, take the output directory (one run at a time), and run the loop."""
     algorithm, enabled = validate(cfg, where)
+    with RunDir(cfg.output_dir, int(os.environ.get("RANK", "0")), where).owned() as run_dir:
+        return _loop(cfg, where, algorithm, enabled, run_dir)
+
+
+def _loop(cfg: DictConfig, where: str, algorithm, enabled: list, run_dir: RunDir) -> TrainResult:
     from .tokenizer import load_tokenizer
 
     t = cfg.train
@@ -252,7 +253,6 @@ def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
         raise ConfigError(f"{where}: train.batch_size={t.batch_size} is not divisible by the {world} ranks")
     per_rank = t.batch_size // world
     micro = t.micro_batch_size or per_rank
-    output_dir = Path(cfg.output_dir)
     callbacks = Callbacks(enabled, rank)
 
     torch.manual_seed(cfg.seed)
@@ -285,19 +285,17 @@ def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
         step_of = torch.nn.parallel.DistributedDataParallel(models)
     optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=not fsdp)
     step = 0
-    checkpoint = latest_checkpoint(output_dir) if cfg.resume == "auto" else None
-    if checkpoint is not None:
-        state = torch.load(checkpoint / "state.pt", weights_only=False, map_location="cpu")
+    resumed = run_dir.start(cfg, cfg.resume)  # the newest intact checkpoint of this same run, or a fresh start
+    if resumed is not None:
+        checkpoint, state = resumed
         _load_training_state(student, optimizer, state)
         streams.load_state_dict(state["data"])
         algorithm.load_state_dict(state.get("algorithm") or {})
         _set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
         step = state["step"]
         if rank == 0:
-            _truncate_metrics(output_dir / "metrics.jsonl", step)
+            run_dir.truncate_metrics(step)
             print(f"resumed from {checkpoint} at step {step}", file=sys.stderr)
-    elif rank == 0 and cfg.resume == "never" and (output_dir / "metrics.jsonl").exists():
-        (output_dir / "metrics.jsonl").unlink()
     run.extra["step"] = step
     callbacks.fire("on_train_start", run)
 
@@ -322,11 +320,12 @@ def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
                 (out.value * (world / max(n_global, 1.0))).backward()
             _accumulate(sums, {"loss": out.value, **out.metrics})
         norm = _full(torch.nn.utils.clip_grad_norm_(student.parameters(), t.max_grad_norm or float("inf")))
+        means = _global_means(sums, n_global, distributed)
+        loss_value = means.pop("loss")
+        _refuse_non_finite(loss_value, float(norm), step + 1, batches, run_dir, where)  # before the weights move
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        means = _global_means(sums, n_global, distributed)
-        loss_value = means.pop("loss")
         elapsed = time.perf_counter() - started
         record = {"step": step, "loss": loss_value, "lr": lr_at(step - 1, t), "grad_norm": float(norm),
                   "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9)}
@@ -340,23 +339,22 @@ def train(cfg: DictConfig, where: str = "<config>") -> TrainResult:
         logged = bool(t.log_every) and (step % t.log_every == 0 or step == t.steps
                                         or any(k.startswith("eval/") for k in record))
         if logged and rank == 0:
-            _append_jsonl(output_dir / "metrics.jsonl", record)
+            run_dir.append_metrics(record)
         if logged:
             callbacks.fire("on_log", step, record)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(_progress(record, algorithm))
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:
-            path = _save_checkpoint(output_dir, step, student, optimizer, streams, algorithm, distributed, rank)
+            path = _save_checkpoint(run_dir, step, student, optimizer, streams, algorithm, distributed)
             callbacks.fire("on_checkpoint", step, path)
     if bar is not None:
         bar.close()
     weights = _full_model_state(student) if fsdp else None
-    if rank == 0:
-        write_dir_atomically(output_dir / "final", lambda tmp: _save_pretrained(student, weights, tmp))
+    run_dir.save_final(lambda tmp: _save_pretrained(student, weights, tmp))
     if distributed:
         torch.distributed.barrier()
-    result = TrainResult(output_dir, step, loss_value)
+    result = TrainResult(run_dir.path, step, loss_value)
     callbacks.fire("on_train_end", result)
     return result
 
@@ -402,6 +400,19 @@ def _global_means(sums: dict, count: float, distributed: bool) -> dict[str, floa
     keys = sorted(sums)
     total = _all_reduce(torch.stack([sums[k].reshape(()) for k in keys]), distributed)
     return {k: float(v) / max(count, 1.0) for k, v in zip(keys, total.tolist())}
+
+
+def _refuse_non_finite(loss: float, norm: float, step: int, batches: list, run_dir: RunDir, where: str) -> None:
+    """Stop before a non-finite loss or gradient reaches the weights; nothing after it is saved."""
+    if math.isfinite(loss) and math.isfinite(norm):
+        return
+    ids = [i for b in batches for i in (b.inputs.get("ids") or getattr(b.inputs.get("batch"), "ids", None) or [])]
+    newest = run_dir.checkpoints()
+    raise NonFiniteError(f"{where}: step {step}: the loss is {loss} and the gradient norm {norm}; the student was not "
+                         "updated and nothing more is saved ("
+                         + (f"the newest checkpoint, {newest[0]}, is intact" if newest else "no checkpoint yet")
+                         + f"). This step's samples on this rank: {ids[:8]}{' ...' if len(ids) > 8 else ''}. A "
+                         "diverging student (lower train.lr) or non-finite data are the usual causes")
 
 
 def _progress(record: dict, algorithm) -> dict:
@@ -461,8 +472,7 @@ def _save_pretrained(student, weights: dict | None, directory: Path) -> None:
     student.save_pretrained(directory)
 
 
-def _save_checkpoint(output_dir: Path, step: int, student, optimizer, streams, algorithm, distributed: bool,
-                     rank: int) -> Path:
+def _save_checkpoint(run_dir: RunDir, step: int, student, optimizer, streams, algorithm, distributed: bool) -> Path:
     rng = _rng_state()
     if distributed:
         gathered = [None] * torch.distributed.get_world_size()
@@ -472,13 +482,9 @@ def _save_checkpoint(output_dir: Path, step: int, student, optimizer, streams, a
 
     model_state = _full_model_state(student)
     optimizer_state = get_optimizer_state_dict(student, optimizer, options=_state_options(cpu_offload=True))
-    path = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
-    if rank == 0:
-        state = {"step": step, "model": model_state, "optimizer": optimizer_state,
-                 "data": streams.state_dict(), "algorithm": algorithm.state_dict(), "rng": rng}
-        write_dir_atomically(path, lambda tmp: torch.save(state, tmp / "state.pt"))
-        for old in sorted((output_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"))[:-2]:
-            shutil.rmtree(old, ignore_errors=True)  # keep the two newest
+    state = {"step": step, "model": model_state, "optimizer": optimizer_state,
+             "data": streams.state_dict(), "algorithm": algorithm.state_dict(), "rng": rng}
+    path = run_dir.save_checkpoint(step, lambda tmp: torch.save(state, tmp / "state.pt"))
     if distributed:
         torch.distributed.barrier()
     return path
@@ -489,17 +495,3 @@ def _all_reduce(x: torch.Tensor, distributed: bool) -> torch.Tensor:
         x = x.clone()
         torch.distributed.all_reduce(x)
     return x
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past the resumed step (the killed run logged them; the rerun logs them again)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= step]
-    write_text_atomically(path, "".join(line + "\n" for line in kept))

@@ -28,7 +28,7 @@ import torch
 from distillzoo.algorithm import Algorithm, MicroBatch, StepLoss, instruction_batches
 from distillzoo.causal_lm import SequenceLogps, lm_head_weight, model_given, require_model
 from distillzoo.data import IGNORE_INDEX, PreferenceExample, as_token_ids, collate_preference
-from distillzoo.errors import ConfigError, DataError, DistillzooError
+from distillzoo.errors import ConfigError, DataError, DistillzooError, NonFiniteError
 from distillzoo.generation import Sampling, sample_seed, split_last_reply, student_samples
 from distillzoo.hookspecs import hookimpl
 from distillzoo.kernels import token_logprobs
@@ -122,10 +122,24 @@ class LogitDistillation(Algorithm):
             with torch.no_grad():
                 teacher = models.hidden(models.teacher, x["input_ids"], x["attention_mask"])
                 wt = models.head(models.teacher)
-        value = self.objective.from_hidden(hs, ws, teacher, wt, x["targets"])
+        try:
+            value = self.objective.from_hidden(hs, ws, teacher, wt, x["targets"])
+        except NonFiniteError as e:  # name the sample the row belongs to, and where the teacher came from
+            source = f"the teacher cache {self.cache.path}" if self.cache is not None else "the teacher model"
+            raise NonFiniteError(f"{source}, {_row_of(e.row, x)}: {e}", e.row) from None
         # a mixture's per-term losses are means over the micro-batch's tokens; the loop wants sums
         terms = getattr(self.objective, "term_losses", {})
         return StepLoss(value, {f"loss/{name}": v * batch.count for name, v in terms.items()})
+
+
+def _row_of(row: int | None, inputs: dict) -> str:
+    """'sample ID, scored token N' for a row of the flattened ``[B, T-1]`` targets of a micro-batch."""
+    if row is None:
+        return "a batch"
+    targets = inputs["targets"]
+    b, t = divmod(row, targets.shape[1])
+    n = int((targets[b, :t] != IGNORE_INDEX).sum())
+    return f"sample {inputs['ids'][b]!r}, scored token {n} (position {t + 1})"
 
 
 def _open_teacher_cache(cfg, objective, where: str):

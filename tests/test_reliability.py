@@ -23,6 +23,7 @@ def chat(n=6):
 
 
 def config(tmp_path, **train_kw):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data = write_jsonl(tmp_path / "train.jsonl", chat())
     return {"objective": {"name": "fkl"}, "student": {"tiny": dict(STUDENT)}, "teacher": {"tiny": dict(TEACHER)},
             "data": {"streams": [{"name": "s", "path": str(data), "format": "chat", "repeat": 1}], "system": None},
@@ -139,3 +140,141 @@ def test_filter_refuses_to_overwrite_its_input_and_a_non_finite_threshold(tmp_pa
         code = main(["filter", str(data), "--format", "chat", "--scores", str(tmp_path / "s.jsonl"), "--threshold",
                      bad, "--out", str(tmp_path / "kept.jsonl")])
         assert code == 2 and not (tmp_path / "kept.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------- non-finite values
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("poison, what", [(float("nan"), "NaN"), (float("inf"), r"\+inf"),
+                                          ("all", r"-inf everywhere \(no mass at all\)")])
+@pytest.mark.parametrize("name", ["fkl", "jsd", "tvd"])
+def test_a_teacher_row_that_is_no_distribution_is_refused_in_every_backend(monkeypatch, backend, poison, what, name):
+    """It used to give that token a loss of 0 and the student a NaN gradient, in every backend."""
+    import torch
+
+    monkeypatch.setenv("DISTILLZOO_BACKEND", backend)
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(5, 64, generator=g, requires_grad=True), torch.randn(5, 64, generator=g)
+    if poison == "all":
+        teacher[3] = float("-inf")
+    else:
+        teacher[3, 17] = poison
+    labels = torch.tensor([1, 2, -100, 4, 5])
+    with pytest.raises(dz.NonFiniteError, match=rf"{name}: the teacher's logits at row 3 are {what}") as err:
+        dz.objective(name)(student, teacher, labels)
+    assert err.value.row == 3
+    hs, ws = torch.randn(5, 8, generator=g), torch.randn(64, 8, generator=g)
+    ht, wt = torch.randn(5, 8, generator=g), torch.randn(64, 8, generator=g)
+    ht[3] = float("nan")
+    with pytest.raises(dz.NonFiniteError, match=rf"{name}: the teacher's logits at row 3 are NaN"):
+        dz.objective(name).from_hidden(hs, ws, ht, wt, labels)
+    labels[2] = 0  # the masked row is not scored, so a teacher row there may be anything
+    teacher = torch.randn(5, 64, generator=g)
+    teacher[2] = float("nan")
+    dz.objective(name)(student, teacher, torch.tensor([1, 2, -100, 4, 5])).backward()
+    assert torch.isfinite(student.grad).all()
+
+
+def test_a_sparse_teacher_that_is_no_distribution_is_refused():
+    import torch
+
+    ids = torch.arange(4).repeat(3, 1)
+    logprobs = torch.log(torch.full((3, 4), 0.2))
+    logprobs[1, 2] = float("nan")
+    with pytest.raises(dz.NonFiniteError, match=r"fkl: the sparse teacher at row 1 is not a distribution"):
+        dz.objective("fkl")(torch.randn(3, 10), dz.SparseTeacher(ids, logprobs), torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("label", [-1, 64, 10_000])
+def test_labels_outside_the_vocab_are_not_counted_as_tokens(label):
+    import torch
+
+    with pytest.raises(dz.ParameterError, match=rf"fkl: label {label} is outside the compared vocab \[0, 64\) at row "
+                                                r"1, and is not ignore_index \(-100\)"):
+        dz.objective("fkl")(torch.randn(3, 64), torch.randn(3, 64), torch.tensor([0, label, -100]))
+
+
+def saved_tiny(path, poison_row=None, **kw):
+    import torch
+    from distillzoo.causal_lm import tiny_qwen2
+
+    model = tiny_qwen2(**kw, tie_word_embeddings=True)
+    if poison_row is not None:
+        with torch.no_grad():
+            model.lm_head.weight[poison_row] = float("nan")  # that vocab entry's logit is NaN on every token
+    model.save_pretrained(path)
+    return str(path)
+
+
+def test_a_nan_teacher_stops_training_naming_the_sample_and_nothing_is_saved(tmp_path, capsys):
+    raw = config(tmp_path, steps=3, checkpoint_every=1)
+    raw["teacher"] = {"path": saved_tiny(tmp_path / "teacher", poison_row=77, **TEACHER)}
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(raw))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"the teacher model, sample 'q\d', scored token 0 \(position \d+\): fkl: the teacher's logits at "
+                     r"row \d+ are NaN", err), err
+    assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_diverging_student_stops_before_its_weights_turn_nan(tmp_path, capsys):
+    """The old loop trained on, exited 0 and saved a student whose weights were all NaN."""
+    import torch
+    from safetensors.torch import load_file
+
+    good = config(tmp_path / "good", steps=2, checkpoint_every=1)
+    good["student"] = {"path": saved_tiny(tmp_path / "student", **STUDENT)}
+    assert main(["train", json_file(tmp_path / "good.yaml", good)]) == 0
+    raw = config(tmp_path, steps=3, checkpoint_every=1)
+    raw["student"] = {"path": saved_tiny(tmp_path / "nan-student", poison_row=5, **STUDENT)}
+    assert main(["train", json_file(tmp_path / "run.yaml", raw)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"step 1: the loss is nan and the gradient norm nan; the student was not updated and nothing more "
+                     r"is saved \(no checkpoint yet\)\. This step's samples on this rank: \['q\d', 'q\d'\]", err), err
+    assert not (tmp_path / "run" / "final").exists()
+    weights = load_file(tmp_path / "good" / "run" / "final" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def json_file(path, raw):
+    path.write_text(json.dumps(raw))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------- writers killed mid-write
+KILLED_IN_NP_SAVE = """
+import os, signal, sys
+import numpy as np
+np.save = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # index.npy is written inside the atomic write
+{call}
+"""
+
+
+def killed_mid_write(tmp_path, call):
+    import subprocess
+    import sys
+
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_IN_NP_SAVE.format(call=call))
+    child = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert child.returncode == -9, child.stderr[-2000:]
+
+
+def test_a_prepare_killed_mid_write_keeps_the_old_output_and_the_next_one_sweeps_its_temporary(tmp_path, tok):
+    data = write_jsonl(tmp_path / "d.jsonl", chat())
+    straight = prepare_shards(data, tmp_path / "straight", format="chat", tokenizer=tok, system=None)
+    old = prepare_shards(write_jsonl(tmp_path / "old.jsonl", chat(3)), tmp_path / "out", format="chat", tokenizer=tok)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()}
+    killed_mid_write(tmp_path, f"from distillzoo.shards import prepare_shards\n"
+                               f"prepare_shards({str(data)!r}, {str(tmp_path / 'out')!r}, format='chat', "
+                               f"overwrite=True, system=None)")
+    stale = [p.name for p in tmp_path.glob(".out.*.tmp")]
+    assert len(stale) == 1 and (tmp_path / stale[0] / "tokens.bin").exists()  # what SIGKILL leaves
+    assert {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()} == before  # the old output is intact
+    assert len(TokenShards(tmp_path / "out")) == len(old) == 3
+    redone = prepare_shards(data, tmp_path / "out", format="chat", tokenizer=tok, overwrite=True, system=None)
+    assert not list(tmp_path.glob(".out.*")), "the killed run's temporary was not swept"
+    assert len(redone) == len(straight) == 6
+    for f in (tmp_path / "straight").iterdir():
+        if f.name != "meta.json":  # meta.json names the source file
+            assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes(), f.name

@@ -232,3 +232,47 @@ def test_data_edited_under_the_same_ids_is_refused_by_the_token_fingerprint(setu
         train(dz.load_config(raw))
     with pytest.raises(dz.DataError, match=r"holds other samples than this data's 0th shard"):
         cache_of(root, tmp_path / "edited.jsonl", tok, k=8, name="stale")  # resuming the cache on edited data
+
+
+def test_a_cache_run_killed_mid_shard_leaves_a_temporary_that_the_resume_sweeps(setup, tok, tmp_path):
+    import subprocess
+    import sys
+
+    root, data, _ = setup
+    straight = cache_of(root, data, tok, k=8, name="straight-kill", shard_size=4, batch_size=2)
+    out = tmp_path / "killed"
+    script = tmp_path / "killed.py"
+    script.write_text(f"""
+import os, signal
+import numpy as np
+import distillzoo as dz
+from distillzoo.causal_lm import load_causal_lm
+from distillzoo.shards import ConversationDataset
+from distillzoo.teacher_cache import write_teacher_cache
+real, calls = np.save, []
+def save(*args, **kwargs):  # SIGKILL while the second shard is half written (the first is complete)
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(*args, **kwargs)
+np.save = save
+tok = dz.load_tokenizer()
+write_teacher_cache({str(out)!r}, load_causal_lm({str(root / 'teacher')!r}),
+                    ConversationDataset({str(data)!r}, "chat", tok, system=None), k=8, dtype="float32",
+                    teacher_name="t", tokenizer_name=tok.name, pad_id=tok.pad_id, progress=False,
+                    shard_size=4, batch_size=2)
+""")
+    child = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert child.returncode == -9, child.stderr[-2000:]
+    stale = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+    assert len(stale) == 1 and stale[0].startswith(".shard-00001.") and stale[0].endswith(".tmp")
+    with pytest.raises(dz.DataError, match=r"4 of 12 samples cached; the run was interrupted"):
+        TeacherCache(out)
+    shutil.copytree(out, root / "killed-resume")
+    resumed = cache_of(root, data, tok, k=8, name="killed-resume", shard_size=4, batch_size=2)
+    assert len(resumed) == len(straight) == 12
+    assert sorted(p.name for p in (root / "killed-resume").iterdir()) == sorted(
+        p.name for p in (root / "straight-kill").iterdir())  # no temporary left
+    for f in sorted((root / "straight-kill").rglob("*")):
+        if f.is_file():
+            assert (root / "killed-resume" / f.relative_to(root / "straight-kill")).read_bytes() == f.read_bytes(), f
