@@ -4,8 +4,13 @@ Built-ins are the modules of ``DEFAULT_PLUGINS``; third-party plugins are the
 entry points of the group ``distillzoo``. ``DISTILLZOO_PLUGINS`` is an allow-list
 of third-party plugins (distribution or entry-point names, comma-separated; empty:
 none; unset: all). A plugin that fails to import gives one ``PluginWarning``
-naming its package and is skipped. The core, not the plugins, enforces that names
-are unique and records which package provided what.
+naming its package and is skipped. A third-party hook implementation that raises,
+or registers something that fails validation, is isolated the same way: a
+``PluginWarning`` names the plugin, its package and the error, and everything that
+implementation registered through that hook is left out (all or nothing), while
+the other plugins load. Two registrations under one name stay an error naming
+both packages. The core, not the plugins, enforces these rules and records which
+package provided what.
 """
 
 from __future__ import annotations
@@ -46,6 +51,18 @@ class PluginManager(pluggy.PluginManager):
         super().__init__("distillzoo")
         self.add_hookspecs(hookspecs)
         self.packages: dict[str, tuple[str, str | None]] = {}
+        #: PluginWarning messages already shown (each broken hook warns once per manager)
+        self.warned: set[str] = set()
+        #: entry points that failed to import: (entry-point name, package, version, error)
+        self.failed: list[tuple[str, str, str | None, str]] = []
+
+    def register(self, plugin: Any, name: str | None = None) -> str | None:
+        self.warned.clear()  # the set of plugins changed: problems are worth repeating
+        return super().register(plugin, name=name)
+
+    def unregister(self, plugin: Any = None, name: str | None = None) -> Any:
+        self.warned.clear()
+        return super().unregister(plugin, name=name)
 
     def register_plugin(self, plugin: Any, name: str, package: str, version: str | None) -> None:
         self.register(plugin, name=name)
@@ -81,6 +98,7 @@ def load_entrypoint_plugins(pm: PluginManager) -> None:
         try:
             plugin = ep.load()
         except Exception as exc:  # a broken plugin must not take the others down
+            pm.failed.append((ep.name, package, version, f"{type(exc).__name__}: {exc}"))
             warnings.warn(
                 f"distillzoo: plugin {ep.name!r} from package {package!r} failed to load and was skipped: "
                 f"{type(exc).__name__}: {exc}",
@@ -117,49 +135,92 @@ def _version(dist_name: str) -> str | None:
         return None
 
 
-def _call_each(pm: PluginManager, hook_name: str, make_register: Callable[[str, str], Callable],
-               only: str | None = None) -> None:
-    """Call every implementation of a register-style hook (or plugin ``only``'s) with its own ``register``."""
+@dataclass(frozen=True)
+class Registration:
+    """One thing a plugin registered through a hook, after the core checked it."""
+
+    name: str
+    value: Any
+    plugin: str
+    package: str
+
+
+def _collect(pm: PluginManager, hook_name: str, check: Callable[..., tuple[str, Any]], what: str,
+             problems: list[dict] | None = None) -> dict[str, Registration]:
+    """Call every implementation of a register-style hook and keep what passes ``check``.
+
+    ``check(plugin, package, *args, **kwargs)`` turns one call of ``register`` into
+    ``(name, value)`` or raises ``PluginError``. A third-party implementation that raises
+    (in its own code or through ``check``) is isolated: none of its registrations
+    through this hook are kept, and a ``PluginWarning`` names it (or, given
+    ``problems``, a record is appended there instead). A built-in that raises is a bug
+    in distillzoo and propagates. A name registered by two plugins raises
+    ``PluginError`` naming both packages (recorded in ``problems`` instead, if given).
+    """
+    found: dict[str, Registration] = {}
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
-        if only is not None and impl.plugin_name != only:
+        plugin, package = impl.plugin_name, pm.package_of(impl.plugin_name)
+        staged: dict[str, Registration] = {}
+
+        def register(*args: Any, **kwargs: Any) -> None:
+            name, value = check(plugin, package, *args, **kwargs)
+            if name in staged:
+                raise PluginError(f"{what} {name!r} is registered twice by package {package!r}")
+            staged[name] = Registration(name, value, plugin, package)
+
+        try:
+            impl.function(*[register for _ in impl.argnames])
+        except Exception as exc:
+            if package == BUILTIN_PACKAGE:
+                raise
+            message = (f"distillzoo: plugin {plugin!r} from package {package!r} failed in {hook_name} and its "
+                       f"{what}s were skipped: {type(exc).__name__}: {exc}")
+            if problems is not None:
+                problems.append({"plugin": plugin, "package": package, "hook": hook_name,
+                                 "error": f"{type(exc).__name__}: {exc}"})
+            elif message not in pm.warned:
+                pm.warned.add(message)
+                warnings.warn(message, PluginWarning, stacklevel=3)
             continue
-        register = make_register(impl.plugin_name, pm.package_of(impl.plugin_name))
-        impl.function(*[register for _ in impl.argnames])
+        for name, registration in staged.items():
+            if name in found:
+                error = (f"{what} {name!r} is registered twice: by package {found[name].package!r} and by package "
+                         f"{package!r}. Uninstall one, or leave it out of DISTILLZOO_PLUGINS.")
+                if problems is None:
+                    raise PluginError(error)
+                problems.append({"plugin": plugin, "package": package, "hook": hook_name, "error": f"PluginError: {error}"})
+                continue
+            found[name] = registration
+    return found
 
 
 # ---------------------------------------------------------------------- objectives
-def objective_specs(pm: PluginManager | None = None) -> dict[str, ObjectiveSpec]:
-    """Every registered objective's catalogue entry, by name."""
+def objective_specs(pm: PluginManager | None = None, problems: list[dict] | None = None) -> dict[str, ObjectiveSpec]:
+    """Every registered objective's catalogue entry, by name (see ``_collect`` for broken plugins)."""
+    pm = pm or get_plugin_manager()
+    return {name: r.value for name, r in _objectives(pm, problems).items()}
+
+
+def _objectives(pm: PluginManager, problems: list[dict] | None = None) -> dict[str, Registration]:
     from .base import Objective
 
-    pm = pm or get_plugin_manager()
     builtin_entries = load_registry_yaml()["objectives"]
-    specs: dict[str, ObjectiveSpec] = {}
 
-    def make_register(plugin_name: str, package: str):
-        def register(cls, entry=None):
-            if not (isinstance(cls, type) and issubclass(cls, Objective)):
-                raise PluginError(f"plugin {plugin_name!r} (package {package!r}) registered {cls!r}, which is not a distillzoo.Objective subclass")
-            name = cls.name
-            if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-                raise PluginError(f"objective class {cls.__qualname__} (package {package!r}) needs a lower-case `name`, got {name!r}")
-            if name in specs:
-                raise PluginError(
-                    f"objective {name!r} is registered twice: by package {specs[name].package!r} and by package "
-                    f"{package!r}. Uninstall one, or leave it out of DISTILLZOO_PLUGINS."
-                )
-            if entry is None:
-                if package != BUILTIN_PACKAGE:
-                    raise PluginError(f"objective {name!r} from package {package!r} has no catalogue entry: call register(cls, entry={{...}})")
-                if name not in builtin_entries:
-                    raise PluginError(f"built-in objective {name!r} has no entry in registry.yaml")
-                entry = builtin_entries[name]
-            specs[name] = build_spec(name, cls, entry, package)
+    def check(plugin: str, package: str, cls: Any, entry: Any = None) -> tuple[str, ObjectiveSpec]:
+        if not (isinstance(cls, type) and issubclass(cls, Objective)):
+            raise PluginError(f"plugin {plugin!r} (package {package!r}) registered {cls!r}, which is not a distillzoo.Objective subclass")
+        name = cls.name
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            raise PluginError(f"objective class {cls.__qualname__} (package {package!r}) needs a lower-case `name`, got {name!r}")
+        if entry is None:
+            if package != BUILTIN_PACKAGE:
+                raise PluginError(f"objective {name!r} from package {package!r} has no catalogue entry: call register(cls, entry={{...}})")
+            if name not in builtin_entries:
+                raise PluginError(f"built-in objective {name!r} has no entry in registry.yaml")
+            entry = builtin_entries[name]
+        return name, build_spec(name, cls, entry, package)
 
-        return register
-
-    _call_each(pm, "register_objectives", make_register)
-    return specs
+    return _collect(pm, "register_objectives", check, "objective", problems)
 
 
 def _lookup(specs: dict, what: str, name: str, where: str | None):
@@ -212,37 +273,32 @@ class AlgorithmSpec:
                 "paper": dict(self.cls.paper)}
 
 
-def algorithm_specs(pm: PluginManager | None = None) -> dict[str, AlgorithmSpec]:
-    """Every registered training algorithm, by name."""
+def algorithm_specs(pm: PluginManager | None = None, problems: list[dict] | None = None) -> dict[str, AlgorithmSpec]:
+    """Every registered training algorithm, by name (see ``_collect`` for broken plugins)."""
     pm = pm or get_plugin_manager()
-    specs: dict[str, AlgorithmSpec] = {}
+    return {name: r.value for name, r in _algorithms(pm, problems).items()}
 
-    def make_register(plugin_name: str, package: str):
-        def register(cls):
-            # distillzoo.algorithm's base class, by what it defines (that module reaches back to this one)
-            if not (isinstance(cls, type) and all(callable(getattr(cls, m, None)) for m in ALGORITHM_METHODS)):
-                raise PluginError(f"plugin {plugin_name!r} (package {package!r}) registered {cls!r} as an algorithm; "
-                                  "it must be a distillzoo.Algorithm subclass")
-            name = cls.name
-            if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-                raise PluginError(f"algorithm class {cls.__qualname__} (package {package!r}) needs a lower-case "
-                                  f"`name`, got {name!r}")
-            if name in specs:
-                raise PluginError(f"algorithm {name!r} is registered twice: by package {specs[name].package!r} and by "
-                                  f"package {package!r}. Uninstall one, or leave it out of DISTILLZOO_PLUGINS.")
-            where = f"algorithm {name!r} (package {package!r})"
-            if cls.records not in hookspecs.RECORDS:
-                raise PluginError(f"{where}: records {cls.records!r} is not one of {list(RECORDS)}")
-            params = {n: ParamSpec.from_entry(n, raw, where) for n, raw in (cls.params or {}).items()}
-            shadowed = [n for n in params if callable(getattr(cls, n, None))]
-            if shadowed:  # params become attributes of the instance
-                raise PluginError(f"{where}: parameter(s) {shadowed} would hide the algorithm's methods; rename them")
-            specs[name] = AlgorithmSpec(name, cls, package, params)
 
-        return register
+def _algorithms(pm: PluginManager, problems: list[dict] | None = None) -> dict[str, Registration]:
+    def check(plugin: str, package: str, cls: Any) -> tuple[str, AlgorithmSpec]:
+        # distillzoo.algorithm's base class, by what it defines (that module reaches back to this one)
+        if not (isinstance(cls, type) and all(callable(getattr(cls, m, None)) for m in ALGORITHM_METHODS)):
+            raise PluginError(f"plugin {plugin!r} (package {package!r}) registered {cls!r} as an algorithm; "
+                              "it must be a distillzoo.Algorithm subclass")
+        name = cls.name
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            raise PluginError(f"algorithm class {cls.__qualname__} (package {package!r}) needs a lower-case "
+                              f"`name`, got {name!r}")
+        where = f"algorithm {name!r} (package {package!r})"
+        if cls.records not in hookspecs.RECORDS:
+            raise PluginError(f"{where}: records {cls.records!r} is not one of {list(hookspecs.RECORDS)}")
+        params = {n: ParamSpec.from_entry(n, raw, where) for n, raw in (cls.params or {}).items()}
+        shadowed = [n for n in params if callable(getattr(cls, n, None))]
+        if shadowed:  # params become attributes of the instance
+            raise PluginError(f"{where}: parameter(s) {shadowed} would hide the algorithm's methods; rename them")
+        return name, AlgorithmSpec(name, cls, package, params)
 
-    _call_each(pm, "register_algorithms", make_register)
-    return specs
+    return _collect(pm, "register_algorithms", check, "algorithm", problems)
 
 
 def algorithm_spec(name: str, pm: PluginManager | None = None, where: str | None = None) -> AlgorithmSpec:
@@ -260,31 +316,40 @@ class Component:
     details: dict = field(default_factory=dict)
 
 
-def components(kind: str, pm: PluginManager | None = None) -> dict[str, Component]:
+def components(kind: str, pm: PluginManager | None = None, problems: list[dict] | None = None) -> dict[str, Component]:
     """Registered data formats, scorers or trainer callbacks (``kind`` is one of COMPONENT_HOOKS)."""
     pm = pm or get_plugin_manager()
-    found: dict[str, Component] = {}
+    return {name: r.value for name, r in _components(pm, kind, problems).items()}
+
+
+def _components(pm: PluginManager, kind: str, problems: list[dict] | None = None) -> dict[str, Registration]:
     label = kind.rstrip("s").replace("_", " ")
 
-    def make_register(plugin_name: str, package: str):
-        def register(name: str, obj: Any, summary: str = "", **details: Any):
-            if name in found:
-                raise PluginError(
-                    f"{label} {name!r} is registered twice: by package {found[name].package!r} and by package {package!r}"
-                )
-            found[name] = Component(name, obj, summary, package, details)
+    def check(plugin: str, package: str, name: Any, obj: Any, summary: str = "", **details: Any) -> tuple[str, Component]:
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin {plugin!r} (package {package!r}) registered a {label} named {name!r}; "
+                              "a name must be a non-empty string")
+        if not callable(obj):
+            raise PluginError(f"{label} {name!r} (package {package!r}) registered {obj!r}, which is not callable")
+        if kind == "data_formats" and details.get("records", "instruction") not in hookspecs.RECORDS:
+            raise PluginError(f"data format {name!r} (package {package!r}) registered records={details['records']!r}; "
+                              f"expected one of {list(hookspecs.RECORDS)}")
+        return name, Component(name, obj, str(summary), package, details)
 
-        return register
-
-    _call_each(pm, COMPONENT_HOOKS[kind], make_register)
-    return found
+    return _collect(pm, COMPONENT_HOOKS[kind], check, label, problems)
 
 
 def plugins_info(pm: PluginManager | None = None) -> list[dict]:
-    """What ``distillzoo plugins`` prints: each loaded plugin, its package, hooks and names."""
+    """What ``distillzoo plugins`` prints: each loaded plugin, its package, hooks, names and problems.
+
+    It never raises for a third-party plugin: a broken hook implementation or a name
+    clash is listed under that plugin's ``problems``, so the command stays usable to
+    diagnose it.
+    """
     pm = pm or get_plugin_manager()
-    objective_specs(pm)  # surface registry errors (duplicates, bad entries) before listing
-    algorithm_specs(pm)
+    problems: list[dict] = []
+    registered = {"objectives": _objectives(pm, problems), "algorithms": _algorithms(pm, problems),
+                  **{kind: _components(pm, kind, problems) for kind in COMPONENT_HOOKS}}
     info = []
     for name, plugin in sorted(pm.list_name_plugin()):
         package, version = pm.packages.get(name, (name, None))
@@ -294,16 +359,11 @@ def plugins_info(pm: PluginManager | None = None) -> list[dict]:
             "package": package,
             "version": version,
             "hooks": hooks,
-            "objectives": sorted(_names_from(pm, name, "register_objectives")),
-            "algorithms": sorted(_names_from(pm, name, "register_algorithms")),
-            **{kind: sorted(_names_from(pm, name, hook)) for kind, hook in COMPONENT_HOOKS.items()},
+            **{kind: sorted(n for n, r in found.items() if r.plugin == name) for kind, found in registered.items()},
+            "problems": [{k: v for k, v in p.items() if k != "plugin"} for p in problems if p["plugin"] == name],
         })
+    for name, package, version, error in pm.failed:  # listed too, so the command shows why they are missing
+        info.append({"name": name, "package": package, "version": version, "hooks": [],
+                     **{kind: [] for kind in registered}, "problems": [{"package": package, "hook": None,
+                                                                       "error": f"failed to load: {error}"}]})
     return info
-
-
-def _names_from(pm: PluginManager, plugin_name: str, hook_name: str) -> list[str]:
-    """Names one plugin registers through one hook (its implementation called alone)."""
-    names: list[str] = []
-    record = lambda obj, *args, **kwargs: names.append(getattr(obj, "name", obj))  # noqa: E731
-    _call_each(pm, hook_name, lambda plugin, package: record, only=plugin_name)
-    return names

@@ -1,6 +1,7 @@
 """Entry-point discovery from real (throwaway) distributions on sys.path."""
 
 import importlib
+import json
 import sys
 import textwrap
 import warnings
@@ -34,18 +35,28 @@ def add_distribution(root, dist, version, ep_name, module, source):
     (root / f"{module}.py").write_text(textwrap.dedent(source))
 
 
+RAISING_MODULE = '''
+import distillzoo as dz
+
+@dz.hookimpl
+def register_objectives(register):
+    raise KeyError("no config for the GPU build")
+'''
+
+
 @pytest.fixture
 def site(tmp_path, monkeypatch, fresh_plugin_manager):
     add_distribution(tmp_path, "kd-bhatta", "1.2", "bhatta", "kd_bhatta", GOOD_MODULE)
     add_distribution(tmp_path, "kd-broken", "0.1", "broken", "kd_broken", "raise ImportError('needs a GPU library')\n")
+    add_distribution(tmp_path, "kd-raising", "0.3", "raising", "kd_raising", RAISING_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
     yield monkeypatch
-    for module in ("kd_bhatta", "kd_broken"):
+    for module in ("kd_bhatta", "kd_broken", "kd_raising"):
         sys.modules.pop(module, None)
 
 
-def load(monkeypatch, allow):
+def load(monkeypatch, allow="kd-bhatta,kd-broken"):
     if allow is None:
         monkeypatch.delenv("DISTILLZOO_PLUGINS", raising=False)
     else:
@@ -58,7 +69,7 @@ def load(monkeypatch, allow):
 
 
 def test_broken_plugin_warns_once_naming_its_package_and_the_rest_load(site):
-    names, warned = load(site, None)
+    names, warned = load(site)
     assert "bhattacharyya" in names and {"fkl", "rkl"} <= set(names)
     assert len(warned) == 1
     assert str(warned[0].message) == (
@@ -67,6 +78,26 @@ def test_broken_plugin_warns_once_naming_its_package_and_the_rest_load(site):
     assert dz.objective_spec("bhattacharyya").package == "kd-bhatta"
     [info] = [p for p in dz.plugins_info() if p["name"] == "bhatta"]
     assert (info["package"], info["version"], info["objectives"]) == ("kd-bhatta", "1.2", ["bhattacharyya"])
+
+
+def test_a_plugin_whose_hook_raises_is_isolated_and_diagnosed(site, capsys):
+    from distillzoo.cli import main
+
+    names, warned = load(site, None)  # all three
+    assert "bhattacharyya" in names and {"fkl", "rkl"} <= set(names)
+    assert sorted(str(w.message) for w in warned) == [
+        "distillzoo: plugin 'broken' from package 'kd-broken' failed to load and was skipped: ImportError: needs a GPU library",
+        "distillzoo: plugin 'raising' from package 'kd-raising' failed in register_objectives and its objectives were "
+        "skipped: KeyError: 'no config for the GPU build'",
+    ]
+    main(["plugins"])
+    info = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
+    assert info["bhatta"]["objectives"] == ["bhattacharyya"] and info["bhatta"]["problems"] == []
+    assert info["raising"]["package"] == "kd-raising" and info["raising"]["version"] == "0.3"
+    assert info["raising"]["problems"] == [{"package": "kd-raising", "hook": "register_objectives",
+                                            "error": "KeyError: 'no config for the GPU build'"}]
+    assert info["broken"]["problems"] == [{"package": "kd-broken", "hook": None,
+                                           "error": "failed to load: ImportError: needs a GPU library"}]
 
 
 @pytest.mark.parametrize("allow, expect_loaded, expect_warning", [
