@@ -21,6 +21,7 @@ preference format, the teacher's answer as ``chosen`` and the student's as
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -129,6 +130,7 @@ def decode(model, tokenizer: ChatTokenizer, prompts: Sequence[Sequence[int]], sa
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         steps = [m(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
                  for m in models]
+        keywords = [_cache_keyword(m) for m in models]
         answers: list[list[int]] = [[] for _ in chunk]
         done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
         for _ in range(sampling.max_new_tokens):
@@ -143,12 +145,18 @@ def decode(model, tokenizer: ChatTokenizer, prompts: Sequence[Sequence[int]], sa
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
             steps = [m(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                       past_key_values=s.past_key_values, use_cache=True, logits_to_keep=1)
-                     for m, s in zip(models, steps)]
+                       **{kw: getattr(s, kw)}, use_cache=True, logits_to_keep=1)
+                     for m, s, kw in zip(models, steps, keywords)]
         out.extend((a, "stop" if d else "length") for a, d in zip(answers, done.tolist()))
     for m, training in zip(models, was_training):
         m.train(training)
     return out
+
+
+def _cache_keyword(model) -> str:
+    """The KV cache's name in ``model.forward`` and its output: ``cache`` in transformers 5.x, where
+    ``past_key_values`` is deprecated (removed in 5.40), else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def split_last_reply(example: dict) -> tuple[list[int], list[int]]:

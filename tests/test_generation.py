@@ -99,6 +99,17 @@ def test_a_sample_s_answer_depends_on_its_id_not_on_its_batch(tok):
     assert other_seed != together
 
 
+def test_decoding_uses_the_current_cache_api_and_matches_a_no_cache_reference(tok):
+    import warnings
+
+    model = peaked(0)
+    prompts = [tok.encode_prompt([{"role": "user", "content": p}], None) for p in PROMPTS[:3]]  # lengths differ
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers' past_key_values FutureWarning included
+        got = decode(model, tok, prompts, Sampling(max_new_tokens=4, temperature=0.0), batch_size=3)
+    assert [a for a, _ in got] == [naive_greedy(model, p, tok.im_end_id, 4) for p in prompts]
+
+
 def peaked(seed, hidden=32):
     model = tiny_qwen2(hidden_size=hidden, num_layers=1, seed=seed).eval()
     with torch.no_grad():
