@@ -131,13 +131,37 @@ def naive_greedy(model, prompt, stop, max_new_tokens):
     return out
 
 
+BUILD_LEFTOVERS = ("build", "dist", "*.egg-info", "__pycache__", ".venv", ".git", "runs", ".pytest_cache",
+                   ".benchmarks")
+
+
+def source_copy(package_dir, parent):
+    """A copy of a source tree under ``parent``, so building it writes build/ and *.egg-info there, not in the
+    checkout."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    dest = Path(tempfile.mkdtemp(dir=parent, prefix="src-")) / Path(package_dir).name
+    shutil.copytree(package_dir, dest, ignore=shutil.ignore_patterns(*BUILD_LEFTOVERS))
+    return dest
+
+
 def install_into(target, package_dir):
-    """pip-install a package directory (no deps, no build isolation, no network) into ``target``; returns it."""
+    """pip-install a package directory (no deps, no build isolation, no network) into ``target``; returns it.
+    It is built from a copy beside ``target``, leaving the checkout clean."""
     import subprocess
     import sys
+    from pathlib import Path
 
+    def leftovers():
+        return sorted(p.name for pattern in ("build", "*.egg-info") for p in Path(package_dir).glob(pattern))
+
+    before = leftovers()
+    source = source_copy(package_dir, Path(target).parent)
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
-                    "--target", str(target), str(package_dir)], check=True, capture_output=True, timeout=600)
+                    "--target", str(target), str(source)], check=True, capture_output=True, timeout=600)
+    assert leftovers() == before, f"installing {package_dir} wrote {leftovers()} into the checkout"
     return target
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import source_copy
+
 ROOT = Path(__file__).resolve().parents[1]
 GENERIC = ("core", "plugins", "kernels")
 PROBE = (
@@ -30,7 +32,10 @@ def python(*args, cwd, env_path=None):
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
-    python("-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT), cwd=out)
+    before = {p: p.stat().st_mtime_ns for p in ROOT.glob("build")}
+    source = source_copy(ROOT, out)  # building writes build/ and *.egg-info into the copy, not the checkout
+    python("-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source), cwd=out)
+    assert {p: p.stat().st_mtime_ns for p in ROOT.glob("build")} == before, "the build wrote into the checkout"
     [built] = out.glob("distillzoo-*.whl")
     return built
 
