@@ -12,7 +12,7 @@ Training algorithms (``dz.Algorithm``: distill, preference, dpkd, plugins') and
 trainer callbacks (``dz.Callback``) are plugins too; ``distillzoo train`` runs them all.
 """
 
-from .config import build_objective, load_config, starter_config
+from .config import build_objective, load_config
 from .errors import (
     ConfigError,
     DataError,
@@ -36,15 +36,42 @@ from .manager import (
     objective_specs,
     plugins_info,
 )
-from .base import LogitObjective, Mixture, Objective, PointwiseDivergence, SparseTeacher
-from .algorithm import Algorithm, MicroBatch, Models, Run, StepLoss
-from .callbacks import Callback
-from .causal_lm import SequenceLogps, sequence_logps
-from .data import PreferenceBatch, PreferenceDataset, collate_preference
-from .preference import PreferenceObjective, PreferenceStep, preference_step
-from .reference_cache import ReferenceCache, write_reference_cache
-from .scoring import ScoreBatch, Scorer
-from .tokenizer import load_tokenizer
+# The rest needs torch (seconds to import): loaded on first use, so `distillzoo --help` stays fast.
+_LAZY = {
+    "base": ("LogitObjective", "Mixture", "Objective", "PointwiseDivergence", "SparseTeacher"),
+    "algorithm": ("Algorithm", "MicroBatch", "Models", "Run", "StepLoss"),
+    "callbacks": ("Callback",),
+    "causal_lm": ("SequenceLogps", "sequence_logps"),
+    "data": ("PreferenceBatch", "PreferenceDataset", "collate_preference"),
+    "preference": ("PreferenceObjective", "PreferenceStep", "preference_step"),
+    "reference_cache": ("ReferenceCache", "write_reference_cache"),
+    "scoring": ("ScoreBatch", "Scorer"),
+    "starter": ("starter_config",),
+    "tokenizer": ("load_tokenizer",),
+}
+_HOME = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str):
+    """``dz.LogitObjective`` and the other torch-backed names, and submodules (``dz.trainer``), on first use."""
+    import importlib
+
+    if name in _HOME:
+        value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_"):
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __version__ = "0.1.0"
 

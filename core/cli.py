@@ -74,7 +74,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from .config import starter_config
+    from .starter import starter_config
 
     sys.stdout.write(starter_config(args.name))
     return 0
@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="distillzoo",
         description="A plugin-based zoo of distillation objectives for Qwen-family students.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"distillzoo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("list", help="list every objective, built-in and third-party")
     p.add_argument("--json", action="store_true", help="print the catalogue entries as JSON")

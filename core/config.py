@@ -400,30 +400,3 @@ def build_objective(cfg: DictConfig):
         raise ConfigError(f"objectives: {e}") from None
 
 
-def _override_example(spec) -> str:
-    for pname, p in spec.params.items():
-        if p.type == "float" and p.default is not None:
-            return f"objective.{pname}={p.default * 2:g}"
-    return f"objective.{next(iter(spec.params))}=..." if spec.params else "seed=1"
-
-
-def starter_config(name: str) -> str:
-    """A commented YAML selecting objective ``name`` with its defaults, accepted by load_config."""
-    from .manager import objective_spec
-
-    spec = objective_spec(name)
-    lines = [
-        f"# distillzoo config: {spec.name} - {spec.summary}",
-        f"# formula: {spec.formula}",
-        f"# Override any key on the command line: key=value (e.g. {_override_example(spec)})",
-        "objective:",
-        f"  name: {spec.name}",
-    ]
-    for pname, p in spec.params.items():
-        value = yaml.safe_dump(p.default, default_flow_style=True).strip().removesuffix("...").strip()
-        doc = f"  # {p.doc}" if p.doc else ""
-        lines.append(f"  {pname}: {value}{doc}")
-    lines.append(f"seed: {DistillConfig.seed}")
-    return "\n".join(lines) + "\n"
-
-

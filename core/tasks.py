@@ -14,8 +14,11 @@ number-word tasks whole numbers are held out, so the model must compose
 "forty" and "two" rather than recall "forty-two".
 
 ``write_task_files(out_dir)`` writes ``train.jsonl`` and ``eval.jsonl`` in the
-chat format (``{"id", "messages"}``); the repository ships the files it writes
-with the default arguments under ``data/quickstart/`` (a test checks they match).
+chat format (``{"id", "messages"}``), and ``pairs.jsonl`` and ``eval_pairs.jsonl``,
+preference records of each split's prompts (the correct reply chosen, a wrong one of
+the same form rejected);
+the repository ships the files it writes with the default arguments under
+``data/quickstart/`` (a test checks they match).
 """
 
 from __future__ import annotations
@@ -124,16 +127,41 @@ def generate_tasks(n_train: int = 6000, n_eval: int = 50, seed: int = 0, held_ou
             for split, records in (("train", train), ("eval", evals)))
 
 
-def write_task_files(out_dir: str | Path, **kwargs) -> tuple[Path, Path]:
-    """Write ``train.jsonl`` and ``eval.jsonl`` (chat format) under ``out_dir``; returns their paths."""
+def preference_pairs(records: list[dict], n: int = 2000) -> list[dict]:
+    """Preference records (``{"id", "task", "language", "prompt", "chosen", "rejected"}``) from chat records.
+
+    ``chosen`` is the record's correct reply; ``rejected`` is the reply of the next record of
+    the same task and language, in file order, that differs from it. That reply is wrong for
+    this prompt but has the right form (a number, digits, number words). The first ``n``
+    records that have such a partner are used.
+    """
+    pairs = []
+    for i, r in enumerate(records):
+        if len(pairs) == n:
+            break
+        right = r["messages"][-1]["content"]
+        wrong = next((o["messages"][-1]["content"] for o in records[i + 1:]
+                      if (o["task"], o["language"]) == (r["task"], r["language"])
+                      and o["messages"][-1]["content"] != right), None)
+        if wrong is not None:
+            pairs.append({"id": f"pair-{r['id']}", "task": r["task"], "language": r["language"],
+                          "prompt": r["messages"][:-1], "chosen": right, "rejected": wrong})
+    return pairs
+
+
+def write_task_files(out_dir: str | Path, **kwargs) -> tuple[Path, Path, Path, Path]:
+    """Write ``train.jsonl`` and ``eval.jsonl`` (chat format), and ``pairs.jsonl`` and ``eval_pairs.jsonl``
+    (preference format, of each split) under ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    train, evals = generate_tasks(**kwargs)
     paths = []
-    for name, records in zip(("train", "eval"), generate_tasks(**kwargs)):
+    for name, records in (("train", train), ("eval", evals), ("pairs", preference_pairs(train)),
+                          ("eval_pairs", preference_pairs(evals))):
         path = out / f"{name}.jsonl"
         write_text_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         paths.append(path)
-    return paths[0], paths[1]
+    return paths[0], paths[1], paths[2], paths[3]
 
 
 if __name__ == "__main__":  # python -m distillzoo.tasks [OUT_DIR]

@@ -80,3 +80,25 @@ def test_no_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([])
     assert exit_info.value.code == 2
+
+
+def test_version_and_help_need_no_torch():
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    probe = ("import sys, contextlib, io\n"
+             "from distillzoo.cli import main\n"
+             "for argv in (['--version'], ['--help']):\n"
+             "    out = io.StringIO()\n"
+             "    with contextlib.redirect_stdout(out):\n"
+             "        try:\n"
+             "            main(argv)\n"
+             "        except SystemExit as e:\n"
+             "            assert e.code == 0, e.code\n"
+             "    print(out.getvalue().splitlines()[0])\n"
+             "print('torch' in sys.modules)\n")
+    lines = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert lines[0] == f"distillzoo {version('distillzoo')}"
+    assert lines[1].startswith("usage: distillzoo")
+    assert lines[-1] == "False"  # torch is imported only by the commands that need it

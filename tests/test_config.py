@@ -1,10 +1,16 @@
 """Config by name: struct mode, overrides, weighted lists, and errors that say where."""
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 import distillzoo as dz
+from distillzoo.catalogue import load_registry_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def write(tmp_path, text, name="run.yaml"):
@@ -119,7 +125,7 @@ def test_mixture_terms_that_disagree_are_a_config_error(tmp_path):
         dz.build_objective(dz.load_config(path))
 
 
-@pytest.mark.parametrize("name", ["fkl", "rkl"])
+@pytest.mark.parametrize("name", sorted(load_registry_yaml()["objectives"]))
 def test_starter_config_round_trips_to_the_same_objective(tmp_path, name):
     path = write(tmp_path, dz.starter_config(name))
     loss_fn = dz.build_objective(dz.load_config(path))
@@ -127,6 +133,30 @@ def test_starter_config_round_trips_to_the_same_objective(tmp_path, name):
     assert type(loss_fn) is spec.cls
     for pname, p in spec.params.items():
         assert getattr(loss_fn, pname) == p.default
+
+
+@pytest.mark.parametrize("name", sorted(load_registry_yaml()["objectives"]))
+def test_the_starter_config_is_complete_for_train_before_any_model(tmp_path, name, monkeypatch, no_models):
+    from distillzoo.trainer import validate
+
+    monkeypatch.chdir(ROOT)  # its data paths are the repository's quickstart files
+    cfg = dz.load_config(write(tmp_path, dz.starter_config(name)), [f"output_dir={tmp_path / 'run'}"])
+    algorithm, _ = validate(cfg, where="starter")  # what train checks before it loads a model
+    spec = dz.objective_spec(name)
+    assert type(algorithm).name == spec.cls.default_algorithm
+    assert (cfg.teacher is not None) == ("teacher" in algorithm.reads(cfg))
+
+
+@pytest.mark.parametrize("name", ["fkl", "dpo", "dpkd"])  # one per built-in algorithm
+def test_the_starter_config_trains_as_printed(tmp_path, name, monkeypatch):
+    from distillzoo.trainer import train
+
+    monkeypatch.chdir(ROOT)
+    cfg = dz.load_config(write(tmp_path, dz.starter_config(name)),  # shortened: two steps, no held-out pass
+                         [f"output_dir={tmp_path / 'run'}", "train.steps=2", "data.eval=null", "train.progress=false"])
+    result = train(cfg, where="starter")
+    assert result.steps == 2 and math.isfinite(result.final_loss)
+    assert (tmp_path / "run" / "final" / "config.json").exists()
 
 
 def test_overrides_reach_into_list_items_and_name_the_override_when_wrong():

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from distillzoo.tasks import chinese_number, english_number, generate_tasks, write_task_files
+import distillzoo as dz
+
+from distillzoo.tasks import chinese_number, english_number, generate_tasks, preference_pairs, write_task_files
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data" / "quickstart"
 
@@ -59,9 +61,11 @@ def test_every_answer_follows_from_its_prompt_and_splits_share_no_prompt():
 
 
 def test_generation_is_deterministic_and_the_bundled_files_are_its_output(tmp_path):
-    train, eval_path = write_task_files(tmp_path)
+    train, eval_path, pairs, eval_pairs = write_task_files(tmp_path)
     assert train.read_bytes() == (BUNDLED / "train.jsonl").read_bytes()
     assert eval_path.read_bytes() == (BUNDLED / "eval.jsonl").read_bytes()
+    assert pairs.read_bytes() == (BUNDLED / "pairs.jsonl").read_bytes()
+    assert eval_pairs.read_bytes() == (BUNDLED / "eval_pairs.jsonl").read_bytes()
     assert generate_tasks(n_train=50, seed=1) != generate_tasks(n_train=50, seed=2)
 
 
@@ -71,3 +75,19 @@ def test_the_chinese_half_uses_qwen_ids_above_65535(tok):
     ids = {i for r in zh for m in r["messages"] for i in tok.encode(m["content"])}
     assert max(ids) > 65_535
     assert len(records) == 6000 and len(zh) == 3000
+
+
+def test_preference_pairs_choose_the_right_answer_over_a_wrong_one_of_the_same_task():
+    train, _ = generate_tasks(n_train=400, n_eval=5, seed=3)
+    pairs = preference_pairs(train, n=300)
+    assert len(pairs) == 300
+    by_id = {r["id"]: r for r in train}
+    answers = {(r["task"], r["language"]): set() for r in train}
+    for r in train:
+        answers[r["task"], r["language"]].add(r["messages"][1]["content"])
+    for p in pairs:
+        source = by_id[p["id"].removeprefix("pair-")]
+        assert p["prompt"] == source["messages"][:1] and p["chosen"] == _answer_again(source)
+        assert p["rejected"] != p["chosen"] and p["rejected"] in answers[p["task"], p["language"]]
+    fields = [dz.data.data_format("preference")(p) for p in pairs[:5]]  # the preference format reads them
+    assert [f["chosen"] for f in fields] == [p["chosen"] for p in pairs[:5]]
