@@ -13,7 +13,8 @@ held-out evaluation of each model:
    (configs/quickstart.yaml objective.name=ce).
 
 It prints greedy exact-match accuracy and NLL per response token on the held-out
-split for all three, and the student's KL from the teacher. Nothing is
+split for all three, and the student's KL from the teacher, and writes that table
+to OUT/results.md and OUT/results.json. Nothing is
 downloaded; the models are built from their configs. Each run is the command
 printed before it, so any step can be rerun or changed by hand.
 """
@@ -21,6 +22,7 @@ printed before it, so any step can be rerun or changed by hand.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     loaded = {name: load_causal_lm(str(path)) for name, path in models.items()}
     teacher_model = loaded["teacher (ce)"]
     print(f"\n== held-out evaluation: {eval_path} ({len(held_out)} prompts, greedy decoding)")
-    print(f"{'model':<26} {'params':>8} {'exact match':>12} {'NLL/token':>10} {'KL(teacher||model)':>19}   by task")
+    table = [f"{'model':<26} {'params':>8} {'exact match':>12} {'NLL/token':>10} {'KL(teacher||model)':>19}   by task"]
+    print(table[0])
     results = {}
     for name, model in loaded.items():
         em = exact_match(model, tokenizer, eval_path, "chat", system=system, max_new_tokens=16)
@@ -83,9 +86,17 @@ def main(argv: list[str] | None = None) -> dict:
         kl = response_kl(teacher_model, model, held_out, tokenizer.pad_id) if model is not teacher_model else 0.0
         params = sum(p.numel() for p in model.parameters()) / 1e6
         by_task = "  ".join(f"{k} {v:.0%}" for k, v in em["by_task"].items())
-        print(f"{name:<26} {params:>7.1f}M {em['exact_match']:>12.1%} {nll:>10.3f} {kl:>19.3f}   {by_task}")
-        results[name] = {"exact_match": em["exact_match"], "nll": nll, "kl": kl}
-    print(f"\n(params include the 151,936-entry embedding; total {time.perf_counter() - started:.0f} s)")
+        table.append(f"{name:<26} {params:>7.1f}M {em['exact_match']:>12.1%} {nll:>10.3f} {kl:>19.3f}   {by_task}")
+        print(table[-1])
+        results[name] = {"model": str(models[name]), "params": sum(p.numel() for p in model.parameters()),
+                         "exact_match": em["exact_match"], "by_task": em["by_task"], "nll": nll, "kl": kl}
+    total = time.perf_counter() - started
+    print(f"\n(params include the 151,936-entry embedding; total {total:.0f} s)")
+    (out / "results.json").write_text(json.dumps({"eval": str(eval_path), "seconds": round(total, 1),
+                                                  "models": results}, indent=2, ensure_ascii=False) + "\n")
+    (out / "results.md").write_text(f"# quickstart: held-out evaluation ({eval_path}, {len(held_out)} prompts, greedy)\n\n"
+                                    "```\n" + "\n".join(table) + "\n```\n", encoding="utf-8")
+    print(f"results: {out / 'results.md'}, {out / 'results.json'}")
     return results
 
 

@@ -27,3 +27,10 @@ def test_quickstart_trains_three_models_and_prints_their_held_out_scores(tmp_pat
                for run in ("student-fkl", "student-ce"))
     assert [r["tokens"] for r in fkl] == [r["tokens"] for r in ce]  # the same batches: a like-for-like budget
     assert "$ distillzoo train configs/quickstart.yaml" in done.stdout
+    written = json.loads((tmp_path / "results.json").read_text())["models"]
+    for name, (params, em, nll, kl) in rows.items():  # the file holds what the table printed
+        assert (round(written[name]["exact_match"] * 100, 1), round(written[name]["nll"], 3),
+                round(written[name]["kl"], 3)) == (em, nll, kl)
+        assert round(written[name]["params"] / 1e6, 1) == params
+        assert next(l for l in done.stdout.splitlines() if l.startswith(name)) in (tmp_path / "results.md").read_text()
+    assert "Warning" not in done.stdout + done.stderr, "library warnings in the quickstart's output"
