@@ -31,7 +31,8 @@ from .errors import PluginError, PluginWarning, UnknownNameError, did_you_mean
 
 ENTRYPOINT_GROUP = "distillzoo"
 DEFAULT_PLUGINS = ("distillzoo.plugins.divergences", "distillzoo.plugins.token", "distillzoo.plugins.preference",
-                   "distillzoo.plugins.formats", "distillzoo.plugins.scorers", "distillzoo.plugins.algorithms")
+                   "distillzoo.plugins.formats", "distillzoo.plugins.scorers", "distillzoo.plugins.algorithms",
+                   "distillzoo.plugins.trackers")
 BUILTIN_PACKAGE = "distillzoo"
 COMPONENT_HOOKS = {
     "data_formats": "register_data_formats",

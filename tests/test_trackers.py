@@ -1,0 +1,85 @@
+"""Built-in experiment trackers: what they write is read back and equals metrics.jsonl."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import distillzoo as dz
+from distillzoo.trainer import train
+from helpers import write_jsonl
+
+
+def chat(n=8):
+    return [{"id": f"q{a}", "messages": [{"role": "user", "content": f"{a} + 1 = ?"},
+                                         {"role": "assistant", "content": str(a + 1)}]} for a in range(n)]
+
+
+def config(tmp_path, callbacks, **train_kw):
+    data = write_jsonl(tmp_path / "train.jsonl", chat())
+    return {"objectives": [{"name": "ce", "weight": 0.5}, {"name": "fkl", "weight": 0.5}],
+            "student": {"tiny": {"hidden_size": 32, "num_layers": 1, "seed": 0}},
+            "teacher": {"tiny": {"hidden_size": 48, "num_layers": 1, "seed": 1}},
+            "data": {"streams": [{"name": "s", "path": str(data), "format": "chat", "repeat": 1}], "system": None,
+                     "eval": {"name": "held", "path": str(data), "format": "chat"}},
+            "train": {"steps": 4, "batch_size": 2, "lr": 1e-3, "log_every": 1, "eval_every": 2, "progress": False,
+                      **train_kw},
+            "callbacks": callbacks, "output_dir": str(tmp_path / "run"), "resume": "auto"}
+
+
+def scalars(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def from_metrics(run):
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    keys = {k for r in records for k in r if k != "step"}
+    return {k: [(r["step"], r[k]) for r in records if k in r] for k in keys}
+
+
+def assert_same(logged, expected):
+    assert set(logged) == set(expected)
+    for tag, points in expected.items():
+        assert [s for s, _ in logged[tag]] == [s for s, _ in points], tag  # each step once
+        assert [v for _, v in logged[tag]] == pytest.approx([v for _, v in points], rel=1e-6), tag  # float32
+
+
+def test_tensorboard_logs_every_metrics_record_at_its_step(tmp_path):
+    train(dz.load_config(config(tmp_path, [{"name": "tensorboard"}])))
+    run = tmp_path / "run"
+    expected = from_metrics(run)
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "loss/ce", "loss/fkl", "eval/nll"} <= set(expected)
+    assert_same(scalars(run / "tensorboard"), expected)
+
+
+class StopAtStep3(dz.Callback):
+    def on_log(self, step, record):
+        if step == 3:
+            raise RuntimeError("killed after step 3")
+
+
+class Stopper:
+    @dz.hookimpl
+    def register_trainer_callbacks(self, register):
+        register("stop-at-3", StopAtStep3)
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path, register_plugin):
+    register_plugin(Stopper(), "stopper")
+    log_dir = tmp_path / "tb"
+    with pytest.raises(RuntimeError, match="killed after step 3"):  # after checkpoint 2 and step 3's record
+        train(dz.load_config(config(tmp_path, [{"name": "tensorboard", "log_dir": str(log_dir)},
+                                               {"name": "stop-at-3"}], checkpoint_every=2)))
+    assert [s for s, _ in scalars(log_dir)["loss"]] == [1, 2, 3]
+    train(dz.load_config(config(tmp_path, [{"name": "tensorboard", "log_dir": str(log_dir)}], checkpoint_every=2)))
+    assert_same(scalars(log_dir), from_metrics(tmp_path / "run"))  # step 3 of the killed run was purged
+
+
+def test_an_unknown_tracker_parameter_is_refused_before_any_model(tmp_path, no_models):
+    with pytest.raises(dz.ConfigError, match=r"callbacks\[0\]: callback 'tensorboard' \(package 'distillzoo'\) does "
+                                             r"not take these params"):
+        train(dz.load_config(config(tmp_path, [{"name": "tensorboard", "logdir": "x"}])))
