@@ -1,5 +1,5 @@
 """The ``distillzoo`` command line: list, algorithms, show, plugins, config, check, train, generate,
-cache-teacher, score, filter, prepare, reference-cache."""
+cache-teacher, score, filter, plot, prepare, reference-cache."""
 
 from __future__ import annotations
 
@@ -216,6 +216,14 @@ def _cmd_filter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import plot_runs
+
+    fig = plot_runs(args.runs, args.out, args.metric or None)
+    print(f"{args.out}: {', '.join(ax.get_title() for ax in fig.axes)} of {len(args.runs)} run(s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distillzoo",
@@ -270,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the filtered JSONL (records verbatim, written atomically)")
     p.add_argument("--report", default=None, help="a JSON report: counts, cut, and every dropped id with its score")
     p.set_defaults(func=_cmd_filter)
+    p = sub.add_parser("plot", help="draw the curves of training runs from their metrics.jsonl to a PNG")
+    p.add_argument("runs", nargs="+", help="distillzoo train output directories")
+    p.add_argument("--out", default="curves.png", help="the PNG to write (default curves.png)")
+    p.add_argument("--metric", action="append", help="a logged key to draw, repeatable (default: loss and every "
+                                                     "eval/* value)")
+    p.set_defaults(func=_cmd_plot)
     p = sub.add_parser("prepare", help="tokenize instruction JSONL (dolly, alpaca, chat) into an int32 shard directory")
     p.add_argument("data", nargs="+", help="JSONL file(s)")
     p.add_argument("--format", required=True, help="a registered data format: dolly, alpaca, chat, ...")
