@@ -1,5 +1,5 @@
 """The ``distillzoo`` command line: list, algorithms, show, plugins, config, check, train, generate,
-cache-teacher, score, filter, plot, prepare, reference-cache."""
+cache-teacher, score, filter, compare, plot, prepare, reference-cache."""
 
 from __future__ import annotations
 
@@ -216,6 +216,16 @@ def _cmd_filter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .compare import compare
+
+    results = compare(args.config, say=lambda line: print(f"compare: {line}", file=sys.stderr, flush=True))
+    sys.stdout.write((Path(results["output_dir"]) / "report.md").read_text(encoding="utf-8"))
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from .plots import plot_runs
 
@@ -278,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the filtered JSONL (records verbatim, written atomically)")
     p.add_argument("--report", default=None, help="a JSON report: counts, cut, and every dropped id with its score")
     p.set_defaults(func=_cmd_filter)
+    p = sub.add_parser("compare", help="train entrants (objectives, mixtures, plugins') x seeds under one budget "
+                                       "and report held-out metrics none of them trains on")
+    p.add_argument("config", help="a compare YAML: base, entrants, seeds, held_out (see distillzoo.compare)")
+    p.set_defaults(func=_cmd_compare)
     p = sub.add_parser("plot", help="draw the curves of training runs from their metrics.jsonl to a PNG")
     p.add_argument("runs", nargs="+", help="distillzoo train output directories")
     p.add_argument("--out", default="curves.png", help="the PNG to write (default curves.png)")

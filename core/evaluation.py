@@ -94,14 +94,23 @@ def response_nll(model, dataset, pad_id: int, *, batch_size: int = 64) -> float:
 @torch.no_grad()
 def response_kl(teacher, student, dataset, pad_id: int, *, batch_size: int = 64) -> float:
     """Mean KL(teacher || student) per response token (full vocab, temperature 1), fused."""
+    return response_divergences(teacher, student, dataset, pad_id, ("fkl",), batch_size=batch_size)["fkl"]
+
+
+@torch.no_grad()
+def response_divergences(teacher, student, dataset, pad_id: int, names: Sequence[str] = ("fkl", "rkl", "tvd"), *,
+                         batch_size: int = 64) -> dict[str, float]:
+    """Mean per response token of each named logit objective between teacher and student (full vocab,
+    temperature 1, fused), in one pass over both models' hidden states."""
     from .manager import objective
 
-    fkl = objective("fkl", reduction="sum")
+    losses = {name: objective(name, reduction="sum") for name in names}
     device = next(student.parameters()).device
-    total, tokens = 0.0, 0
+    totals, tokens = dict.fromkeys(names, 0.0), 0
     for input_ids, attention_mask, targets in _response_batches(dataset, pad_id, batch_size, device):
         hs = final_hidden(student, input_ids, attention_mask)[:, :-1]
         ht = final_hidden(teacher, input_ids, attention_mask)[:, :-1]
-        total += float(fkl.from_hidden(hs, lm_head_weight(student), ht, lm_head_weight(teacher), targets))
+        for name, loss in losses.items():
+            totals[name] += float(loss.from_hidden(hs, lm_head_weight(student), ht, lm_head_weight(teacher), targets))
         tokens += int((targets != IGNORE_INDEX).sum())
-    return total / max(tokens, 1)
+    return {name: total / max(tokens, 1) for name, total in totals.items()}

@@ -89,3 +89,35 @@ def test_its_scorer_is_chosen_by_name_like_the_built_ins(installed, tmp_path):
     assert got.keys() == want.keys() and len(got) == 4
     for key in want:
         assert got[key] == pytest.approx(want[key], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_comparison_names_it_like_a_built_in_and_tunes_its_learning_rate(installed, tmp_path):
+    import yaml
+
+    from helpers import write_jsonl
+
+    chat = lambda lo, n: [{"id": f"q{a}", "messages": [{"role": "user", "content": f"{a} + 1 = ?"},  # noqa: E731
+                                                       {"role": "assistant", "content": str(a + 1)}]}
+                          for a in range(lo, lo + n)]
+    files = {name: str(write_jsonl(tmp_path / f"{name}.jsonl", chat(lo, n)))
+             for name, lo, n in (("train", 0, 8), ("val", 30, 4), ("held", 20, 4))}
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump({
+        "base": {"student": {"tiny": {"hidden_size": 32, "num_layers": 1}},
+                 "teacher": {"tiny": {"hidden_size": 48, "num_layers": 1, "seed": 7}},
+                 "data": {"streams": [{"name": "s", "path": files["train"], "format": "chat", "repeat": 1}],
+                          "system": None},
+                 "train": {"steps": 3, "batch_size": 2, "lr": 1e-3, "log_every": 1}},
+        "held_out": {"path": files["held"], "format": "chat"}, "validation": {"path": files["val"], "format": "chat"},
+        "entrants": [{"name": "renyi", "objective": {"name": "renyi", "alpha": 0.5}, "lr": [1e-4, 3e-3]},
+                     {"name": "fkl", "objective": {"name": "fkl"}}],
+        "seeds": [0], "output_dir": str(tmp_path / "cmp")}))
+    out = run(["-m", "distillzoo", "compare", str(config)], tmp_path, installed)
+    assert "| renyi |" in out and "| fkl |" in out  # the report, printed
+    results = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    renyi = [r for r in results["runs"] if r["entrant"] == "renyi"]
+    assert sorted(r["lr"] for r in renyi) == [1e-4, 3e-3]
+    best = min(renyi, key=lambda r: r["validation/nll"])  # tuned on validation ...
+    assert results["chosen_lr"]["renyi"] == best["lr"] and not best["tuning"] and "held_out/nll" in best
+    assert [r for r in renyi if r["tuning"]][0].get("held_out/nll") is None  # ... reported on held-out only
