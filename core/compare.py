@@ -38,7 +38,7 @@ its wall time and peak resident memory are its own. A run whose ``result.json``
 holds what is needed is skipped, so rerunning an interrupted comparison finishes it
 and gives the same report. Written to ``output_dir``: results.csv and results.json
 (one row per run), report.md (mean ± std over seeds, ranks, and which entrants are
-within each other's spread; then wall time, tokens/s and peak memory), curves.png and bars.png.
+within each other's spread in exact match and NLL; then wall time, tokens/s and peak memory), curves.png and bars.png.
 """
 
 from __future__ import annotations
@@ -307,12 +307,14 @@ def summarise(rows: list[dict], names: list[str]) -> dict:
         summary[name] = {k: _mean_std([r[k] for r in runs]) for k in
                          [f"held_out/{m}" for m in METRICS] + ["wall_s", "tokens_per_s", "peak_rss_mib"]}
     order = sorted(names, key=lambda n: (-summary[n]["held_out/exact_match"][0], summary[n]["held_out/nll"][0]))
+    def close(a: str, b: str, key: str) -> bool:
+        return abs(summary[a][key][0] - summary[b][key][0]) <= max(summary[a][key][1], summary[b][key][1])
+
     for rank, name in enumerate(order, 1):
-        summary[name]["rank"] = rank
-        em, spread = summary[name]["held_out/exact_match"]
-        summary[name]["within_spread"] = [
-            other for other in order if other != name
-            and abs(summary[other]["held_out/exact_match"][0] - em) <= max(spread, summary[other]["held_out/exact_match"][1])]
+        summary[name]["rank"] = rank  # told apart from another only where exact match or NLL differs beyond spread
+        summary[name]["within_spread"] = [other for other in order if other != name
+                                          and close(name, other, "held_out/exact_match")
+                                          and close(name, other, "held_out/nll")]
     return summary
 
 
@@ -348,8 +350,9 @@ def report(plan: Plan, results: dict) -> str:
         metrics = [cell("held_out/exact_match", 100, 1) + "%"] + [cell(f"held_out/{m}") for m in METRICS[1:]]
         lines.append(f"| {s['rank']} | {name} | {chosen[name]:g} | " + " | ".join(metrics) + " | "
                      + (", ".join(s["within_spread"]) or "-") + " |")
-    lines += ["", "'within spread': the entrants whose mean exact match differs from this one's by no more than the "
-              "larger of their two standard deviations; that difference is not told apart from seed noise.", "",
+    lines += ["", "'within spread': the entrants whose mean exact match and mean NLL each differ from this one's by no "
+              "more than the larger of the two standard deviations; those differences are not told apart from seed "
+              "noise.", "",
               "## Cost (mean over seeds, this machine)", "", "| entrant | wall s | tokens/s | peak RSS MiB |",
               "|---|---|---|---|"]
     lines += [f"| {n} | {summary[n]['wall_s'][0]:.1f} | {summary[n]['tokens_per_s'][0]:.0f} | "
