@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import math
 import os
@@ -238,10 +239,10 @@ class Judge:
         from .causal_lm import load_causal_lm
         from .evaluation import exact_match, response_divergences, response_nll
         from .shards import ConversationDataset
-        system = self.system
+
         student = load_causal_lm(str(student_dir))
-        data = ConversationDataset(split["path"], split["format"], self.tokenizer, system=system)
-        result = {"exact_match": exact_match(student, self.tokenizer, split["path"], split["format"], system=system,
+        data = ConversationDataset(split["path"], split["format"], self.tokenizer, system=self.system)
+        result = {"exact_match": exact_match(student, self.tokenizer, split["path"], split["format"], system=self.system,
                                              max_new_tokens=16, group_by=None)["exact_match"],
                   "nll": response_nll(student, data, self.tokenizer.pad_id)}
         result.update(response_divergences(self.teacher, student, data, self.tokenizer.pad_id, ("fkl", "rkl", "tvd")))
@@ -320,8 +321,6 @@ def summarise(rows: list[dict], names: list[str]) -> dict:
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    import io
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
     writer.writeheader()

@@ -1,8 +1,8 @@
 """``distillzoo config NAME``: a complete config that trains objective NAME as it is printed.
 
 It trains tiny Qwen2-architecture models (the real 151,936-entry vocab) on the
-bundled quickstart data, so a newcomer can run it from the repository root in a
-minute or two, and its comments say what to change for real models. What it holds
+bundled quickstart data for 50 steps, so a newcomer can run it from the repository
+root at once, and its comments say what to change for real models. What it holds
 follows from the objective: its parameters at their defaults, the algorithm it
 trains under (``default_algorithm``), the records that algorithm reads
 (``data/quickstart/train.jsonl`` and ``eval.jsonl`` for instruction records,
@@ -41,9 +41,9 @@ def _flow(value) -> str:
         .removesuffix("...").strip()
 
 
-def _algorithm(name: str):
-    """``(algorithm, records, eval records, reads a teacher)`` for objective ``name`` under its default
-    algorithm, asked of the algorithm itself (its check decides what it reads)."""
+def _reads(name: str) -> tuple[str, str, bool]:
+    """``(records, eval records, reads a teacher)`` of objective ``name`` under its default algorithm,
+    asked of the algorithm itself (its check decides what it reads)."""
     algorithm, _ = build_algorithm(load_config({"objective": {"name": name}}))
     records = algorithm.records
     eval_records = algorithm.eval_records or records
@@ -52,19 +52,19 @@ def _algorithm(name: str):
         "data": {"streams": [{"name": "s", "path": DATA[records][1], "format": DATA[records][2]}],
                  "eval": {"name": "held-out", "path": EVAL[eval_records][0], "format": EVAL[eval_records][1]}}})
     algorithm.check(probe, "<starter>")
-    return algorithm, records, eval_records, "teacher" in algorithm.reads(probe)
+    return records, eval_records, "teacher" in algorithm.reads(probe)
 
 
 def starter_config(name: str) -> str:
     """The commented YAML ``distillzoo config NAME`` prints; ``load_config`` and ``train`` accept it."""
     spec = objective_spec(name)
     algorithm = algorithm_spec(spec.cls.default_algorithm)
-    _, records, eval_records, teacher = _algorithm(name)
+    records, eval_records, teacher = _reads(name)
     stream, path, fmt = DATA[records]
     lines = [
         f"# distillzoo config: {spec.name} - {spec.summary}",
         f"# formula: {spec.formula}",
-        "# Trains as printed, from the repository root (data/quickstart ships with it), in a minute or two on a",
+        "# Trains as printed, from the repository root (data/quickstart ships with it), for 50 steps on a",
         "# CPU: tiny Qwen2-architecture models with the real 151,936-entry vocab. Lines marked 'real:' say what",
         "# to change for real models. Override any key on the command line: key=value",
         f"# (e.g. {_override_example(spec)}).",
