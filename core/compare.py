@@ -28,17 +28,24 @@ Fair by construction:
   ``train.eval_every`` steps; a quarter of the run when the base gives none);
 * an entrant with more than one learning rate trains each on the first seed and
   keeps the one with the lowest validation NLL; the report is on the held-out split;
-* the held-out metrics are no entrant's own objective alone: greedy exact match,
-  NLL per response token, and forward KL, reverse KL and TVD from the teacher, each
-  per response token over the full vocab.
+* the held-out metrics are no entrant's own objective alone: greedy exact match
+  (overall and per task, where records have a ``task`` field), NLL per response
+  token, and forward KL, reverse KL and TVD from the teacher, each per response
+  token over the full vocab (one fused pass for the four).
 
-Each run is ``distillzoo train`` in a subprocess under
-``output_dir/runs/ENTRANT/seedS-lrLR`` (its own metrics.jsonl and checkpoints), so
-its wall time and peak resident memory are its own. A run whose ``result.json``
-holds what is needed is skipped, so rerunning an interrupted comparison finishes it
-and gives the same report. Written to ``output_dir``: results.csv and results.json
-(one row per run), report.md (mean ± std over seeds, ranks, and which entrants are
-within each other's spread in exact match and NLL; then wall time, tokens/s and peak memory), curves.png and bars.png.
+Each run is the ``distillzoo train`` loop in a child forked from a fork server (one
+process that imported torch, transformers and the plugins once; see
+:mod:`distillzoo.forkserver`), under ``output_dir/runs/ENTRANT/seedS-lrLR`` (its own
+metrics.jsonl and checkpoints), so its wall time and peak resident memory are its
+own and a run that crashes takes no other with it. The same child then judges the
+run. A run with a final student and a ``cost.json`` is not trained again, and one
+with its splits in ``result.json`` is not judged again, so rerunning an interrupted
+comparison finishes it and gives the same report. (A run stopped between its final
+save and its cost is trained again from scratch, so that its cost is measured.)
+Written to ``output_dir``: results.csv and results.json (one row per run),
+report.md (mean ± std over seeds, ranks, which entrants are within each other's
+spread in exact match and NLL, exact match per task; then wall time, tokens/s and
+peak memory), curves.png and bars.png.
 """
 
 from __future__ import annotations
@@ -48,10 +55,7 @@ import csv
 import io
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +65,7 @@ import yaml
 from .atomic import write_text_atomically
 from .config import load_config
 from .errors import ConfigError, DistillzooError
+from .forkserver import ForkServer
 from .trainer import validate
 
 KEYS = ("base", "entrants", "seeds", "held_out", "validation", "lr_grid", "output_dir")
@@ -196,94 +201,138 @@ def run_config(plan: Plan, entrant: Entrant, seed: int, lr: float) -> dict:
 
 
 # ---------------------------------------------------------------------------- running and judging one run
-def _train(plan: Plan, entrant: Entrant, seed: int, lr: float, say) -> dict:
-    """Train one run in its own process (skipped when its final student exists); its cost."""
-    directory = run_dir(plan, entrant, seed, lr)
-    cost_file = directory / "cost.json"
-    if (directory / "final").is_dir() and cost_file.is_file():
-        return json.loads(cost_file.read_text(encoding="utf-8"))
-    directory.mkdir(parents=True, exist_ok=True)
+#: what the fork server imports and loads once, so that each run's child starts with it
+PRELOAD = ["distillzoo.compare:warm"]
+
+
+def warm() -> None:
+    """Import the trainer, the judge and every plugin, and load the tokenizer (in the fork server)."""
+    import transformers.models.qwen2.modeling_qwen2  # noqa: F401  (the tiny and Qwen models' code)
+
+    from . import evaluation, trainer  # noqa: F401
+    from .manager import algorithm_specs, components, objective_specs
+    from .tokenizer import load_tokenizer
+
+    objective_specs(), algorithm_specs(), components("data_formats"), components("trainer_callbacks")
+    load_tokenizer()
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def run_child(directory: str, train: bool, splits: dict[str, dict]) -> None:
+    """In a forked child: train the run ``directory/compare_run.yaml`` describes (if ``train``), then
+    judge its final student on each of ``splits`` ({name: {path, format}}), adding to result.json.
+
+    The cost (wall time of training, mean tokens/s, the process's peak RSS) is written to
+    cost.json as soon as training ends, before the judge loads anything.
+    """
+    import resource
+
+    from .run_dir import RunDir
+    from .trainer import train as train_run
+
+    directory = Path(directory)
     config = directory / "compare_run.yaml"
-    write_text_atomically(config, yaml.safe_dump(run_config(plan, entrant, seed, lr), sort_keys=False))
-    say(f"train {entrant.name} seed {seed} lr {lr:g}")
-    started = time.perf_counter()
-    with open(directory / "train.log", "w", encoding="utf-8") as log:
-        child = subprocess.Popen([sys.executable, "-m", "distillzoo", "train", str(config)], stdout=log,
-                                 stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        tail = (directory / "train.log").read_text(encoding="utf-8", errors="replace")[-2000:]
-        raise DistillzooError(f"compare: run {directory} failed (exit {child.returncode}); its log ends:\n{tail}")
-    records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
-    cost = {"wall_s": time.perf_counter() - started, "tokens_per_s": sum(speeds) / max(len(speeds), 1),
-            "peak_rss_mib": usage.ru_maxrss / 1024}  # Linux reports KiB
-    write_text_atomically(cost_file, json.dumps(cost) + "\n")
-    return cost
+    cfg = load_config(config)
+    if train:
+        resumed = cfg.resume == "auto" and bool(RunDir(directory).checkpoints())
+        started = time.perf_counter()
+        train_run(cfg, where=str(config))
+        wall = time.perf_counter() - started
+        records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+        speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+        cost = {"wall_s": wall, "tokens_per_s": sum(speeds) / max(len(speeds), 1),
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+                "resumed": resumed}  # a resumed run's wall time is its last attempt's
+        write_text_atomically(directory / "cost.json", json.dumps(cost) + "\n")
+    if splits:
+        judge = Judge(cfg)
+        done = _read_json(directory / "result.json") or {}
+        for name, split in splits.items():
+            done[name] = judge(directory / "final", split)
+            write_text_atomically(directory / "result.json", json.dumps(done, indent=1) + "\n")
 
 
 class Judge:
-    """The held-out (and validation) metrics of a trained student, against the one shared teacher."""
+    """The held-out (and validation) metrics of a trained student, against the run's teacher."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, cfg) -> None:
         from .causal_lm import model_from_config
         from .tokenizer import load_tokenizer
 
-        first = plan.entrants[0]
-        cfg = load_config(run_config(plan, first, plan.seeds[0], first.lrs[0]))
-        self.tokenizer, self.system = load_tokenizer(), cfg.data.system  # as the runs tokenize
+        self.tokenizer, self.system = load_tokenizer(cfg.data.tokenizer), cfg.data.system  # as the run tokenizes
         self.teacher = model_from_config(cfg.teacher, "teacher").eval()
 
     def __call__(self, student_dir: Path, split: dict) -> dict:
+        """Greedy exact match (overall, and per task where records have one), then NLL and forward KL,
+        reverse KL and TVD per response token in one fused pass."""
         from .causal_lm import load_causal_lm
-        from .evaluation import exact_match, response_divergences, response_nll
+        from .evaluation import exact_match, instruction_records, response_divergences
         from .shards import ConversationDataset
 
         student = load_causal_lm(str(student_dir))
+        # answers longer than every reference are wrong anyway: one token more shows where each stops
+        longest = max(len(self.tokenizer.encode(reply)) for _, _, reply, _ in
+                      instruction_records(split["path"], split["format"]))
+        em = exact_match(student, self.tokenizer, split["path"], split["format"], system=self.system,
+                         max_new_tokens=longest + 1)
+        result = {"exact_match": em["exact_match"],
+                  **{f"exact_match/{task}": v for task, v in em.get("by_task", {}).items()}}
         data = ConversationDataset(split["path"], split["format"], self.tokenizer, system=self.system)
-        result = {"exact_match": exact_match(student, self.tokenizer, split["path"], split["format"], system=self.system,
-                                             max_new_tokens=16, group_by=None)["exact_match"],
-                  "nll": response_nll(student, data, self.tokenizer.pad_id)}
-        result.update(response_divergences(self.teacher, student, data, self.tokenizer.pad_id, ("fkl", "rkl", "tvd")))
+        measured = response_divergences(self.teacher, student, data, self.tokenizer.pad_id, ("ce", "fkl", "rkl", "tvd"))
+        result.update(nll=measured.pop("ce"), **measured)
         return result
 
 
-def _result(plan: Plan, judge, entrant: Entrant, seed: int, lr: float, splits: tuple[str, ...], say) -> dict:
-    """One run's row: trained if needed, judged on ``splits`` (cached in its result.json)."""
+def _result(plan: Plan, server: ForkServer, entrant: Entrant, seed: int, lr: float, splits: tuple[str, ...],
+            say) -> dict:
+    """One run's row: trained if it has no final student and cost yet, judged on the ``splits`` its
+    result.json lacks, both in one forked child."""
     directory = run_dir(plan, entrant, seed, lr)
-    cost = _train(plan, entrant, seed, lr, say)
-    path = directory / "result.json"
-    done = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    for split in splits:
-        if split not in done:
-            done[split] = judge()(directory / "final", plan.held_out if split == "held_out" else plan.validation)
-            write_text_atomically(path, json.dumps(done, indent=1) + "\n")
-    return {"entrant": entrant.name, "seed": seed, "lr": lr, **cost, **{f"{s}/{k}": v for s in done for k, v in
-                                                                       done[s].items()}}
+    finished = (directory / "final").is_dir()
+    cost = _read_json(directory / "cost.json") if finished else None
+    if cost is None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "result.json").unlink(missing_ok=True)  # it judged a student this run replaces
+        cfg = run_config(plan, entrant, seed, lr)
+        if finished:
+            cfg["resume"] = "never"  # trained, but stopped before its cost was written: measure it again
+        write_text_atomically(directory / "compare_run.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        say(f"train {entrant.name} seed {seed} lr {lr:g}")
+    done = _read_json(directory / "result.json") or {}
+    todo = {s: plan.held_out if s == "held_out" else plan.validation for s in splits if s not in done}
+    if cost is None or todo:
+        log = directory / ("train.log" if cost is None else "judge.log")
+        code = server.run("distillzoo.compare:run_child", {"directory": str(directory), "train": cost is None,
+                                                           "splits": todo}, log)
+        if code != 0:
+            tail = log.read_text(encoding="utf-8", errors="replace")[-2000:]
+            raise DistillzooError(f"compare: run {directory} failed (exit {code}); its log ends:\n{tail}")
+        cost, done = _read_json(directory / "cost.json"), _read_json(directory / "result.json")
+    return {"entrant": entrant.name, "seed": seed, "lr": lr, **cost,
+            **{f"{s}/{k}": v for s in done for k, v in done[s].items()}}
 
 
 def compare(path: str | Path, say=print) -> dict:
     """Run (or finish) the comparison ``path`` describes; writes and returns the results."""
     plan = load_plan(path)
     plan.out.mkdir(parents=True, exist_ok=True)
-    judge_cache: list = []
-
-    def judge():
-        if not judge_cache:
-            judge_cache.append(Judge(plan))
-        return judge_cache[0]
-
     rows, chosen = [], {}
-    for e in plan.entrants:
-        if len(e.lrs) > 1:  # tuned on the first seed, on the validation split
-            tuning = [_result(plan, judge, e, plan.seeds[0], lr, ("validation",), say) for lr in e.lrs]
-            chosen[e.name] = min(tuning, key=lambda r: r["validation/nll"])["lr"]
-            rows += [{**r, "tuning": True} for r in tuning if r["lr"] != chosen[e.name]]
-        else:
-            chosen[e.name] = e.lrs[0]
-        for seed in plan.seeds:
-            rows.append({**_result(plan, judge, e, seed, chosen[e.name], ("held_out",), say), "tuning": False})
+    with ForkServer(PRELOAD) as server:  # started by the first run that needs training or judging
+        for e in plan.entrants:
+            if len(e.lrs) > 1:  # tuned on the first seed, on the validation split
+                tuning = [_result(plan, server, e, plan.seeds[0], lr, ("validation",), say) for lr in e.lrs]
+                chosen[e.name] = min(tuning, key=lambda r: r["validation/nll"])["lr"]
+                rows += [{**r, "tuning": True} for r in tuning if r["lr"] != chosen[e.name]]
+            else:
+                chosen[e.name] = e.lrs[0]
+            for seed in plan.seeds:
+                rows.append({**_result(plan, server, e, seed, chosen[e.name], ("held_out",), say), "tuning": False})
     results = {"config": str(path), "output_dir": str(plan.out), "seeds": plan.seeds, "chosen_lr": chosen, "runs": rows,
                "summary": summarise(rows, [e.name for e in plan.entrants])}
     write_text_atomically(plan.out / "results.json", json.dumps(results, indent=1) + "\n")
@@ -305,9 +354,11 @@ def summarise(rows: list[dict], names: list[str]) -> dict:
     summary = {}
     for name in names:
         runs = [r for r in rows if r["entrant"] == name and not r.get("tuning")]
+        tasks = sorted({k for r in runs for k in r if k.startswith("held_out/exact_match/")})
         summary[name] = {k: _mean_std([r[k] for r in runs]) for k in
-                         [f"held_out/{m}" for m in METRICS] + ["wall_s", "tokens_per_s", "peak_rss_mib"]}
+                         [f"held_out/{m}" for m in METRICS] + tasks + ["wall_s", "tokens_per_s", "peak_rss_mib"]}
     order = sorted(names, key=lambda n: (-summary[n]["held_out/exact_match"][0], summary[n]["held_out/nll"][0]))
+
     def close(a: str, b: str, key: str) -> bool:
         return abs(summary[a][key][0] - summary[b][key][0]) <= max(summary[a][key][1], summary[b][key][1])
 
@@ -351,11 +402,24 @@ def report(plan: Plan, results: dict) -> str:
                      + (", ".join(s["within_spread"]) or "-") + " |")
     lines += ["", "'within spread': the entrants whose mean exact match and mean NLL each differ from this one's by no "
               "more than the larger of the two standard deviations; those differences are not told apart from seed "
-              "noise.", "",
-              "## Cost (mean over seeds, this machine)", "", "| entrant | wall s | tokens/s | peak RSS MiB |",
-              "|---|---|---|---|"]
+              "noise.", ""]
+    tasks = sorted({k.rpartition("/")[2] for s in summary.values() for k in s if k.startswith("held_out/exact_match/")})
+    if tasks:
+        lines += ["## Exact match per task", "", "| entrant | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for name in order:
+            cells = [f"{summary[name][k][0] * 100:.1f} ± {summary[name][k][1] * 100:.1f}%" if k in summary[name] else "-"
+                     for k in (f"held_out/exact_match/{t}" for t in tasks)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Cost (mean over seeds, this machine)", "",
+              "Wall time of training alone (the held-out judging is not counted); peak resident memory of the "
+              "run's process.", "", "| entrant | wall s | tokens/s | peak RSS MiB |", "|---|---|---|---|"]
     lines += [f"| {n} | {summary[n]['wall_s'][0]:.1f} | {summary[n]['tokens_per_s'][0]:.0f} | "
               f"{summary[n]['peak_rss_mib'][0]:.0f} |" for n in order]
+    resumed = sorted({f"{r['entrant']} seed {r['seed']}" for r in results["runs"] if r.get("resumed")})
+    if resumed:
+        lines += ["", f"Resumed after an interruption, so their wall time is that of the last attempt only: "
+                      f"{', '.join(resumed)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -367,10 +431,10 @@ def _plots(plan: Plan, results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plots import read_curves
+    from .plots import colours, read_curves
 
     names = [e.name for e in plan.entrants]
-    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+    colors = colours(names)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for e in plan.entrants:
         dirs = [run_dir(plan, e, s, results["chosen_lr"][e.name]) for s in plan.seeds]

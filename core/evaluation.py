@@ -101,16 +101,26 @@ def response_kl(teacher, student, dataset, pad_id: int, *, batch_size: int = 64)
 def response_divergences(teacher, student, dataset, pad_id: int, names: Sequence[str] = ("fkl", "rkl", "tvd"), *,
                          batch_size: int = 64) -> dict[str, float]:
     """Mean per response token of each named logit objective between teacher and student (full vocab,
-    temperature 1, fused), in one pass over both models' hidden states."""
+    temperature 1, fused), in one pass: both models' hidden states once per batch, and one lm_head
+    matmul per chunk for all the objectives (the terms of a :class:`~distillzoo.base.Mixture`).
+
+    ``ce`` among the names is the student's NLL (it reads no teacher); ``teacher`` may be None
+    when every named objective is teacher-free.
+    """
+    from .base import Mixture
     from .manager import objective
 
-    losses = {name: objective(name, reduction="sum") for name in names}
+    mixture = Mixture([(1.0, objective(name, reduction="sum")) for name in names])
     device = next(student.parameters()).device
-    totals, tokens = dict.fromkeys(names, 0.0), 0
+    totals, tokens = dict.fromkeys(mixture.term_names, 0.0), 0
     for input_ids, attention_mask, targets in _response_batches(dataset, pad_id, batch_size, device):
         hs = final_hidden(student, input_ids, attention_mask)[:, :-1]
-        ht = final_hidden(teacher, input_ids, attention_mask)[:, :-1]
-        for name, loss in losses.items():
-            totals[name] += float(loss.from_hidden(hs, lm_head_weight(student), ht, lm_head_weight(teacher), targets))
-        tokens += int((targets != IGNORE_INDEX).sum())
-    return {name: total / max(tokens, 1) for name, total in totals.items()}
+        ht = wt = None
+        if mixture.needs_teacher:
+            ht, wt = final_hidden(teacher, input_ids, attention_mask)[:, :-1], lm_head_weight(teacher)
+        mixture.from_hidden(hs, lm_head_weight(student), ht, wt, targets)
+        valid = int((targets != IGNORE_INDEX).sum())
+        for name, mean in mixture.term_losses.items():  # each term's mean over this batch's valid tokens
+            totals[name] += float(mean) * valid
+        tokens += valid
+    return {name: total / max(tokens, 1) for name, total in zip(names, totals.values())}

@@ -66,6 +66,14 @@ def read_curves(run_dirs: Sequence[str | Path], metrics: Sequence[str] | None = 
             for m in metrics}
 
 
+def colours(labels: Sequence[str]) -> dict:
+    """One colour per label, the same in every panel and plot (tab10; tab20 beyond ten labels)."""
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+
+
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, metrics: Sequence[str] | None = None):
     """Draw :func:`read_curves` to the PNG ``out``; returns the matplotlib figure."""
     try:
@@ -84,7 +92,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, metrics: Sequence
     for ax in axes.flat[len(curves):]:
         fig.delaxes(ax)  # the empty cells of the last row
     labels = list(next(iter(curves.values())))
-    colors = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels)}  # one colour per run, everywhere
+    colors = colours(labels)
     for ax, (metric, by_run) in zip(axes.flat, curves.items()):
         for label, points in by_run.items():
             if points:

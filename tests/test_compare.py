@@ -99,3 +99,30 @@ def test_a_bad_compare_config_is_refused_before_anything_trains(tmp_path, no_mod
     with pytest.raises(dz.ConfigError, match=message):
         compare(path, say=lambda line: None)
     assert not (tmp_path / "cmp").exists()
+
+
+def test_a_run_stopped_after_its_final_save_but_before_its_cost_is_trained_again(tmp_path):
+    path = compare_config(tmp_path, [{"name": "fkl", "objective": {"name": "fkl"}}], seeds=[0])
+    first = compare(path, say=lambda line: None)["runs"][0]
+    run = tmp_path / "cmp" / "runs" / "fkl" / "seed0-lr0.001"
+    (run / "cost.json").unlink()  # what a kill between the final save and the cost leaves
+    said = []
+    again = compare(path, say=said.append)["runs"][0]
+    assert said == ["train fkl seed 0 lr 0.001"]  # not refused as a finished run: measured again, from scratch
+    assert json.loads((run / "cost.json").read_text())["resumed"] is False
+    assert {k: v for k, v in again.items() if k.startswith("held_out/")} == \
+        {k: v for k, v in first.items() if k.startswith("held_out/")}
+
+
+def test_exact_match_is_reported_per_task_and_the_tasks_add_up_to_the_whole(tmp_path):
+    held = [dict(r, task="plus-one" if i % 2 else "other") for i, r in enumerate(chat(6, offset=20))]
+    path = compare_config(tmp_path, [{"name": "ce", "objective": {"name": "ce"}}], seeds=[0])
+    raw = yaml.safe_load(path.read_text())
+    raw["held_out"]["path"] = str(write_jsonl(tmp_path / "tasks.jsonl", held))
+    path.write_text(yaml.safe_dump(raw))
+    run = compare(path, say=lambda line: None)["runs"][0]
+    by_task = {k.rpartition("/")[2]: v for k, v in run.items() if k.startswith("held_out/exact_match/")}
+    assert sorted(by_task) == ["other", "plus-one"]
+    assert run["held_out/exact_match"] == pytest.approx((by_task["other"] * 3 + by_task["plus-one"] * 3) / 6)
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "## Exact match per task" in report and "| ce | " in report.split("## Exact match per task")[1]

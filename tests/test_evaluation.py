@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distillzoo.causal_lm import tiny_qwen2
-from distillzoo.evaluation import exact_match, greedy_answers, response_kl, response_nll
+from distillzoo.evaluation import exact_match, greedy_answers, response_divergences, response_kl, response_nll
 from distillzoo.shards import ConversationDataset
 from helpers import naive_greedy, write_jsonl
 
@@ -58,12 +58,17 @@ def test_exact_match_counts_answers_equal_to_the_reference(tmp_path, tok):
     assert result["by_task"] == pytest.approx({"add": 1 / 2, "sort": 1.0, "words": 1 / 2})
 
 
-def test_response_nll_and_kl_match_the_full_logits(tmp_path, tok):
-    student, teacher = peaked(3), peaked(4, hidden=48)
+def answered(tmp_path, tok):
+    """RECORDS' prompts with a reference reply each, as a tokenized dataset."""
     path = write_jsonl(tmp_path / "eval.jsonl", [
         {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
         for (_, p), a in zip(RECORDS, ["7", "13", "forty-two", "七", "0129"])])
-    dataset = ConversationDataset(path, "chat", tok, system=None)
+    return ConversationDataset(path, "chat", tok, system=None)
+
+
+def test_response_nll_and_kl_match_the_full_logits(tmp_path, tok):
+    student, teacher = peaked(3), peaked(4, hidden=48)
+    dataset = answered(tmp_path, tok)
     nll = kl = 0.0
     tokens = 0
     with torch.no_grad():
@@ -76,3 +81,26 @@ def test_response_nll_and_kl_match_the_full_logits(tmp_path, tok):
             tokens += int(mask.sum())
     assert response_nll(student, dataset, tok.pad_id, batch_size=2) == pytest.approx(nll / tokens, rel=1e-4)
     assert response_kl(teacher, student, dataset, tok.pad_id, batch_size=2) == pytest.approx(kl / tokens, rel=1e-3)
+
+
+def test_response_divergences_take_nll_and_every_divergence_in_one_pass_equal_to_full_logits(tmp_path, tok):
+    student, teacher = peaked(5), peaked(6, hidden=48)
+    dataset = answered(tmp_path, tok)
+    sums, tokens = dict.fromkeys(("ce", "fkl", "rkl", "tvd"), 0.0), 0
+    with torch.no_grad():
+        for item in dataset:  # one example at a time, whole rows in float64
+            ids, mask = item["input_ids"].long()[None], item["loss_mask"][1:]
+            log_q = torch.log_softmax(student(input_ids=ids).logits[0, :-1].double(), -1)[mask]
+            log_p = torch.log_softmax(teacher(input_ids=ids).logits[0, :-1].double(), -1)[mask]
+            p, q = log_p.exp(), log_q.exp()
+            sums["ce"] -= float(log_q.gather(-1, ids[0, 1:][mask][:, None]).sum())
+            sums["fkl"] += float((p * (log_p - log_q)).sum())
+            sums["rkl"] += float((q * (log_q - log_p)).sum())
+            sums["tvd"] += float(0.5 * (p - q).abs().sum())
+            tokens += int(mask.sum())
+    got = response_divergences(teacher, student, dataset, tok.pad_id, ("ce", "fkl", "rkl", "tvd"), batch_size=2)
+    assert list(got) == ["ce", "fkl", "rkl", "tvd"]
+    for name, total in sums.items():
+        assert got[name] == pytest.approx(total / tokens, rel=1e-3), name
+    # teacher-free names need no teacher
+    assert response_divergences(None, student, dataset, tok.pad_id, ("ce",))["ce"] == pytest.approx(got["ce"], rel=1e-6)
