@@ -400,3 +400,21 @@ def build_objective(cfg: DictConfig):
         raise ConfigError(f"objectives: {e}") from None
 
 
+
+
+def flatten(cfg: DictConfig) -> dict[str, Any]:
+    """The config's leaves by dotted key: ``objective.name``, ``data.streams[0].path``, ..."""
+    flat: dict[str, Any] = {}
+
+    def walk(value, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]")
+        else:
+            flat[key] = value
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat

@@ -36,9 +36,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from omegaconf import OmegaConf
-
 from .atomic import sweep_temporaries, write_dir_atomically, write_text_atomically
+from .config import flatten
 from .errors import ConfigError, DistillzooError
 
 CHECKPOINT_PREFIX = "step-"
@@ -85,22 +84,8 @@ def check_space(output_dir: str | Path, n_params: int, checkpoints: bool, where:
 
 def identity(cfg) -> dict[str, Any]:
     """The config's keys that matter for resuming, flattened (``objective.name``, ``data.streams[0].path``, ...)."""
-    flat: dict[str, Any] = {}
-
-    def walk(value, key: str) -> None:
-        if any(key == k or key.startswith(k + ".") or key.startswith(k + "[") for k in IGNORED):
-            return
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, f"{key}.{k}" if key else str(k))
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                walk(v, f"{key}[{i}]")
-        else:
-            flat[key] = value
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
+    return {key: value for key, value in flatten(cfg).items()
+            if not any(key == k or key.startswith(k + ".") or key.startswith(k + "[") for k in IGNORED)}
 
 
 class RunDir:

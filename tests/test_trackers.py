@@ -83,3 +83,52 @@ def test_an_unknown_tracker_parameter_is_refused_before_any_model(tmp_path, no_m
     with pytest.raises(dz.ConfigError, match=r"callbacks\[0\]: callback 'tensorboard' \(package 'distillzoo'\) does "
                                              r"not take these params"):
         train(dz.load_config(config(tmp_path, [{"name": "tensorboard", "logdir": "x"}])))
+
+
+def mlflow_metrics(uri, run_id):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    keys = client.get_run(run_id).data.metrics
+    return {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+            for key in keys}
+
+
+def test_mlflow_logs_every_metrics_record_at_its_step_and_the_config_as_params(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = config(tmp_path, [{"name": "mlflow", "experiment": "tests"}])
+    cfg["objectives"].append({"name": "fkl", "weight": 0.25})  # a second fkl term: logged as loss/fkl#2
+    train(dz.load_config(cfg))
+    run = tmp_path / "run"
+    recorded = json.loads((run / "mlflow_run.json").read_text())
+    assert recorded["tracking_uri"] == f"sqlite:///{(run / 'mlflow.db').resolve()}"  # local, under output_dir
+    expected = from_metrics(run)
+    assert {"loss", "lr", "grad_norm", "loss/ce", "loss/fkl", "loss/fkl#2", "eval/nll"} <= set(expected)
+    expected["loss/fkl_2"] = expected.pop("loss/fkl#2")  # '#' is not allowed in an MLflow metric name
+    assert_same(mlflow_metrics(recorded["tracking_uri"], recorded["run_id"]), expected)
+    got = MlflowClient(tracking_uri=recorded["tracking_uri"]).get_run(recorded["run_id"])
+    assert got.info.status == "FINISHED" and got.info.run_name == "run"
+    assert got.data.params["objectives.2.name"] == "fkl" and float(got.data.params["train.lr"]) == 1e-3
+    assert got.data.params["student.tiny.hidden_size"] == "32"
+
+
+def test_a_resumed_run_continues_in_one_mlflow_run_with_each_step_once(tmp_path, register_plugin):
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    register_plugin(Stopper(), "stopper")
+    uri = f"sqlite:///{tmp_path / 'tracking.db'}"
+    tracker = {"name": "mlflow", "tracking_uri": uri, "experiment": "resume"}
+    with pytest.raises(RuntimeError, match="killed after step 3"):  # after checkpoint 2 and step 3's record
+        train(dz.load_config(config(tmp_path, [tracker, {"name": "stop-at-3"}], checkpoint_every=2)))
+    killed = json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"]
+    assert [s for s, _ in mlflow_metrics(uri, killed)["loss"]] == [1, 2, 3]
+    train(dz.load_config(config(tmp_path, [tracker], checkpoint_every=2)))
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("resume").experiment_id
+    active = client.search_runs([experiment], run_view_type=ViewType.ACTIVE_ONLY)
+    assert len(active) == 1 and active[0].info.run_id != killed
+    assert active[0].data.tags["distillzoo.resumed_from_run"] == killed
+    assert client.get_run(killed).info.lifecycle_stage == "deleted"
+    assert_same(mlflow_metrics(uri, active[0].info.run_id), from_metrics(tmp_path / "run"))  # step 3 once
