@@ -14,13 +14,14 @@ from .errors import DistillzooError
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from .manager import objective_specs
+    from .listing import objective_listing
 
-    specs = sorted(objective_specs().values(), key=lambda s: s.name)
+    entries = objective_listing()  # imports no torch unless a plugin changed since the last list
     if args.json:
-        print(json.dumps([s.as_dict() for s in specs], indent=2))
+        print(json.dumps(entries, indent=2))
         return 0
-    rows = [("NAME", "KIND", "PACKAGE", "SUMMARY")] + [(s.name, s.kind, s.package, s.summary) for s in specs]
+    rows = [("NAME", "KIND", "PACKAGE", "SUMMARY")] + [(e["name"], e["kind"], e["package"], e["summary"])
+                                                       for e in entries]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])

@@ -85,15 +85,21 @@ def make_plugin_manager(load_entrypoints: bool = True) -> PluginManager:
     return pm
 
 
-def load_entrypoint_plugins(pm: PluginManager) -> None:
+def _package(ep) -> str:
+    return ep.dist.metadata["Name"] if ep.dist is not None else ep.value.split(":")[0]
+
+
+def allowed_entry_points() -> list:
+    """The entry points of group ``distillzoo`` that DISTILLZOO_PLUGINS allows (all when it is unset)."""
     allowed = os.environ.get("DISTILLZOO_PLUGINS")
     allow = None if allowed is None else {_normalise(n) for n in allowed.split(",") if n.strip()}
-    for ep in metadata.entry_points(group=ENTRYPOINT_GROUP):
-        dist = ep.dist
-        package = dist.metadata["Name"] if dist is not None else ep.value.split(":")[0]
-        version = dist.version if dist is not None else None
-        if allow is not None and not ({_normalise(package), _normalise(ep.name)} & allow):
-            continue
+    return [ep for ep in metadata.entry_points(group=ENTRYPOINT_GROUP)
+            if allow is None or {_normalise(_package(ep)), _normalise(ep.name)} & allow]
+
+
+def load_entrypoint_plugins(pm: PluginManager) -> None:
+    for ep in allowed_entry_points():
+        package, version = _package(ep), ep.dist.version if ep.dist is not None else None
         if pm.has_plugin(ep.name):
             continue  # the same distribution seen twice on sys.path
         try:
@@ -200,6 +206,11 @@ def objective_specs(pm: PluginManager | None = None, problems: list[dict] | None
     """Every registered objective's catalogue entry, by name (see ``_collect`` for broken plugins)."""
     pm = pm or get_plugin_manager()
     return {name: r.value for name, r in _objectives(pm, problems).items()}
+
+
+def objective_registrations(pm: PluginManager | None = None) -> dict[str, Registration]:
+    """Every registered objective by name, with the plugin and package that registered it."""
+    return _objectives(pm or get_plugin_manager())
 
 
 def _objectives(pm: PluginManager, problems: list[dict] | None = None) -> dict[str, Registration]:

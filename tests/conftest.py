@@ -55,3 +55,9 @@ def no_models(monkeypatch):
 
     monkeypatch.setattr(causal_lm, "tiny_qwen2", refuse)
     monkeypatch.setattr(causal_lm, "load_causal_lm", refuse)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    """`distillzoo list`'s plugin cache in a throwaway directory, never in the user's ~/.cache."""
+    os.environ["DISTILLZOO_CACHE_DIR"] = str(tmp_path_factory.mktemp("distillzoo-cache"))

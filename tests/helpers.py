@@ -176,3 +176,14 @@ def run_installed(args, cwd, target):
     result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
+
+
+def add_distribution(root, dist, version, ep_name, module, source):
+    """A throwaway installed distribution under ``root``: dist-info with a distillzoo entry point, and its module."""
+    import textwrap
+
+    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[distillzoo]\n{ep_name} = {module}\n")
+    (root / f"{module}.py").write_text(textwrap.dedent(source))

@@ -3,12 +3,12 @@
 import importlib
 import json
 import sys
-import textwrap
 import warnings
 
 import pytest
 
 import distillzoo as dz
+from helpers import add_distribution
 
 GOOD_MODULE = '''
 import distillzoo as dz
@@ -25,14 +25,6 @@ def register_objectives(register):
         "params": {}, "inputs": ["student_logits", "teacher_logits", "labels"], "paper": {},
     })
 '''
-
-
-def add_distribution(root, dist, version, ep_name, module, source):
-    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-    (info / "entry_points.txt").write_text(f"[distillzoo]\n{ep_name} = {module}\n")
-    (root / f"{module}.py").write_text(textwrap.dedent(source))
 
 
 RAISING_MODULE = '''
