@@ -187,3 +187,22 @@ def add_distribution(root, dist, version, ep_name, module, source):
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
     (info / "entry_points.txt").write_text(f"[distillzoo]\n{ep_name} = {module}\n")
     (root / f"{module}.py").write_text(textwrap.dedent(source))
+
+
+def bhattacharyya_plugin(summary: str = "Bhattacharyya distance") -> str:
+    """The source of a one-objective third-party plugin module (objective ``bhattacharyya``)."""
+    return f'''
+import distillzoo as dz
+
+class Bhattacharyya(dz.LogitObjective):
+    name = "bhattacharyya"
+    def token_loss(self, student_logprobs, teacher_logprobs, labels):
+        return -(0.5 * (student_logprobs + teacher_logprobs)).logsumexp(-1)
+
+@dz.hookimpl
+def register_objectives(register):
+    register(Bhattacharyya, entry={{
+        "kind": "logit", "summary": "{summary}", "formula": "-log sum_v sqrt(p_v q_v)",
+        "params": {{}}, "inputs": ["student_logits", "teacher_logits", "labels"], "paper": {{}},
+    }})
+'''

@@ -8,24 +8,7 @@ import warnings
 import pytest
 
 import distillzoo as dz
-from helpers import add_distribution
-
-GOOD_MODULE = '''
-import distillzoo as dz
-
-class Bhattacharyya(dz.LogitObjective):
-    name = "bhattacharyya"
-    def token_loss(self, student_logprobs, teacher_logprobs, labels):
-        return -(0.5 * (student_logprobs + teacher_logprobs)).logsumexp(-1)
-
-@dz.hookimpl
-def register_objectives(register):
-    register(Bhattacharyya, entry={
-        "kind": "logit", "summary": "Bhattacharyya distance", "formula": "-log sum_v sqrt(p_v q_v)",
-        "params": {}, "inputs": ["student_logits", "teacher_logits", "labels"], "paper": {},
-    })
-'''
-
+from helpers import add_distribution, bhattacharyya_plugin
 
 RAISING_MODULE = '''
 import distillzoo as dz
@@ -38,7 +21,7 @@ def register_objectives(register):
 
 @pytest.fixture
 def site(tmp_path, monkeypatch, fresh_plugin_manager):
-    add_distribution(tmp_path, "kd-bhatta", "1.2", "bhatta", "kd_bhatta", GOOD_MODULE)
+    add_distribution(tmp_path, "kd-bhatta", "1.2", "bhatta", "kd_bhatta", bhattacharyya_plugin())
     add_distribution(tmp_path, "kd-broken", "0.1", "broken", "kd_broken", "raise ImportError('needs a GPU library')\n")
     add_distribution(tmp_path, "kd-raising", "0.3", "raising", "kd_raising", RAISING_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))

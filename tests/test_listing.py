@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import distillzoo as dz
-from helpers import add_distribution
+from helpers import add_distribution, bhattacharyya_plugin
 
 PROBE = ("import sys, contextlib, io, json\n"
          "from distillzoo.cli import main\n"
@@ -14,23 +14,6 @@ PROBE = ("import sys, contextlib, io, json\n"
          "with contextlib.redirect_stdout(out):\n"
          "    main(['list', '--json'])\n"
          "print(json.dumps({'torch': 'torch' in sys.modules, 'entries': json.loads(out.getvalue())}))\n")
-
-PLUGIN = '''
-import distillzoo as dz
-
-class Bhattacharyya(dz.LogitObjective):
-    name = "bhattacharyya"
-    def token_loss(self, student_logprobs, teacher_logprobs, labels):
-        return -(0.5 * (student_logprobs + teacher_logprobs)).logsumexp(-1)
-
-@dz.hookimpl
-def register_objectives(register):
-    register(Bhattacharyya, entry={
-        "kind": "logit", "summary": "SUMMARY", "formula": "-log sum_v sqrt(p_v q_v)",
-        "params": {}, "inputs": ["student_logits", "teacher_logits", "labels"], "paper": {},
-    })
-'''
-
 
 def listed(env):
     done = subprocess.run([sys.executable, "-c", PROBE], env={**os.environ, **env}, capture_output=True, text=True,
@@ -52,7 +35,7 @@ def test_the_built_ins_are_listed_without_torch_exactly_as_the_loaded_objectives
 def test_a_plugin_is_imported_once_then_listed_from_the_cache_until_its_files_change(tmp_path, monkeypatch):
     site = tmp_path / "site"
     site.mkdir()
-    add_distribution(site, "kd-bhatta", "1.2", "bhatta", "kd_bhatta", PLUGIN.replace("SUMMARY", "first"))
+    add_distribution(site, "kd-bhatta", "1.2", "bhatta", "kd_bhatta", bhattacharyya_plugin("first"))
     env = {"PYTHONPATH": str(site), "DISTILLZOO_PLUGINS": "kd-bhatta", "DISTILLZOO_CACHE_DIR": str(tmp_path / "c")}
     cold, _ = listed(env)
     assert cold["torch"] is True  # nothing cached yet: the plugin is imported
