@@ -435,7 +435,8 @@ def _plots(plan: Plan, results: dict) -> None:
 
     names = [e.name for e in plan.entrants]
     colors = colours(names)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    plotted = []
     for e in plan.entrants:
         dirs = [run_dir(plan, e, s, results["chosen_lr"][e.name]) for s in plan.seeds]
         curves = read_curves(dirs, ["eval/nll"])["eval/nll"]
@@ -444,27 +445,42 @@ def _plots(plan: Plan, results: dict) -> None:
             for step, value in points:
                 by_step.setdefault(step, []).append(value)
         steps = sorted(by_step)
-        means = [_mean_std(by_step[s])[0] for s in steps]
+        stats = [_mean_std(by_step[s]) for s in steps]
+        means = [m for m, _ in stats]
         ax.plot(steps, means, marker="o", markersize=3, label=e.name, color=colors[e.name])
+        ax.fill_between(steps, [m - d for m, d in stats], [m + d for m, d in stats], color=colors[e.name], alpha=0.15,
+                        linewidth=0)
+        plotted += means
+    wide = plotted and min(plotted) > 0 and max(plotted) > 3 * min(plotted)
+    if wide:  # one entrant far above the rest would flatten them: a log axis keeps them apart
+        from matplotlib.ticker import FormatStrFormatter
+
+        ax.set_yscale("log")
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis(FormatStrFormatter("%g"))  # plain numbers, not powers of ten
     ax.set_xlabel("training step")
-    ax.set_ylabel("held-out NLL (nats/token), mean over seeds")
-    ax.set_title("held-out NLL during training")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.set_ylabel("held-out NLL (nats/token)" + (", log scale" if wide else ""))
+    ax.set_title(f"held-out NLL during training: mean (line) ± std (band) over {len(plan.seeds)} seed(s)",
+                 fontsize="medium")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the lines, never on them
     fig.tight_layout()
     fig.savefig(plan.out / "curves.png", dpi=120)
     plt.close(fig)
 
     summary = results["summary"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, (key, label, scale) in zip(axes, [("held_out/exact_match", "held-out exact match (%)", 100),
-                                              ("held_out/fkl", "held-out KL(teacher||student) (nats/token)", 1)]):
+    panels = [("held_out/exact_match", "exact match (%)", 100, "{:.1f}"), ("held_out/nll", "NLL (nats/token)", 1, "{:.2f}"),
+              ("held_out/fkl", "KL(teacher||student) (nats/token)", 1, "{:.2f}")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.8))
+    for ax, (key, label, scale, fmt) in zip(axes, panels):
         means = [summary[n][key][0] * scale for n in names]
         stds = [summary[n][key][1] * scale for n in names]
-        ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=[colors[n] for n in names])
+        bars = ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=[colors[n] for n in names])
+        ax.bar_label(bars, labels=[fmt.format(m) for m in means], fontsize=7, padding=2)  # readable when one towers
+        ax.set_ylim(0, max(max(m + d for m, d in zip(means, stds)), 1.0 if scale == 100 else 1e-9) * 1.15)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_ylabel(label)
-        ax.set_title(f"{label.split(' (')[0]}: mean ± std over {len(plan.seeds)} seed(s)")
+        ax.set_ylabel(f"held-out {label}")
+        ax.set_title(f"{label.split(' (')[0]}: mean ± std, {len(plan.seeds)} seed(s)", fontsize="medium")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(plan.out / "bars.png", dpi=120)
