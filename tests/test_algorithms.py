@@ -245,7 +245,7 @@ def bad(change, objective="fkl", fmt="chat"):
     (bad(lambda c, p: c.update(algorithm={"name": "preference", "reference": "frozen"}), "dpo", "preference"),
      r"parameter 'reference' = 'frozen' is not one of \['auto', 'initial', 'teacher', 'model', 'cache', 'data'\]"),
     (bad(lambda c, p: c.update(callbacks=[{"name": "recordr"}])),
-     r"callbacks\[0\].name: unknown callback 'recordr'. Available: recorder, tensorboard. Did you mean 'recorder'\?"),
+     r"callbacks\[0\].name: unknown callback 'recordr'. Available: mlflow, recorder, tensorboard. Did you mean 'recorder'\?"),
     (bad(lambda c, p: c.update(callbacks=[{"name": "recorder", "colour": "red"}])),
      r"callbacks\[0\]: callback 'recorder' \(package 'recorder-plugin'\) does not take these params: got an unexpected "
      r"keyword argument 'colour'"),
