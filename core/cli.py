@@ -13,6 +13,24 @@ from typing import Sequence
 from .errors import DistillzooError
 
 
+def _columns(args: argparse.Namespace) -> dict | None:
+    """``--column FIELD=COLUMN`` (repeatable): the format's field FIELD is the dataset's column COLUMN."""
+    from .errors import ConfigError
+
+    columns = {}
+    for item in args.column or []:
+        field, sep, column = item.partition("=")
+        if not sep or not field or not column:
+            raise ConfigError(f"--column {item!r}: give FIELD=COLUMN (the format's field, the dataset's column)")
+        columns[field] = column
+    return columns or None
+
+
+def _add_columns(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--column", action="append", metavar="FIELD=COLUMN",
+                   help="the format reads field FIELD from the dataset's column COLUMN (repeatable)")
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from .listing import objective_listing
 
@@ -120,7 +138,7 @@ def _cmd_reference_cache(args: argparse.Namespace) -> int:
 
     model = load_causal_lm(args.model, dtype=args.dtype, device=args.device)
     data = PreferenceDataset(args.data, load_tokenizer(args.tokenizer), max_length=args.max_length,
-                             max_prompt_length=args.max_prompt_length)
+                             max_prompt_length=args.max_prompt_length, columns=_columns(args))
     cache = write_reference_cache(args.out, model, data, batch_size=args.batch_size, model_name=args.model)
     print(f"wrote reference log-probs of {len(cache)} pairs under {args.model} to {args.out}")
     return 0
@@ -131,18 +149,20 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
 
     from .causal_lm import load_causal_lm
     from .shards import ConversationDataset, TokenShards
+    from .tables import kind
     from .teacher_cache import write_teacher_cache
     from .tokenizer import QWEN_DEFAULT_SYSTEM, load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
-    if len(args.data) == 1 and Path(args.data[0]).is_dir():
+    if len(args.data) == 1 and kind(args.data[0]) == "prepared":
         dataset, name = TokenShards(args.data[0]), args.data[0]
     else:
         if args.format is None:
-            print("distillzoo cache-teacher: error: --format is needed for JSONL data", file=sys.stderr)
+            print("distillzoo cache-teacher: error: --format is needed for records (JSONL, Parquet, a datasets "
+                  "directory, ...)", file=sys.stderr)
             return 2
         dataset = ConversationDataset(args.data, args.format, tokenizer, max_length=args.max_length,
-                                      system=None if args.no_system else QWEN_DEFAULT_SYSTEM)
+                                      system=None if args.no_system else QWEN_DEFAULT_SYSTEM, columns=_columns(args))
         name = ",".join(args.data)
     model = load_causal_lm(args.model, dtype=args.model_dtype, device=args.device)
     cache = write_teacher_cache(args.out, model, dataset, k=args.k, temperature=args.temperature, dtype=args.dtype,
@@ -161,7 +181,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     shards = prepare_shards(args.data, args.out, format=args.format, tokenizer=load_tokenizer(args.tokenizer),
                             max_length=args.max_length, dtype=args.dtype,
-                            system=None if args.no_system else QWEN_DEFAULT_SYSTEM, overwrite=args.overwrite)
+                            system=None if args.no_system else QWEN_DEFAULT_SYSTEM, overwrite=args.overwrite,
+                            columns=_columns(args))
     meta = shards.meta
     print(f"wrote {meta['examples']} examples, {meta['tokens']} tokens ({meta['dtype']}) to {args.out}"
           + (f"; skipped {len(meta['skipped'])} with no response token within max_length" if meta["skipped"] else ""))
@@ -211,7 +232,7 @@ def _cmd_filter(args: argparse.Namespace) -> int:
     from .scoring import filter_records, read_scores
 
     result = filter_records(args.data, args.format, read_scores(args.scores), args.out, threshold=args.threshold,
-                            quantile=args.quantile, report=args.report)
+                            quantile=args.quantile, report=args.report, columns=_columns(args))
     print(f"kept {result['kept']} of {result['kept'] + result['dropped']} records (score >= {result['cut']:.4g}) "
           f"in {args.out}" + (f"; dropped ones listed in {args.report}" if args.report else ""))
     return 0
@@ -279,14 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_score)
     p = sub.add_parser("filter", help="keep the records whose score passes a threshold or quantile")
-    p.add_argument("data", help="the JSONL the scores were computed on")
+    p.add_argument("data", help="the records the scores were computed on (JSONL, JSON, Parquet, Arrow, a datasets "
+                                "save_to_disk directory)")
     p.add_argument("--format", required=True, help="its data format (gives each record's sample id)")
+    _add_columns(p)
     p.add_argument("--scores", required=True, help="distillzoo score's output")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--threshold", type=float, help="keep records scoring at least this")
     group.add_argument("--quantile", type=float, help="keep records scoring at least this quantile of the scores "
                                                       "(0.75: the top quarter)")
-    p.add_argument("--out", required=True, help="the filtered JSONL (records verbatim, written atomically)")
+    p.add_argument("--out", required=True, help="the filtered JSONL (JSONL records verbatim, other rows as JSON; "
+                                                "written atomically)")
     p.add_argument("--report", default=None, help="a JSON report: counts, cut, and every dropped id with its score")
     p.set_defaults(func=_cmd_filter)
     p = sub.add_parser("compare", help="train entrants (objectives, mixtures, plugins') x seeds under one budget "
@@ -299,9 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", action="append", help="a logged key to draw, repeatable (default: loss and every "
                                                      "eval/* value)")
     p.set_defaults(func=_cmd_plot)
-    p = sub.add_parser("prepare", help="tokenize instruction JSONL (dolly, alpaca, chat) into an int32 shard directory")
-    p.add_argument("data", nargs="+", help="JSONL file(s)")
+    p = sub.add_parser("prepare", help="tokenize instruction records (dolly, alpaca, chat) into an int32 shard "
+                                       "directory")
+    p.add_argument("data", nargs="+", help="JSONL, JSON, Parquet or Arrow file(s), or datasets save_to_disk "
+                                           "directories")
     p.add_argument("--format", required=True, help="a registered data format: dolly, alpaca, chat, ...")
+    _add_columns(p)
     p.add_argument("--out", required=True, help="the directory to write (atomically)")
     p.add_argument("--tokenizer", default=None, help="local tokenizer directory (default: the embedded Qwen vocabulary)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per example; longer ones are cut at the end")
@@ -312,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache-teacher", help="run a teacher once over instruction data and store its top-k "
                                              "log-probs per response token, keyed by sample id (resumable)")
     p.add_argument("model", help="local transformers model directory")
-    p.add_argument("data", nargs="+", help="a distillzoo prepare directory, or JSONL file(s) with --format")
+    p.add_argument("data", nargs="+", help="a distillzoo prepare directory, or records with --format (JSONL, JSON, "
+                                           "Parquet, Arrow, datasets save_to_disk directories)")
+    _add_columns(p)
     p.add_argument("--out", required=True, help="the cache directory (a rerun finishes an interrupted one)")
     p.add_argument("--k", type=int, default=32, help="ids kept per token (default 32)")
     p.add_argument("--temperature", type=float, default=1.0, help="the objective's temperature (default 1)")
@@ -329,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reference-cache", help="score preference data under a frozen reference/teacher model once, "
                                                "into a side file that dpo/dpkd training reads instead of the model")
     p.add_argument("model", help="local transformers model directory")
-    p.add_argument("data", nargs="+", help="preference JSONL file(s)")
+    p.add_argument("data", nargs="+", help="preference records (JSONL, JSON, Parquet, Arrow, datasets directories)")
+    _add_columns(p)
     p.add_argument("--out", required=True, help="the cache file to write (atomically)")
     p.add_argument("--tokenizer", default=None, help="local tokenizer directory (default: the embedded Qwen vocabulary)")
     p.add_argument("--max-length", type=int, default=None, help="as in training: prompt + response tokens per row")

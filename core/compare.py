@@ -96,9 +96,12 @@ class Plan:
 def _split(raw, key: str, where: str) -> dict | None:
     if raw is None:
         return None
-    if not isinstance(raw, dict) or set(raw) - {"path", "format"} or "path" not in raw:
-        raise ConfigError(f"{where}: {key} must be {{path: FILE, format: NAME}}, got {raw!r}")
-    return {"path": str(raw["path"]), "format": str(raw.get("format", "chat"))}
+    if not isinstance(raw, dict) or set(raw) - {"path", "format", "columns"} or "path" not in raw \
+            or not isinstance(raw.get("columns") or {}, dict):
+        raise ConfigError(f"{where}: {key} must be {{path: FILE, format: NAME, columns: {{FIELD: COLUMN}} (optional)}}, "
+                          f"got {raw!r}")
+    return {"path": str(raw["path"]), "format": str(raw.get("format", "chat")),
+            **({"columns": dict(raw["columns"])} if raw.get("columns") else {})}
 
 
 def _lrs(raw, key: str, where: str) -> list[float] | None:
@@ -277,13 +280,14 @@ class Judge:
 
         student = load_causal_lm(str(student_dir))
         # answers longer than every reference are wrong anyway: one token more shows where each stops
+        columns = split.get("columns")
         longest = max(len(self.tokenizer.encode(reply)) for _, _, reply, _ in
-                      instruction_records(split["path"], split["format"]))
+                      instruction_records(split["path"], split["format"], columns))
         em = exact_match(student, self.tokenizer, split["path"], split["format"], system=self.system,
-                         max_new_tokens=longest + 1)
+                         max_new_tokens=longest + 1, columns=columns)
         result = {"exact_match": em["exact_match"],
                   **{f"exact_match/{task}": v for task, v in em.get("by_task", {}).items()}}
-        data = ConversationDataset(split["path"], split["format"], self.tokenizer, system=self.system)
+        data = ConversationDataset(split["path"], split["format"], self.tokenizer, system=self.system, columns=columns)
         measured = response_divergences(self.teacher, student, data, self.tokenizer.pad_id, ("ce", "fkl", "rkl", "tvd"))
         result.update(nll=measured.pop("ce"), **measured)
         return result

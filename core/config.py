@@ -43,11 +43,14 @@ class ModelConfig:
 
 @dataclass
 class StreamConfig:
-    """One data stream: a prepared directory, or JSONL with its ``format``; a repeat count or a weight."""
+    """One data stream: a prepared directory, or records (JSONL, JSON, Parquet, Arrow, a datasets
+    save_to_disk directory) with their ``format``; a repeat count or a weight."""
 
     name: str = MISSING
     path: str = MISSING
     format: Optional[str] = None
+    #: {format field: dataset column}, for datasets whose columns are named differently
+    columns: Optional[Dict[str, str]] = None
     repeat: Optional[float] = None
     weight: Optional[float] = None
 
@@ -93,6 +96,8 @@ class GenerateConfig:
 
     prompts: Optional[str] = None
     format: str = "chat"
+    #: {format field: dataset column}
+    columns: Optional[Dict[str, str]] = None
     out: Optional[str] = None
     #: responses: ``model`` answers (chat records); pairs: teacher = chosen, student = rejected (preference records)
     mode: str = "responses"
@@ -111,6 +116,8 @@ class ScoreConfig:
 
     data: Optional[str] = None
     format: str = "chat"
+    #: {format field: dataset column}
+    columns: Optional[Dict[str, str]] = None
     out: Optional[str] = None
     #: {name: mfd, ...params}: a scorer registered through the register_scorers hook
     scorer: Optional[Dict[str, Any]] = None

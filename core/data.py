@@ -78,10 +78,17 @@ def formats_of(records: str) -> list[str]:
     return sorted(n for n, c in components("data_formats").items() if c.details.get("records", "instruction") == records)
 
 
-def read_records(path: str | Path, format: str) -> Iterator[tuple[str, dict]]:
-    """``(file:line, fields)`` of each record as the format's reader returns them."""
+def read_records(path: str | Path, format: str, columns: dict | None = None) -> Iterator[tuple[str, dict]]:
+    """``(where, fields)`` of each record as the format's reader returns them.
+
+    ``path`` is JSONL, JSON, Parquet, Arrow or a datasets save_to_disk directory (see
+    :mod:`distillzoo.tables`; ``where`` is ``file:line`` or ``file, row N``), and
+    ``columns`` maps the format's field names to the dataset's column names.
+    """
+    from .tables import read_rows
+
     reader = data_format(format)
-    for where, record in read_jsonl(path):
+    for where, record in read_rows(path, columns):
         try:
             yield where, reader(record)
         except DistillzooError as e:
@@ -133,19 +140,20 @@ def _truncate(prompt: list[int], response: list[int], max_length: int | None, ma
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Tokenized preference pairs from JSONL files (map-style; ids int32).
+    """Tokenized preference pairs from record files (map-style; ids int32).
 
     Args:
-        paths: one file or several, read in order.
+        paths: one file or several, read in order (JSONL, JSON, Parquet, Arrow, a datasets directory).
         tokenizer: a :class:`~distillzoo.tokenizer.ChatTokenizer` (default: the embedded Qwen one).
         max_length: prompt + response tokens per row; the prompt is cut from the left to
             ``max_prompt_length`` first, then the response from the right.
         system: the system message for prompts without one (None: none).
+        columns: ``{format field: dataset column}`` for datasets named differently.
     """
 
     def __init__(self, paths: str | Path | Sequence[str | Path], tokenizer: ChatTokenizer | None = None, *,
                  format: str = "preference", max_length: int | None = None, max_prompt_length: int | None = None,
-                 system: str | None = QWEN_DEFAULT_SYSTEM) -> None:
+                 system: str | None = QWEN_DEFAULT_SYSTEM, columns: dict | None = None) -> None:
         self.tokenizer = tokenizer or load_tokenizer()
         check_max_length(max_length)
         check_max_length(max_prompt_length, "max_prompt_length")
@@ -156,7 +164,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.examples: list[PreferenceExample] = []
         seen: dict[str, str] = {}
         for path in paths:
-            for where, fields in read_records(path, format):
+            for where, fields in read_records(path, format, columns):
                 prompt = self.tokenizer.encode_prompt(fields["prompt"], system)
                 sides = {}
                 for side in ("chosen", "rejected"):

@@ -33,10 +33,11 @@ def greedy_answers(model, tokenizer: ChatTokenizer, prompts: Sequence[Sequence[i
                                            batch_size=batch_size)]
 
 
-def instruction_records(path: str | Path, format: str) -> list[tuple[str, list[dict], str, dict]]:
-    """``(where, prompt messages, reference reply, record fields)`` of an instruction JSONL file."""
+def instruction_records(path: str | Path, format: str, columns: dict | None = None
+                        ) -> list[tuple[str, list[dict], str, dict]]:
+    """``(where, prompt messages, reference reply, record fields)`` of an instruction file or dataset."""
     rows = []
-    for where, fields in read_records(path, format):
+    for where, fields in read_records(path, format, columns):
         messages = fields.get("messages")
         if not messages or messages[-1]["role"] != "assistant":
             raise DataError(f"{where}: format {format!r} gives no conversation ending in an assistant reply")
@@ -46,21 +47,21 @@ def instruction_records(path: str | Path, format: str) -> list[tuple[str, list[d
 
 def exact_match(model, tokenizer: ChatTokenizer, path: str | Path, format: str = "chat", *,
                 system: str | None = QWEN_DEFAULT_SYSTEM, max_new_tokens: int = 32, batch_size: int = 64,
-                group_by: str | None = "task") -> dict:
+                group_by: str | None = "task", columns: dict | None = None) -> dict:
     """Exact-match accuracy of greedy answers, overall and per ``group_by`` field of the raw records.
 
     Returns ``{"exact_match", "n", "by_<group_by>": {value: accuracy}, "answers": [...]}``.
     """
-    from .data import read_jsonl
+    from .tables import read_rows
 
-    rows = instruction_records(path, format)
+    rows = instruction_records(path, format, columns)
     prompts = [tokenizer.encode_prompt(messages, system) for _, messages, _, _ in rows]
     answers = [tokenizer.decode(ids) for ids in greedy_answers(model, tokenizer, prompts,
                                                                 max_new_tokens=max_new_tokens, batch_size=batch_size)]
     correct = [a.strip() == ref.strip() for a, (_, _, ref, _) in zip(answers, rows)]
     result = {"exact_match": sum(correct) / max(len(correct), 1), "n": len(correct)}
     if group_by is not None:
-        raw = [record for _, record in read_jsonl(path)]
+        raw = [record for _, record in read_rows(path, columns)]
         groups: dict[str, list[bool]] = defaultdict(list)
         for record, ok in zip(raw, correct):
             if group_by in record:

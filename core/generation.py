@@ -192,13 +192,13 @@ def student_samples(student, tokenizer: ChatTokenizer, examples: list[dict], sam
     return out
 
 
-def read_prompts(path: str | Path, format: str) -> list[tuple[str, list[dict]]]:
+def read_prompts(path: str | Path, format: str, columns: dict | None = None) -> list[tuple[str, list[dict]]]:
     """``(sample id, prompt messages)`` per record: the conversation before its last assistant reply.
 
     Ids must be unique: they key the output, the resume and later the teacher cache.
     """
     prompts, seen = [], {}
-    for where, fields in read_records(path, format):
+    for where, fields in read_records(path, format, columns):
         messages = fields.get("messages") or fields.get("prompt")
         if not messages:
             raise DataError(f"{where}: format {format!r} gives no prompt ('messages' or 'prompt')")
@@ -240,7 +240,7 @@ def _append(out_path: Path, records: list[dict]) -> None:
 
 def generate_file(models: dict, tokenizer: ChatTokenizer, data: str | Path, format: str, out: str | Path,
                   sampling: Sampling = Sampling(), *, mode: str = "responses", system: str | None = QWEN_DEFAULT_SYSTEM,
-                  batch_size: int = 16, progress: bool = True) -> dict:
+                  batch_size: int = 16, progress: bool = True, columns: dict | None = None) -> dict:
     """Answer every prompt of ``data`` not yet in ``out``.
 
     Returns ``{"written", "already_done", "empty", "total"}``; ``empty`` lists the ids
@@ -258,7 +258,7 @@ def generate_file(models: dict, tokenizer: ChatTokenizer, data: str | Path, form
         raise ParameterError(f"generate mode {mode!r} needs models {list(names[mode])}, got {sorted(models)}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    prompts = read_prompts(data, format)
+    prompts = read_prompts(data, format, columns)
     done = finished_ids(out)
     todo = [(i, m) for i, m in prompts if i not in done]
     empty: list[str] = []
@@ -319,8 +319,11 @@ def validate_generate(cfg, where: str = "<config>") -> None:
     vocab = load_tokenizer(cfg.data.tokenizer if cfg.data is not None else None).vocab_size
     for role in roles:
         check_vocab(cfg, role, vocab, where)
-    if g.prompts is None or not Path(g.prompts).is_file():
-        raise ConfigError(f"{where}: generate.prompts: {g.prompts!r} is not a JSONL file")
+    from .tables import kind
+
+    if g.prompts is None or kind(g.prompts) in (None, "prepared"):
+        raise ConfigError(f"{where}: generate.prompts: {g.prompts!r} is not a records file (JSONL, JSON, Parquet, "
+                          "Arrow) or a datasets save_to_disk directory")
     try:
         data_format(g.format)
     except DistillzooError as e:
@@ -349,4 +352,5 @@ def generate_from_config(cfg, where: str = "<config>") -> dict:
     system = data.system if data is not None else QWEN_DEFAULT_SYSTEM
     return generate_file(models, tokenizer, g.prompts, g.format, g.out,
                          Sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, cfg.seed),
-                         mode=g.mode, system=system, batch_size=g.batch_size, progress=g.progress)
+                         mode=g.mode, system=system, batch_size=g.batch_size, progress=g.progress,
+                         columns=None if g.columns is None else dict(g.columns))

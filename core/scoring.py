@@ -103,13 +103,13 @@ def make_scorer(spec: dict, where: str = "score.scorer") -> Scorer:
 
 
 def score_samples(scorer: Scorer, path: str | Path, format: str, tokenizer, *, teacher=None, student=None,
-                  system=None, max_length: int | None = None, batch_size: int = 8, progress: bool = False
-                  ) -> dict[str, float]:
-    """``{sample id: score}`` for every record of an instruction file."""
+                  system=None, max_length: int | None = None, batch_size: int = 8, progress: bool = False,
+                  columns: dict | None = None) -> dict[str, float]:
+    """``{sample id: score}`` for every record of an instruction file or dataset."""
     from .shards import ConversationDataset, collate_sft
 
-    dataset = ConversationDataset(path, format, tokenizer, max_length=max_length, system=system)
-    conversations = {str(fields["id"]): fields["messages"] for _, fields in read_records(path, format)}
+    dataset = ConversationDataset(path, format, tokenizer, max_length=max_length, system=system, columns=columns)
+    conversations = {str(fields["id"]): fields["messages"] for _, fields in read_records(path, format, columns)}
     models = [m for m in (teacher, student) if m is not None]
     device = next(models[0].parameters()).device if models else torch.device("cpu")
     scores: dict[str, float] = {}
@@ -154,8 +154,10 @@ def read_scores(path: str | Path) -> dict[str, float]:
 
 def filter_records(data: str | Path, format: str, scores: dict[str, float], out: str | Path, *,
                    threshold: float | None = None, quantile: float | None = None,
-                   report: str | Path | None = None) -> dict:
-    """Keep the records scoring at least ``threshold`` (or the ``quantile`` of the scores); write them verbatim.
+                   report: str | Path | None = None, columns: dict | None = None) -> dict:
+    """Keep the records scoring at least ``threshold`` (or the ``quantile`` of the scores) and write them to the
+    JSONL ``out``: JSONL input verbatim, line by line; the rows of any other kind (Parquet, Arrow, a datasets
+    directory, JSON) as JSON objects with their own column names.
 
     Returns (and writes to ``report``) ``{"kept", "dropped", "cut", "dropped_samples": [{id, score, where}]}``.
     """
@@ -170,18 +172,23 @@ def filter_records(data: str | Path, format: str, scores: dict[str, float], out:
         if path is not None and Path(path).exists() and Path(path).resolve() == Path(data).resolve():
             raise ConfigError(f"filter: {what} {str(path)!r} is the input file; write the kept records elsewhere "
                               "(the input would be lost)")
-    with Path(data).open("rb") as f:
-        lines = f.readlines()  # split as read_jsonl numbers them (b"\n"), so line N of `where` is lines[N - 1]
-    ids = [(where, str(fields["id"])) for where, fields in read_records(data, format)]
+    from .tables import kind, read_rows
+
+    ids = [(where, str(fields["id"])) for where, fields in read_records(data, format, columns)]
     missing = [(w, i) for w, i in ids if i not in scores]
     if missing:
         raise DataError(f"{missing[0][0]}: sample {missing[0][1]!r} has no score ({len(missing)} of {len(ids)} "
                         "records have none); score this data first")
+    if kind(data) == "jsonl":
+        with Path(data).open("rb") as f:
+            lines = f.readlines()  # split as read_jsonl numbers them (b"\n"), so line N of `where` is lines[N - 1]
+        texts = [lines[int(where.rpartition(":")[2]) - 1].decode("utf-8") for where, _ in ids]  # decodes: checked
+    else:  # the row as its file holds it, original column names and all
+        texts = [json.dumps(row, ensure_ascii=False, default=str) + "\n" for _, row in read_rows(data)]
     values = np.array([scores[i] for _, i in ids])
     cut = float(threshold) if threshold is not None else float(np.quantile(values, quantile)) if len(values) else 0.0
     kept, dropped = [], []
-    for where, sample_id in ids:
-        line = lines[int(where.rpartition(":")[2]) - 1].decode("utf-8")  # read_records has checked it decodes
+    for (where, sample_id), line in zip(ids, texts):
         (kept if scores[sample_id] >= cut else dropped).append((where, sample_id, line))
     write_text_atomically(Path(out), "".join(line if line.endswith("\n") else line + "\n" for _, _, line in kept))
     result = {"kept": len(kept), "dropped": len(dropped), "cut": cut, "threshold": threshold, "quantile": quantile,
@@ -207,8 +214,11 @@ def validate_score(cfg, where: str) -> None:
     s = cfg.score
     if s is None:
         raise ConfigError(f"{where}: score: no 'score' section (data, format, out, scorer)")
-    if s.data is None or not Path(s.data).is_file():
-        raise ConfigError(f"{where}: score.data: {s.data!r} is not a JSONL file")
+    from .tables import kind
+
+    if s.data is None or kind(s.data) in (None, "prepared"):
+        raise ConfigError(f"{where}: score.data: {s.data!r} is not a records file (JSONL, JSON, Parquet, Arrow) or a "
+                          "datasets save_to_disk directory")
     from .data import data_format
 
     try:
@@ -239,6 +249,6 @@ def score_from_config(cfg, where: str = "<config>") -> dict[str, float]:
     scores = score_samples(scorer, s.data, s.format, load_tokenizer(data.tokenizer if data is not None else None),
                            system=data.system if data is not None else QWEN_DEFAULT_SYSTEM,
                            max_length=data.max_length if data is not None else None, batch_size=s.batch_size,
-                           progress=s.progress, **models)
+                           progress=s.progress, columns=None if s.columns is None else dict(s.columns), **models)
     write_scores(s.out, scores)
     return scores

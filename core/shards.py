@@ -46,7 +46,7 @@ def check_store_dtype(dtype: str, vocab_size: int, where: str = "dtype") -> np.d
 
 
 def tokenize_conversations(paths: Sequence[str | Path], format: str, tokenizer: ChatTokenizer,
-                           max_length: int | None, system: str | None):
+                           max_length: int | None, system: str | None, columns: dict | None = None):
     """``([(sample id, ids, loss_mask), ...], skipped file:line list)`` of instruction records, cut to max_length.
 
     A record left with no loss token (its prompt fills max_length) is skipped, with a warning.
@@ -54,7 +54,7 @@ def tokenize_conversations(paths: Sequence[str | Path], format: str, tokenizer: 
     check_max_length(max_length)
     examples, skipped = [], []
     for path in paths:
-        for where, fields in read_records(path, format):
+        for where, fields in read_records(path, format, columns):
             if "messages" not in fields:
                 raise DataError(f"{where}: format {format!r} gives {sorted(fields)}, not a conversation ('messages'); "
                                 "this takes instruction data (dolly, alpaca, chat)")
@@ -73,8 +73,10 @@ def tokenize_conversations(paths: Sequence[str | Path], format: str, tokenizer: 
 
 def prepare_shards(paths: str | Path | Sequence[str | Path], out_dir: str | Path, *, format: str,
                    tokenizer: ChatTokenizer | None = None, max_length: int | None = None, dtype: str = "int32",
-                   system: str | None = QWEN_DEFAULT_SYSTEM, overwrite: bool = False) -> "TokenShards":
-    """Tokenize instruction JSONL into ``out_dir`` (atomically); returns the reader.
+                   system: str | None = QWEN_DEFAULT_SYSTEM, overwrite: bool = False,
+                   columns: dict | None = None) -> "TokenShards":
+    """Tokenize instruction records (JSONL, JSON, Parquet, Arrow, a datasets directory; ``columns`` maps
+    format fields to dataset columns) into ``out_dir`` (atomically); returns the reader.
 
     Examples longer than ``max_length`` are cut at the end; one left with no loss
     token (its prompt fills max_length) is skipped, and listed in meta.json.
@@ -86,7 +88,7 @@ def prepare_shards(paths: str | Path | Sequence[str | Path], out_dir: str | Path
     if out_dir.exists() and not overwrite:
         raise DataError(f"{out_dir} already exists; remove it or pass overwrite=True (--overwrite)")
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    examples, skipped = tokenize_conversations(paths, format, tokenizer, max_length, system)
+    examples, skipped = tokenize_conversations(paths, format, tokenizer, max_length, system, columns)
     tokens = [np.asarray(ids, dtype=np.int64) for _, ids, _ in examples]
     masks = [np.asarray(mask, dtype=np.uint8) for _, _, mask in examples]
     offsets = np.concatenate([[0], np.cumsum([len(t) for t in tokens], dtype=np.int64)])
@@ -96,7 +98,7 @@ def prepare_shards(paths: str | Path | Sequence[str | Path], out_dir: str | Path
     meta = {
         "distillzoo_shards": FORMAT_VERSION, "dtype": dtype, "vocab_size": tokenizer.vocab_size,
         "tokenizer": tokenizer.name, "format": format, "examples": len(tokens), "tokens": int(flat.size),
-        "max_length": max_length, "sources": [str(p) for p in paths], "skipped": skipped,
+        "max_length": max_length, "sources": [str(p) for p in paths], "columns": columns, "skipped": skipped,
     }
 
     def write(tmp: Path) -> None:
@@ -201,12 +203,14 @@ def collate_sft(examples: Sequence[dict], pad_id: int) -> dict:
 
 
 class ConversationDataset(torch.utils.data.Dataset):
-    """Instruction JSONL tokenized in memory: the items :class:`TokenShards` gives for a prepared copy."""
+    """Instruction records tokenized in memory: the items :class:`TokenShards` gives for a prepared copy."""
 
     def __init__(self, paths: str | Path | Sequence[str | Path], format: str, tokenizer: ChatTokenizer | None = None,
-                 *, max_length: int | None = None, system: str | None = QWEN_DEFAULT_SYSTEM) -> None:
+                 *, max_length: int | None = None, system: str | None = QWEN_DEFAULT_SYSTEM,
+                 columns: dict | None = None) -> None:
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-        examples, self.skipped = tokenize_conversations(paths, format, tokenizer or load_tokenizer(), max_length, system)
+        examples, self.skipped = tokenize_conversations(paths, format, tokenizer or load_tokenizer(), max_length, system,
+                                                        columns)
         self.examples = [(sample_id, torch.tensor(ids, dtype=torch.int32), torch.tensor(mask, dtype=torch.bool))
                          for sample_id, ids, mask in examples]
 

@@ -56,6 +56,7 @@ from .manager import objective as make_objective
 from .run_dir import RunDir, check_space, check_writable
 from .shards import ConversationDataset, TokenShards
 from .streams import MixedStreams, Stream
+from .tables import kind as table_kind
 
 PRECISIONS = ("auto", "fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")
@@ -77,17 +78,23 @@ def validate(cfg: DictConfig, where: str = "<config>", build_callbacks_too: bool
     for i, stream in streams:
         key = "data.eval" if i == "eval" else f"data.streams[{i}]"
         path = Path(stream.path)
-        if path.is_dir():
-            if not (path / "meta.json").is_file():
-                raise ConfigError(f"{where}: {key}.path: {path} is a directory but not a prepared one (no meta.json)")
+        found = table_kind(path)
+        if found == "prepared":
+            if stream.columns:
+                raise ConfigError(f"{where}: {key}.columns: {path} is a prepared directory (tokenized already); "
+                                  "columns apply to record files and datasets directories")
             records, what = "instruction", "a prepared directory"
-        elif path.is_file():
+        elif found is not None:
             if stream.format is None:
-                raise ConfigError(f"{where}: {key}.format: {path} is JSONL; name its format (dolly, alpaca, chat, ...)")
+                raise ConfigError(f"{where}: {key}.format: {path} holds records ({found}); name their format "
+                                  "(dolly, alpaca, chat, preference, ...)")
             try:
                 records, what = format_records(stream.format), f"format {stream.format!r}"
             except DistillzooError as e:
                 raise ConfigError(f"{where}: {key}.format: {e}") from None
+        elif path.is_dir():
+            raise ConfigError(f"{where}: {key}.path: {path} is a directory, but neither a prepared one (meta.json) "
+                              "nor a datasets save_to_disk one (state.json)")
         else:
             raise ConfigError(f"{where}: {key}.path: {str(path)!r} does not exist")
         wanted = (algorithm.eval_records or algorithm.records) if i == "eval" else algorithm.records
@@ -199,11 +206,14 @@ def build_algorithm(cfg: DictConfig, where: str = "<config>"):
 # ---------------------------------------------------------------------------- pieces
 def _dataset(stream, records: str, tokenizer, data):
     path = Path(stream.path)
+    columns = None if stream.columns is None else dict(stream.columns)
     if records == "preference":
-        return PreferenceDataset(path, tokenizer, format=stream.format, max_length=data.max_length, system=data.system)
-    if path.is_dir():
+        return PreferenceDataset(path, tokenizer, format=stream.format, max_length=data.max_length, system=data.system,
+                                 columns=columns)
+    if table_kind(path) == "prepared":
         return TokenShards(path)
-    return ConversationDataset(path, stream.format, tokenizer, max_length=data.max_length, system=data.system)
+    return ConversationDataset(path, stream.format, tokenizer, max_length=data.max_length, system=data.system,
+                               columns=columns)
 
 
 def lr_at(step: int, t) -> float:

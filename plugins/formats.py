@@ -61,7 +61,7 @@ def _reply(messages: list[dict], field: str) -> str:
 
 def _record_id(record: dict, content) -> str:
     """The record's ``id`` as a string, or a hash of its content (stable across file order)."""
-    if "id" in record:
+    if record.get("id") is not None:  # a table's missing value is None: no id, as in JSONL without the field
         if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
             raise DataError(f"field 'id' must be a string or an integer, got {record['id']!r}")
         return str(record["id"])

@@ -211,7 +211,7 @@ def test_the_cli_answers_then_a_rerun_finds_everything_done(tmp_path, capsys):
 
 @pytest.mark.parametrize("change, message", [
     (lambda g, c: g.update(mode="triples"), r"generate.mode: 'triples' is not one of \['responses', 'pairs'\]"),
-    (lambda g, c: g.update(prompts="/nope.jsonl"), r"generate.prompts: '/nope.jsonl' is not a JSONL file"),
+    (lambda g, c: g.update(prompts="/nope.jsonl"), r"generate.prompts: '/nope.jsonl' is not a records file \(JSONL, JSON, Parquet, Arrow\)"),
     (lambda g, c: g.update(format="dolyy"), r"generate.format: unknown data format 'dolyy'"),
     (lambda g, c: g.update(top_p=1.5), r"generate: top_p must be in \(0, 1\]"),
     (lambda g, c: (g.update(mode="pairs"), c.pop("student")), r"student: generate \(mode pairs\) needs the student"),
