@@ -140,8 +140,13 @@ def _tiny_qwen2_config(*, vocab_size: int = QWEN_VOCAB, hidden_size: int = 32, n
                        tie_word_embeddings=tie_word_embeddings)
 
 
-def load_causal_lm(path: str, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None):
-    """A transformers causal LM from a local directory (never the hub), frozen into eval mode."""
+def load_causal_lm(path: str, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+                   max_memory=None, gpus: list[int] | None = None):
+    """A transformers causal LM from a local directory (never the hub), frozen into eval mode.
+
+    With ``max_memory`` (``{gpu: 70GiB, cpu: 200GiB}``) the model is spread over ``gpus``,
+    the CPU and disk instead of loaded onto ``device`` (see :mod:`distillzoo.placement`).
+    """
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM
@@ -154,6 +159,10 @@ def load_causal_lm(path: str, *, dtype: torch.dtype | str | None = None, device:
             raise ParameterError(f"dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
         dtype = getattr(torch, dtype)
     try:
+        if max_memory is not None:
+            from .placement import load_placed, parse_budgets
+
+            return load_placed(path, parse_budgets(max_memory, "max_memory"), list(gpus or []), dtype)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as e:
         raise ParameterError(f"model {str(path)!r} could not be loaded as a transformers causal LM: {e}") from None
@@ -184,6 +193,47 @@ def model_from_config(mcfg, what: str):
         return tiny_qwen2(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{what}.tiny: {e}") from None
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of a model's config and of a few values of each of its parameters: what tells an interrupted
+    run's outputs from another model's (offloaded parameters count by name and shape only)."""
+    import hashlib
+
+    digest = hashlib.sha1(getattr(getattr(model, "config", None), "to_json_string", lambda: "")().encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            digest.update(f"{name}{tuple(p.shape)}".encode())
+            if p.device.type != "meta":
+                digest.update(p.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def place_model(mcfg, what: str, launch):
+    """The model a section names, for inference on this rank (``launch``): on its device, or spread over its GPUs,
+    the CPU and disk when the section gives ``max_memory``."""
+    if mcfg.max_memory is None:
+        return model_from_config(mcfg, what).to(launch.device()).eval()
+    if mcfg.path is None:
+        raise ConfigError(f"{what}.max_memory: places a model loaded from {what}.path; a tiny one is built whole")
+    from omegaconf import OmegaConf
+
+    return load_causal_lm(mcfg.path, max_memory=OmegaConf.to_container(mcfg.max_memory), gpus=launch.gpus())
+
+
+def ties_head(mcfg) -> bool | None:
+    """Whether the model a section names ties its lm_head to its input embeddings (its config says; a tiny
+    model ties them unless told not to); None when its config cannot be read."""
+    if mcfg.tiny is not None:
+        return bool(mcfg.tiny.get("tie_word_embeddings", True))
+    if mcfg.path is None:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return bool(AutoConfig.from_pretrained(mcfg.path, local_files_only=True).tie_word_embeddings)
+    except (OSError, ValueError):
+        return None
 
 
 def parameter_count(mcfg) -> int | None:

@@ -31,6 +31,14 @@ def _add_columns(p: argparse.ArgumentParser) -> None:
                    help="the format reads field FIELD from the dataset's column COLUMN (repeatable)")
 
 
+def _add_placement(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: this rank's GPU under torchrun, "
+                                                  "cuda:0 in one process, the CPU without CUDA)")
+    p.add_argument("--max-memory", default=None, metavar="gpu=SIZE,cpu=SIZE",
+                   help="spread a model bigger than one device: its layers over this rank's GPUs (SIZE each), then "
+                        "CPU memory, then disk; embeddings and lm_head stay on the first (needs distillzoo[offload])")
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from .listing import objective_listing
 
@@ -133,14 +141,19 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_reference_cache(args: argparse.Namespace) -> int:
     from .causal_lm import load_causal_lm
     from .data import PreferenceDataset
+    from .launch import Launch
     from .reference_cache import write_reference_cache
     from .tokenizer import load_tokenizer
 
-    model = load_causal_lm(args.model, dtype=args.dtype, device=args.device)
     data = PreferenceDataset(args.data, load_tokenizer(args.tokenizer), max_length=args.max_length,
                              max_prompt_length=args.max_prompt_length, columns=_columns(args))
-    cache = write_reference_cache(args.out, model, data, batch_size=args.batch_size, model_name=args.model)
-    print(f"wrote reference log-probs of {len(cache)} pairs under {args.model} to {args.out}")
+    launch = Launch.from_env()
+    model = load_causal_lm(args.model, dtype=args.dtype, device=launch.device(args.device), max_memory=args.max_memory,
+                           gpus=launch.gpus())
+    cache = write_reference_cache(args.out, model, data, batch_size=args.batch_size, model_name=args.model,
+                                  launch=launch)
+    if launch.main:
+        print(f"wrote reference log-probs of {len(cache)} pairs under {args.model} to {args.out}")
     return 0
 
 
@@ -148,6 +161,7 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .causal_lm import load_causal_lm
+    from .launch import Launch
     from .shards import ConversationDataset, TokenShards
     from .tables import kind
     from .teacher_cache import write_teacher_cache
@@ -164,10 +178,14 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
         dataset = ConversationDataset(args.data, args.format, tokenizer, max_length=args.max_length,
                                       system=None if args.no_system else QWEN_DEFAULT_SYSTEM, columns=_columns(args))
         name = ",".join(args.data)
-    model = load_causal_lm(args.model, dtype=args.model_dtype, device=args.device)
+    launch = Launch.from_env()
+    model = load_causal_lm(args.model, dtype=args.model_dtype, device=launch.device(args.device),
+                           max_memory=args.max_memory, gpus=launch.gpus())
     cache = write_teacher_cache(args.out, model, dataset, k=args.k, temperature=args.temperature, dtype=args.dtype,
                                 teacher_name=args.model, tokenizer_name=tokenizer.name, pad_id=tokenizer.pad_id,
-                                data_name=name, batch_size=args.batch_size, shard_size=args.shard_size)
+                                data_name=name, batch_size=args.batch_size, shard_size=args.shard_size, launch=launch)
+    if not launch.main:
+        return 0
     tokens = sum(int(s.offsets[-1]) for s in cache.shards)
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*.bin"))
     print(f"cached the top-{args.k} of {args.model} for {len(cache)} samples, {tokens} response tokens, "
@@ -207,6 +225,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     report = generate_from_config(cfg, where=args.config)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # rank 0 reports for all
     print(f"{cfg.generate.out}: wrote {report['written']} of {report['total']} "
           f"({report['already_done']} already there"
           + (f"; {len(report['empty'])} empty answers not written, first id {report['empty'][0]!r}"
@@ -220,6 +240,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     scores = score_from_config(cfg, where=args.config)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     values = sorted(scores.values())
     middle = values[len(values) // 2] if values else float("nan")
     print(f"scored {len(scores)} samples with {cfg.score.scorer['name']} into {cfg.score.out} "
@@ -353,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--shard-size", type=int, default=1024, help="samples per shard (the unit of resuming)")
     p.add_argument("--model-dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default cpu)")
+    _add_placement(p)
     p.set_defaults(func=_cmd_cache_teacher)
     p = sub.add_parser("reference-cache", help="score preference data under a frozen reference/teacher model once, "
                                                "into a side file that dpo/dpkd training reads instead of the model")
@@ -366,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-length", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default cpu)")
+    _add_placement(p)
     p.set_defaults(func=_cmd_reference_cache)
     return parser
 

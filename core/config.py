@@ -39,6 +39,10 @@ class ModelConfig:
     cache: Optional[str] = None
     #: with ``cache``: the k the run expects (the manifest must agree)
     top_k: Optional[int] = None
+    #: the student: LoRA adapters instead of full training, {r, alpha, dropout, target_modules, train_head}
+    lora: Optional[Dict[str, Any]] = None
+    #: generate / score: spread a model bigger than one device, {gpu: 70GiB, cpu: 200GiB} (distillzoo.placement)
+    max_memory: Optional[Dict[str, Any]] = None
 
 
 @dataclass

@@ -7,10 +7,13 @@ from its own generator, seeded by the run's seed and the sample's id, so a
 sample's answer does not depend on the batch it lands in, nor on whether the run
 was interrupted and resumed.
 
-:func:`generate_file` writes one JSONL line per prompt, keyed by the sample id,
-appending a batch at a time (flushed and fsynced). Rerun on the same output, it
-skips the ids already there; a last line cut off mid-write is dropped first, so
-an interrupted run neither duplicates nor loses samples.
+:func:`generate_file` writes one JSONL line per prompt, keyed by the sample id:
+each process appends a batch at a time (flushed and fsynced) to its part of the
+output, and the parts are merged into it in prompt order at the end (see
+:mod:`distillzoo.parts`). Rerun on the same output, it skips the ids already
+there or in a part; a last line cut off mid-write is dropped first, so an
+interrupted run neither duplicates nor loses samples. Under ``torchrun`` each
+rank answers its share of the batches, and the output is the one process's.
 
 Records: ``responses`` mode writes the chat format (the prompt's messages plus
 the answer, which ``chat`` training reads directly); ``pairs`` mode writes the
@@ -20,20 +23,20 @@ preference format, the teacher's answer as ``chosen`` and the student's as
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .atomic import write_text_atomically
-from .causal_lm import check_vocab, model_from_config, require_model
+from .causal_lm import check_vocab, model_fingerprint, place_model, require_model
 from .data import read_records
 from .errors import DataError, ParameterError
+from .launch import Launch
+from .parts import PartedOutput
 from .tokenizer import QWEN_DEFAULT_SYSTEM, ChatTokenizer
 
 
@@ -214,34 +217,14 @@ def read_prompts(path: str | Path, format: str, columns: dict | None = None) -> 
     return prompts
 
 
-def finished_ids(out_path: Path) -> set[str]:
-    """Ids already in an output file; a last line without its newline (cut off mid-write) is removed."""
-    if not out_path.exists():
-        return set()
-    text = out_path.read_text(encoding="utf-8")
-    if text and not text.endswith("\n"):
-        text = text[:text.rfind("\n") + 1]
-        write_text_atomically(out_path, text)
-    ids = set()
-    for n, line in enumerate(text.split("\n")[:-1], 1):  # "\n" only: a reply may hold U+2028, which splitlines splits
-        try:
-            ids.add(str(json.loads(line)["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{out_path}:{n}: not a generated record (JSON with an 'id'); not appending to it") from None
-    return ids
-
-
-def _append(out_path: Path, records: list[dict]) -> None:
-    with out_path.open("a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def generate_file(models: dict, tokenizer: ChatTokenizer, data: str | Path, format: str, out: str | Path,
                   sampling: Sampling = Sampling(), *, mode: str = "responses", system: str | None = QWEN_DEFAULT_SYSTEM,
-                  batch_size: int = 16, progress: bool = True, columns: dict | None = None) -> dict:
-    """Answer every prompt of ``data`` not yet in ``out``.
+                  batch_size: int = 16, progress: bool = True, columns: dict | None = None,
+                  launch: Launch | None = None) -> dict:
+    """Answer every prompt of ``data`` not yet in ``out`` (or in a part of it: see :mod:`distillzoo.parts`).
+
+    Under torchrun (``launch``), each rank answers every ``world``-th batch and rank 0
+    writes ``out`` in the order of the prompts, as one process would.
 
     Returns ``{"written", "already_done", "empty", "total"}``; ``empty`` lists the ids
     whose answer (either answer, for pairs) was empty: they are not written, since
@@ -256,19 +239,24 @@ def generate_file(models: dict, tokenizer: ChatTokenizer, data: str | Path, form
         raise ParameterError(f"generate mode {mode!r} is not one of {list(names)}")
     if set(models) != set(names[mode]):
         raise ParameterError(f"generate mode {mode!r} needs models {list(names[mode])}, got {sorted(models)}")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    launch = launch or Launch()
+    output = PartedOutput(out, launch, identity={
+        "mode": mode, "models": {role: model_fingerprint(m) for role, m in models.items()},
+        "sampling": dataclasses.asdict(sampling), "system": system, "data": str(data), "format": format,
+        "columns": columns})
     prompts = read_prompts(data, format, columns)
-    done = finished_ids(out)
+    done = output.done()
     todo = [(i, m) for i, m in prompts if i not in done]
+    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
+    mine = launch.mine(len(batches))  # whole batches, dealt round-robin: each decoded as one process decodes it
     empty: list[str] = []
     bar = None
-    if progress:
+    if progress and launch.main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"distillzoo generate ({mode})")
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
+        bar = tqdm(total=sum(len(batches[b]) for b in mine), desc=f"distillzoo generate ({mode})")
+    for b in mine:
+        chunk = batches[b]
         ids = [i for i, _ in chunk]
         tokens = [tokenizer.encode_prompt(m, system) for _, m in chunk]
         answers = {role: decode(model, tokenizer, tokens, sampling, ids=ids, batch_size=batch_size)
@@ -287,11 +275,13 @@ def generate_file(models: dict, tokenizer: ChatTokenizer, data: str | Path, form
             else:
                 records.append({"id": sample_id, "prompt": messages, "chosen": texts["chosen"][k],
                                 "rejected": texts["rejected"][k], "finish_reason": finish})
-        _append(out, records)
+        output.append(records)
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
+    output.merge([i for i, _ in prompts])
+    empty = sorted((i for part in launch.gather(empty) for i in part), key={i: n for n, (i, _) in enumerate(prompts)}.get)
     return {"written": len(todo) - len(empty), "already_done": len(prompts) - len(todo), "empty": empty,
             "total": len(prompts)}
 
@@ -339,18 +329,19 @@ def validate_generate(cfg, where: str = "<config>") -> None:
 
 
 def generate_from_config(cfg, where: str = "<config>") -> dict:
-    """``distillzoo generate``: validate, load the models the mode needs, answer, append to ``generate.out``."""
+    """``distillzoo generate``: validate, load the models the mode needs, answer into ``generate.out`` (under
+    torchrun, every rank its share)."""
     from .tokenizer import load_tokenizer
 
     validate_generate(cfg, where)
     g = cfg.generate
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    launch = Launch.from_env()
     roles = {"chosen": "teacher", "rejected": "student"} if g.mode == "pairs" else {"responses": g.model}
-    models = {key: model_from_config(cfg[role], role).to(device).eval() for key, role in roles.items()}
+    models = {key: place_model(cfg[role], role, launch) for key, role in roles.items()}
     data = cfg.data
     tokenizer = load_tokenizer(data.tokenizer if data is not None else None)
     system = data.system if data is not None else QWEN_DEFAULT_SYSTEM
     return generate_file(models, tokenizer, g.prompts, g.format, g.out,
                          Sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, cfg.seed),
                          mode=g.mode, system=system, batch_size=g.batch_size, progress=g.progress,
-                         columns=None if g.columns is None else dict(g.columns))
+                         columns=None if g.columns is None else dict(g.columns), launch=launch)

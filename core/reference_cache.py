@@ -9,8 +9,11 @@ line per pair::
     {"id": "a1", "chosen": -12.25, "rejected": -20.5, "chosen_tokens": 9, "rejected_tokens": 14}
 
 The token counts let a run check that it tokenizes exactly as the cache's run
-did (same tokenizer, template, max_length). The file is written to a temporary
-name and renamed, so a crash never leaves a partial cache.
+did (same tokenizer, template, max_length). The pairs are appended to a part
+file a batch at a time (one part per rank under torchrun, each rank scoring every
+``world``-th batch), and the cache is written from the parts under a temporary
+name and renamed, so a crash never leaves a partial cache and a rerun scores only
+the pairs not yet in a part (see :mod:`distillzoo.parts`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_text_atomically
 from .errors import DataError
 
 FORMAT_VERSION = 1
@@ -83,28 +85,36 @@ class ReferenceCache:
 
 @torch.no_grad()
 def write_reference_cache(path: str | Path, model, dataset, *, batch_size: int = 8, model_name: str = "",
-                          device=None, fused: bool = True) -> ReferenceCache:
-    """Score every pair of ``dataset`` (a PreferenceDataset) under ``model`` and write the cache atomically."""
-    from .causal_lm import sequence_logps
+                          device=None, fused: bool = True, launch=None) -> ReferenceCache:
+    """Score every pair of ``dataset`` (a PreferenceDataset) under ``model`` and write the cache atomically
+    (resumable; under torchrun, ``launch``, each rank scores every ``world``-th batch)."""
+    from .causal_lm import model_fingerprint, sequence_logps
     from .data import collate_preference
+    from .launch import Launch
+    from .parts import PartedOutput
 
     path = Path(path)
+    launch = launch or Launch()
     device = device or next(model.parameters()).device
+    header = json.dumps({"distillzoo_reference_cache": FORMAT_VERSION, "model": model_name or type(model).__name__,
+                         "pairs": len(dataset)})
+    output = PartedOutput(path, launch, header=header, identity={
+        "model": model_name or type(model).__name__, "weights": model_fingerprint(model), "fused": fused,
+        "pairs": len(dataset)})
+    done = output.done()
+    todo = [i for i in range(len(dataset)) if dataset[i].id not in done]
+    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
     was_training = model.training
     model.eval()
-    lines = [json.dumps({"distillzoo_reference_cache": FORMAT_VERSION, "model": model_name or type(model).__name__,
-                         "pairs": len(dataset)})]
     try:
-        for start in range(0, len(dataset), batch_size):
-            examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = collate_preference(examples, dataset.tokenizer.pad_id).to(device)
+        for b in launch.mine(len(batches)):
+            batch = collate_preference([dataset[i] for i in batches[b]], dataset.tokenizer.pad_id).to(device)
             out = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.labels, fused=fused)
-            b = batch.n_pairs
+            n = batch.n_pairs
             logps, lengths = out.logps.double().cpu().tolist(), out.lengths.cpu().tolist()
-            for i, key in enumerate(batch.ids):
-                lines.append(json.dumps({"id": key, "chosen": logps[i], "rejected": logps[b + i],
-                                         "chosen_tokens": lengths[i], "rejected_tokens": lengths[b + i]}))
+            output.append([{"id": key, "chosen": logps[i], "rejected": logps[n + i], "chosen_tokens": lengths[i],
+                            "rejected_tokens": lengths[n + i]} for i, key in enumerate(batch.ids)])
     finally:
         model.train(was_training)
-    write_text_atomically(path, "\n".join(lines) + "\n")
+    output.merge([ex.id for ex in dataset])
     return ReferenceCache(path)

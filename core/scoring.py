@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .atomic import write_text_atomically
-from .causal_lm import check_vocab, final_hidden, lm_head_weight, model_from_config, require_model
+from .causal_lm import check_vocab, final_hidden, lm_head_weight, place_model, require_model
 from .data import IGNORE_INDEX, read_jsonl, read_records
 from .errors import ConfigError, DataError, DistillzooError, UnknownNameError, did_you_mean
 
@@ -104,22 +104,47 @@ def make_scorer(spec: dict, where: str = "score.scorer") -> Scorer:
 
 def score_samples(scorer: Scorer, path: str | Path, format: str, tokenizer, *, teacher=None, student=None,
                   system=None, max_length: int | None = None, batch_size: int = 8, progress: bool = False,
-                  columns: dict | None = None) -> dict[str, float]:
-    """``{sample id: score}`` for every record of an instruction file or dataset."""
+                  columns: dict | None = None, out: str | Path | None = None, launch=None) -> dict[str, float]:
+    """``{sample id: score}`` for every record of an instruction file or dataset.
+
+    With ``out``, the scores also go to that JSONL, resumably: each process appends a
+    batch at a time to its part, a rerun skips the ids already scored, and the parts
+    are merged into ``out`` in record order (:mod:`distillzoo.parts`). Under torchrun
+    (``launch``) each rank scores every ``world``-th batch, as one process batches them.
+    """
+    from .launch import Launch
+    from .parts import PartedOutput
     from .shards import ConversationDataset, collate_sft
 
+    launch = launch or Launch()
     dataset = ConversationDataset(path, format, tokenizer, max_length=max_length, system=system, columns=columns)
     conversations = {str(fields["id"]): fields["messages"] for _, fields in read_records(path, format, columns)}
+    duplicate = next((i for n, i in enumerate(dataset.ids) if i in dataset.ids[:n]), None)
+    if duplicate is not None:
+        raise DataError(f"{path}: sample id {duplicate!r} occurs more than once; scores are keyed by id")
+    output = None
+    if out is not None:
+        from .causal_lm import model_fingerprint
+
+        output = PartedOutput(out, launch, identity={
+            "scorer": {"name": scorer.name, **{k: v for k, v in vars(scorer).items() if not k.startswith("_")}},
+            "models": {role: model_fingerprint(m) for role, m in (("teacher", teacher), ("student", student))
+                       if m is not None},
+            "data": str(path), "format": format, "columns": columns, "system": system, "max_length": max_length})
+    done = output.done() if output is not None else set()
+    todo = [i for i, sample_id in enumerate(dataset.ids) if sample_id not in done]
+    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
+    mine = launch.mine(len(batches))
     models = [m for m in (teacher, student) if m is not None]
     device = next(models[0].parameters()).device if models else torch.device("cpu")
     scores: dict[str, float] = {}
     bar = None
-    if progress:
+    if progress and launch.main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(dataset), desc=f"distillzoo score ({scorer.name or type(scorer).__name__})")
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        bar = tqdm(total=sum(len(batches[b]) for b in mine), desc=f"distillzoo score ({scorer.name or type(scorer).__name__})")
+    for b in mine:
+        items = [dataset[i] for i in batches[b]]
         batch = collate_sft(items, tokenizer.pad_id)
         ids = [item["id"] for item in items]
         values = scorer.score(ScoreBatch(ids, [conversations[i] for i in ids], batch["input_ids"].to(device),
@@ -127,15 +152,18 @@ def score_samples(scorer: Scorer, path: str | Path, format: str, tokenizer, *, t
                                          student, tokenizer))
         if len(values) != len(ids):
             raise DistillzooError(f"scorer {scorer.name!r} returned {len(values)} scores for {len(ids)} samples")
-        for sample_id, value in zip(ids, values):
-            if sample_id in scores:
-                raise DataError(f"{path}: sample id {sample_id!r} occurs more than once; scores are keyed by id")
-            scores[sample_id] = float(value)
+        batch_scores = {sample_id: float(value) for sample_id, value in zip(ids, values)}
+        if output is not None:
+            output.append([{"id": i, "score": s} for i, s in batch_scores.items()])
+        scores.update(batch_scores)
         if bar is not None:
             bar.update(len(items))
     if bar is not None:
         bar.close()
-    return scores
+    if output is None:
+        return scores
+    output.merge(dataset.ids)
+    return read_scores(out)
 
 
 def write_scores(path: str | Path, scores: dict[str, float]) -> None:
@@ -237,18 +265,20 @@ def validate_score(cfg, where: str) -> None:
 
 
 def score_from_config(cfg, where: str = "<config>") -> dict[str, float]:
-    """``distillzoo score``: validate, load the models the scorer needs, score, write ``score.out``."""
+    """``distillzoo score``: validate, load the models the scorer needs, score into ``score.out`` (resumable;
+    under torchrun every rank scores its share)."""
     from .tokenizer import QWEN_DEFAULT_SYSTEM, load_tokenizer
+
+    from .launch import Launch
 
     validate_score(cfg, where)
     s = cfg.score
     scorer = make_scorer(dict(s.scorer))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models = {role: model_from_config(cfg[role], role).to(device).eval() for role in scorer.needs}
+    launch = Launch.from_env()
+    models = {role: place_model(cfg[role], role, launch) for role in scorer.needs}
     data = cfg.data
-    scores = score_samples(scorer, s.data, s.format, load_tokenizer(data.tokenizer if data is not None else None),
-                           system=data.system if data is not None else QWEN_DEFAULT_SYSTEM,
-                           max_length=data.max_length if data is not None else None, batch_size=s.batch_size,
-                           progress=s.progress, columns=None if s.columns is None else dict(s.columns), **models)
-    write_scores(s.out, scores)
-    return scores
+    return score_samples(scorer, s.data, s.format, load_tokenizer(data.tokenizer if data is not None else None),
+                         system=data.system if data is not None else QWEN_DEFAULT_SYSTEM,
+                         max_length=data.max_length if data is not None else None, batch_size=s.batch_size,
+                         progress=s.progress, columns=None if s.columns is None else dict(s.columns), out=s.out,
+                         launch=launch, **models)

@@ -80,12 +80,29 @@ def teacher_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature
     return torch.cat(ids), torch.cat(logprobs), torch.cat(tails)
 
 
+def _same_manifest(path: Path, manifest: dict) -> None:
+    old = json.loads(path.read_text(encoding="utf-8"))
+    if old != manifest:
+        diff = {key: (old.get(key), manifest[key]) for key in manifest if old.get(key) != manifest[key]}
+        raise DataError(f"{path.parent} holds a cache built differently ("
+                        + ", ".join(f"{key}: {a!r} there, {b!r} now" for key, (a, b) in diff.items())
+                        + "); remove it or write to another directory")
+
+
 def write_teacher_cache(out_dir: str | Path, teacher, dataset, *, k: int, temperature: float = 1.0,
                         dtype: str = "bfloat16", teacher_name: str, tokenizer_name: str, pad_id: int,
                         data_name: str = "", batch_size: int = 8, shard_size: int = 1024,
-                        progress: bool = True) -> "TeacherCache":
-    """Cache ``teacher``'s top-k over the response tokens of ``dataset`` (items with ``id``); resumable."""
+                        progress: bool = True, launch=None) -> "TeacherCache":
+    """Cache ``teacher``'s top-k over the response tokens of ``dataset`` (items with ``id``); resumable.
+
+    Under torchrun (``launch``) rank ``r`` writes every ``world``-th shard, each computed
+    as one process computes it, so the cache's bytes do not depend on the number of
+    ranks; a rerun after any rank died writes the missing shards only.
+    """
+    from .launch import Launch
     from .shards import collate_sft
+
+    launch = launch or Launch()
 
     if dtype not in DTYPES:
         raise ParameterError(f"cache dtype {dtype!r} is not one of {list(DTYPES)}")
@@ -108,25 +125,26 @@ def write_teacher_cache(out_dir: str | Path, teacher, dataset, *, k: int, temper
                 "temperature": float(temperature), "dtype": dtype, "tokenizer": tokenizer_name, "data": data_name,
                 "samples": len(ids), "shard_size": shard_size}
     manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        old = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if old != manifest:
-            diff = {key: (old.get(key), manifest[key]) for key in manifest if old.get(key) != manifest[key]}
-            raise DataError(f"{out} holds a cache built differently ({', '.join(f'{k_}: {a!r} there, {b!r} now' for k_, (a, b) in diff.items())}); "
-                            "remove it or write to another directory")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    sweep_temporaries(out, "shard-*")  # the shards a killed run was writing are written again below
+    if launch.main:  # the other ranks wait, so that none sweeps away a shard another is writing
+        if manifest_path.exists():
+            _same_manifest(manifest_path, manifest)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            write_text_atomically(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        sweep_temporaries(out, "shard-*")  # the shards a killed run was writing are written again below
+    launch.barrier()
+    _same_manifest(manifest_path, manifest)
     store = DTYPES[dtype]
     device = next(teacher.parameters()).device
-    shards = range(0, len(ids), shard_size)
+    starts = list(range(0, len(ids), shard_size))
+    mine = launch.mine(len(starts))
     bar = None
-    if progress:
+    if progress and launch.main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(ids), desc="distillzoo cache-teacher")
-    for n, start in enumerate(shards):
+        bar = tqdm(total=sum(min(shard_size, len(ids) - starts[n]) for n in mine), desc="distillzoo cache-teacher")
+    for n in mine:
+        start = starts[n]
         shard_dir = out / f"shard-{n:05d}"
         members = list(range(start, min(start + shard_size, len(ids))))
         if shard_dir.exists():
@@ -165,6 +183,7 @@ def write_teacher_cache(out_dir: str | Path, teacher, dataset, *, k: int, temper
         write_dir_atomically(shard_dir, write)
     if bar is not None:
         bar.close()
+    launch.barrier()
     return TeacherCache(out)
 
 

@@ -235,10 +235,43 @@ def test_bad_generate_configs_fail_before_any_model_is_loaded(tmp_path, monkeypa
 
 def test_a_reply_holding_a_line_separator_does_not_break_the_resume(tmp_path):
     """json.dumps(ensure_ascii=False) leaves U+2028 raw; str.splitlines would cut the record there."""
-    from distillzoo.generation import finished_ids
+    from distillzoo.parts import finished_ids
 
     out = tmp_path / "out.jsonl"
     out.write_text(json.dumps({"id": "a", "messages": [{"role": "assistant", "content": "x\u2028y"}]},
                               ensure_ascii=False) + "\n" + '{"id": "b", "mess', encoding="utf-8")
     assert finished_ids(out) == {"a"}
     assert out.read_text(encoding="utf-8").count("\n") == 1 and "\u2028" in out.read_text(encoding="utf-8")
+
+
+def test_parts_of_an_interrupted_run_are_resumed_only_with_the_same_model_and_sampling(tmp_path, tok, monkeypatch):
+    import distillzoo.generation as generation
+
+    data, out = prompt_file(tmp_path), tmp_path / "out.jsonl"
+    sampling = Sampling(max_new_tokens=4, temperature=0.7, seed=1)
+    real = generation.decode
+    calls = []
+
+    def dies_on_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a kill would: two batches are in the part, none in out.jsonl
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "decode", dies_on_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate_file({"responses": peaked(0)}, tok, data, "chat", out, sampling, system=None, batch_size=2,
+                      progress=False)
+    monkeypatch.setattr(generation, "decode", real)
+    assert not out.exists() and len(lines(tmp_path / "out.jsonl.part-0")) == 4
+    for model, other in ((peaked(1), sampling), (peaked(0), Sampling(max_new_tokens=4, temperature=0.7, seed=2))):
+        with pytest.raises(dz.DataError, match=r"out.jsonl: the parts out.jsonl.part-0 were written by an interrupted "
+                                               r"run with other settings \((models|sampling)"):
+            generate_file({"responses": model}, tok, data, "chat", out, other, system=None, progress=False)
+    report = generate_file({"responses": peaked(0)}, tok, data, "chat", out, sampling, system=None, batch_size=2,
+                           progress=False)
+    assert report["already_done"] == 4 and report["written"] == 4
+    whole = tmp_path / "whole.jsonl"
+    generate_file({"responses": peaked(0)}, tok, data, "chat", whole, sampling, system=None, progress=False)
+    assert out.read_bytes() == whole.read_bytes()  # finished as if never interrupted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "prompts.jsonl", "whole.jsonl"]

@@ -197,7 +197,16 @@ def test_failed_cache_write_leaves_the_old_file_untouched(tmp_path, tok, referen
     with pytest.raises(RuntimeError, match="simulated"):
         dz.write_reference_cache(target, Exploding(), data, batch_size=2)
     assert target.read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["p.jsonl", "ref.jsonl"]
+    # what the failed run did finish is kept, to be resumed, but only under the settings it was written with
+    assert sorted(os.listdir(tmp_path)) == ["p.jsonl", "ref.jsonl", "ref.jsonl.part-0", "ref.jsonl.parts.json"]
+    with pytest.raises(dz.DataError, match=r"ref.jsonl.part-0 were written by an interrupted run with other settings "
+                                           r"\(model.*'Exploding' there, 'Qwen2ForCausalLM' now"):
+        dz.write_reference_cache(target, reference_model, data, batch_size=2)
+    assert target.read_bytes() == before
+    for leftover in tmp_path.glob("ref.jsonl.part*"):
+        leftover.unlink()
+    dz.write_reference_cache(target, reference_model, data, batch_size=2)
+    assert target.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["p.jsonl", "ref.jsonl"]
 
 
 def make_hf_tokenizer(path, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>")):
@@ -245,5 +254,9 @@ def test_reference_cache_command_writes_what_the_python_api_writes(tmp_path, tok
 def test_reference_cache_command_errors(tmp_path, capsys):
     from distillzoo.cli import main
 
-    assert main(["reference-cache", str(tmp_path / "missing"), "x.jsonl", "--out", str(tmp_path / "c.jsonl")]) == 2
+    data = write_jsonl(tmp_path / "p.jsonl", RECORDS)
+    assert main(["reference-cache", str(tmp_path / "missing"), str(data), "--out", str(tmp_path / "c.jsonl")]) == 2
     assert "error: model " in capsys.readouterr().err and not (tmp_path / "c.jsonl").exists()
+    # the data is read before the model loads: a missing file is reported without loading anything
+    assert main(["reference-cache", str(tmp_path / "missing"), "x.jsonl", "--out", str(tmp_path / "c.jsonl")]) == 2
+    assert "error: data file 'x.jsonl' does not exist" in capsys.readouterr().err
