@@ -33,7 +33,7 @@ the objective's ``default_algorithm`` is used (``distill`` for logit objectives,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -75,6 +75,12 @@ class Run:
     ``student``, ``teacher`` and ``reference`` are the plain modules (not wrapped in
     DDP or FSDP2; ``prepare`` may set ``reference``). ``datasets`` are the training
     streams' datasets, then ``data.eval``'s when there is one.
+
+    Outside :meth:`Algorithm.loss`, run the models through ``run.call(fn)``: it
+    calls ``fn(models)`` (a :class:`Models`) inside the forward of the module the loop
+    wraps, as the loss is, so under FSDP2 the root unit (embeddings, final norms,
+    lm_heads) is gathered and each decoder layer gathers itself. That is how an
+    algorithm samples from the student in ``micro_batches``.
     """
 
     cfg: Any
@@ -88,6 +94,8 @@ class Run:
     teacher: torch.nn.Module | None = None
     reference: torch.nn.Module | None = None
     extra: dict = field(default_factory=dict)
+    #: ``call(fn)``: ``fn(models)`` inside the wrapped module's forward (set by the loop)
+    call: Callable[[Callable], Any] | None = None
 
     @property
     def seed(self) -> int:
@@ -246,7 +254,11 @@ class Models(torch.nn.Module):
         w = lm_head_weight(model)
         return w.to(torch.bfloat16) if self.bf16 else w
 
-    def forward(self, batch: MicroBatch, evaluate: bool = False) -> StepLoss:
+    def forward(self, batch: MicroBatch | None = None, evaluate: bool = False, call: Callable | None = None):
+        """The algorithm's loss of ``batch`` (``evaluate``: its held-out metrics); or ``call(self)`` (see
+        :attr:`Run.call`)."""
+        if call is not None:
+            return call(self)
         return (self.algorithm.eval_loss if evaluate else self.algorithm.loss)(self, batch)
 
     def frozen(self) -> list[str]:

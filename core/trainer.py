@@ -47,7 +47,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .algorithm import ROLES, Models, Run
 from .callbacks import Callbacks, build_callbacks
-from .causal_lm import check_vocab, model_from_config, model_given, parameter_count, require_model
+from . import lora
+from .causal_lm import check_vocab, model_from_config, model_given, parameter_count, require_model, ties_head
 from .config import algorithm_choice, objective_terms
 from .data import PreferenceDataset, format_records, formats_of
 from .errors import ConfigError, DistillzooError, NonFiniteError
@@ -129,8 +130,20 @@ def validate(cfg: DictConfig, where: str = "<config>", build_callbacks_too: bool
     for role in ("student", *ROLES):
         if model_given(cfg[role]):
             check_vocab(cfg, role, tokenizer_vocab, where)
+        if role != "student" and cfg[role] is not None and cfg[role].lora is not None:
+            raise ConfigError(f"{where}: {role}.lora: LoRA adapters are for the student this run trains; the "
+                              f"{role} is frozen")
+        if cfg[role] is not None and cfg[role].max_memory is not None:
+            raise ConfigError(f"{where}: {role}.max_memory: places a model for the inference commands (generate, "
+                              "score); to train with a model bigger than one device, shard it with train.parallel: "
+                              "fsdp under torchrun")
     t = cfg.train
     _check_values(cfg, where)
+    if cfg.student.lora is not None:
+        lora.check(cfg.student.lora, f"{where}: student.lora", ties_head(cfg.student))
+        if t.parallel == "fsdp":
+            raise ConfigError(f"{where}: train.parallel: a LoRA student trains under ddp (its adapters are small; "
+                              "the frozen base is replicated); fsdp is for students trained in full")
     for key, choices in (("precision", PRECISIONS), ("parallel", PARALLEL)):
         if t[key] not in choices:
             raise ConfigError(f"{where}: train.{key}: {t[key]!r} is not one of {list(choices)}")
@@ -278,8 +291,12 @@ def _loop(cfg: DictConfig, where: str, algorithm, enabled: list, run_dir: RunDir
 
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
     fsdp = distributed and t.parallel == "fsdp"
+    student = model_from_config(cfg.student, "student")
+    if cfg.student.lora is not None:
+        student = lora.apply(student, lora.check(cfg.student.lora, f"{where}: student.lora", ties_head(cfg.student)),
+                             cfg.seed)
     run = Run(cfg, where, tokenizer, device, rank, world, datasets + ([eval_set] if eval_set is not None else []),
-              student=model_from_config(cfg.student, "student").to(device).train())
+              student=student.to(device).train())
     for role in algorithm.roles(cfg):
         if model_given(cfg[role]):
             setattr(run, role, model_from_config(cfg[role], role).to(device).eval().requires_grad_(False))
@@ -293,7 +310,9 @@ def _loop(cfg: DictConfig, where: str, algorithm, enabled: list, run_dir: RunDir
         # teacher and reference are frozen and identical on every rank: neither broadcast nor reduced
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(models, models.frozen())
         step_of = torch.nn.parallel.DistributedDataParallel(models)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=not fsdp)
+    trainable = [p for p in student.parameters() if p.requires_grad]  # a LoRA student: its adapters
+    run.call = lambda fn: step_of(call=fn)  # the models used as the loss uses them: inside the wrapper's forward
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay, fused=not fsdp)
     step = 0
     resumed = run_dir.start(cfg, cfg.resume)  # the newest intact checkpoint of this same run, or a fresh start
     if resumed is not None:
@@ -464,15 +483,30 @@ def _full_model_state(student) -> dict:
     return get_model_state_dict(student, options=_state_options(cpu_offload=True))
 
 
+def _checkpoint_model_state(student) -> dict:
+    """What a checkpoint keeps of the student: its trainable parameters (all of them, or a LoRA student's
+    adapters), gathered on rank 0 and on the CPU. The frozen rest is rebuilt from the config on resume."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(student, options=_state_options(cpu_offload=True, ignore_frozen_params=True))
+    frozen = {name for name, p in student.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {key: value for key, value in state.items() if key not in frozen}  # a tied head is frozen too
+
+
 def _load_training_state(student, optimizer, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    set_model_state_dict(student, state["model"], options=_state_options())
+    frozen = any(not p.requires_grad for p in student.parameters())  # then the checkpoint holds the rest only
+    set_model_state_dict(student, state["model"], options=_state_options(strict=not frozen))
     set_optimizer_state_dict(student, optimizer, state["optimizer"], options=_state_options())
 
 
 def _save_pretrained(student, weights: dict | None, directory: Path) -> None:
-    """``save_pretrained`` of the student; of a fresh model holding the gathered ``weights`` if it is sharded."""
+    """``save_pretrained`` of the student; of a fresh model holding the gathered ``weights`` if it is sharded;
+    a LoRA student's merged model, with its adapter under ``adapter/``."""
+    if lora.is_lora(student):
+        lora.save(student, directory)
+        return
     if weights is not None:
         from transformers import AutoModelForCausalLM
 
@@ -490,7 +524,7 @@ def _save_checkpoint(run_dir: RunDir, step: int, student, optimizer, streams, al
         rng = gathered
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    model_state = _full_model_state(student)
+    model_state = _checkpoint_model_state(student)
     optimizer_state = get_optimizer_state_dict(student, optimizer, options=_state_options(cpu_offload=True))
     state = {"step": step, "model": model_state, "optimizer": optimizer_state,
              "data": streams.state_dict(), "algorithm": algorithm.state_dict(), "rng": rng}

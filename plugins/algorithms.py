@@ -79,9 +79,6 @@ class LogitDistillation(Algorithm):
             if self._cache_given(cfg):
                 raise ConfigError(f"{where}: train.on_policy: a teacher cache covers the data's responses only; the "
                                   "student's own samples need a live teacher (teacher.path or teacher.tiny)")
-            if t.parallel == "fsdp":
-                raise ConfigError(f"{where}: train.on_policy: sampling from an FSDP2-sharded student is not "
-                                  "supported yet; use train.parallel=ddp")
             try:
                 step_sampling(t.on_policy_max_new_tokens, t.on_policy_temperature, cfg.seed, 0)
             except DistillzooError as e:
@@ -102,7 +99,7 @@ class LogitDistillation(Algorithm):
         t = run.cfg.train
         if t.on_policy and on_policy_step(run.seed, step, t.on_policy):
             sampling = step_sampling(t.on_policy_max_new_tokens, t.on_policy_temperature, run.seed, step)
-            examples = student_samples(run.student, run.tokenizer, examples, sampling)
+            examples = run.call(lambda models: student_samples(models.student, run.tokenizer, examples, sampling))
         batches = instruction_batches(examples, size, run.tokenizer.pad_id, run.device)
         if self.cache is not None:
             from distillzoo.teacher_cache import token_fingerprint
@@ -337,9 +334,6 @@ class DPKDAlgorithm(PreferenceOptimisation):
         if section is not None and (model_given(section) or section.cache is not None):
             raise ConfigError(f"{where}: reference: algorithm 'dpkd' takes the teacher as the reference; remove the "
                               "reference section (or use algorithm 'preference' for another reference)")
-        if self.online and cfg.train.parallel == "fsdp":
-            raise ConfigError(f"{where}: algorithm.online: sampling from an FSDP2-sharded student is not supported "
-                              "yet; use train.parallel=ddp")
         self.source = "teacher"
 
     def micro_batches(self, run, examples, step, size):
@@ -350,7 +344,7 @@ class DPKDAlgorithm(PreferenceOptimisation):
     def online_pairs(self, run, examples: list[dict], step: int) -> list[PreferenceExample]:
         """Pairs of the records' replies (y_w) and the current student's samples (y_l) for the same prompts."""
         sampling = step_sampling(self.max_new_tokens, self.temperature, run.seed, step)
-        samples = student_samples(run.student, run.tokenizer, examples, sampling)
+        samples = run.call(lambda models: student_samples(models.student, run.tokenizer, examples, sampling))
         pairs = []
         for i, (ex, sample) in enumerate(zip(examples, samples)):
             prompt, chosen = split_last_reply(ex)

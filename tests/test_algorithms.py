@@ -253,9 +253,6 @@ def bad(change, objective="fkl", fmt="chat"):
      r"reference: algorithm.reference 'model' needs a reference section"),
     (bad(lambda c, p: c.update(reference={"cache": str(p / "nope.jsonl")}), "dpo", "preference"),
      r"reference.cache: reference cache '.*nope.jsonl' does not exist"),
-    (bad(lambda c, p: (c.update(algorithm={"name": "dpkd", "online": True}), c["train"].update(parallel="fsdp")),
-         "dpkd", "chat"),
-     r"algorithm.online: sampling from an FSDP2-sharded student is not supported yet"),
     # keys and sections that the chosen algorithm would not read
     (bad(lambda c, p: c["train"].update(on_policy=0.5), "dpkd", "preference"),
      r"train.on_policy: GKD's on-policy mixing is part of algorithm 'distill', not 'dpkd'; for student samples in "

@@ -1,6 +1,7 @@
 """On-policy mixing (GKD's lambda): with probability lambda a step trains on the student's own samples."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,7 +81,6 @@ def test_every_logit_objective_trains_on_policy(tmp_path, objective):
 
 @pytest.mark.parametrize("change, message", [
     (lambda c: c["train"].update(on_policy=1.5), r"train.on_policy: 1.5 is not a probability"),
-    (lambda c: c["train"].update(parallel="fsdp"), r"train.on_policy: sampling from an FSDP2-sharded student"),
     (lambda c: c["train"].update(on_policy_temperature=-1.0), r"train.on_policy_\*: temperature must be >= 0"),
     (lambda c: c.update(teacher={"cache": "/somewhere"}), r"a teacher cache covers the data's responses only"),
 ])
@@ -89,3 +89,31 @@ def test_bad_on_policy_configs(tmp_path, change, message):
     change(raw)
     with pytest.raises(dz.ConfigError, match=message):
         train(dz.load_config(raw))
+
+
+@pytest.mark.parametrize("algorithm", ["distill", "dpkd-online"])
+def test_sampling_under_fsdp2_follows_the_ddp_loss_curve(tmp_path, algorithm):
+    """Two gloo processes: the student samples every step (GKD's lambda = 1, or DPKD's online y_l) with its
+    root unit gathered; FSDP2 and DDP draw the same samples and so follow one loss curve."""
+    import subprocess
+    import sys
+
+    curves = {}
+    for parallel in ("ddp", "fsdp"):
+        (tmp_path / parallel).mkdir()
+        raw = config(tmp_path / parallel, steps=3)
+        if algorithm == "dpkd-online":
+            raw.update(objective={"name": "dpkd", "beta": 0.5},
+                       algorithm={"name": "dpkd", "online": True, "max_new_tokens": 3})
+            raw["train"]["on_policy"] = 0.0
+        raw["train"]["parallel"] = parallel
+        path = tmp_path / f"{parallel}.yaml"
+        path.write_text(json.dumps(raw))
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                               "distillzoo", "train", str(path)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-5000:]
+        curves[parallel] = [(r["loss"], r["tokens"]) for r in
+                            map(json.loads, (Path(raw["output_dir"]) / "metrics.jsonl").read_text().splitlines())]
+    assert len(curves["fsdp"]) == 3
+    assert [t for _, t in curves["fsdp"]] == [t for _, t in curves["ddp"]]  # the same samples, token for token
+    assert [v for v, _ in curves["fsdp"]] == pytest.approx([v for v, _ in curves["ddp"]], abs=1e-5)
