@@ -206,3 +206,24 @@ def register_objectives(register):
         "params": {{}}, "inputs": ["student_logits", "teacher_logits", "labels"], "paper": {{}},
     }})
 '''
+
+
+def train_killed_at_checkpoint(cfg_path, run_dir, step: int, timeout: float = 180) -> None:
+    """``distillzoo train CFG`` in a child process, SIGKILLed once its checkpoint of ``step`` is on disk (and
+    before it finished: asserted)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    child = subprocess.Popen([sys.executable, "-m", "distillzoo", "train", str(cfg_path)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not (run_dir / "checkpoints" / f"step-{step:08d}").exists():
+        assert child.poll() is None and time.time() < deadline, f"the child ended before its checkpoint of step {step}"
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (run_dir / "final").exists(), "the run finished before it was killed; nothing would be resumed"

@@ -2,10 +2,8 @@
 two gloo processes, and the configs refused before any model loads."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from safetensors.torch import load_file
 
 import distillzoo as dz
 from distillzoo.trainer import train
-from helpers import write_jsonl
+from helpers import train_killed_at_checkpoint, write_jsonl
 
 peft = pytest.importorskip("peft")
 
@@ -116,15 +114,7 @@ def test_a_killed_lora_run_resumes_to_the_uninterrupted_adapters_from_adapter_on
     path = tmp_path / "killed.yaml"
     path.write_text(json.dumps(raw))
     run = Path(raw["output_dir"])
-    child = subprocess.Popen([sys.executable, "-m", "distillzoo", "train", str(path)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (run / "checkpoints" / "step-00000006").exists():
-        assert child.poll() is None and time.time() < deadline, "the child ended before its second checkpoint"
-        time.sleep(0.01)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert not (run / "final").exists(), "the run finished before it was killed"
+    train_killed_at_checkpoint(path, run, 6)
     state = torch.load(run / "checkpoints" / "step-00000006" / "state.pt", weights_only=False)
     assert state["model"] and all("lora_" in key for key in state["model"])  # the frozen base is not stored
     resumed = train(dz.load_config(path))

@@ -3,10 +3,8 @@
 import copy
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from distillzoo.generation import Sampling, decode
 from distillzoo.shards import ConversationDataset
 from distillzoo.streams import MixedStreams, Stream
 from distillzoo.trainer import train
-from helpers import write_jsonl
+from helpers import train_killed_at_checkpoint, write_jsonl
 
 STUDENT = {"hidden_size": 32, "num_layers": 1, "seed": 0}
 REFERENCE = {"hidden_size": 32, "num_layers": 1, "seed": 7}
@@ -250,15 +248,7 @@ def sigkill_then_resume(tmp_path, raw, steps=12, every=3):
     cfg_path = tmp_path / "killed.yaml"
     cfg_path.write_text(json.dumps(raw))
     run = Path(raw["output_dir"])
-    child = subprocess.Popen([sys.executable, "-m", "distillzoo", "train", str(cfg_path)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while not (run / "checkpoints" / f"step-{every:08d}").exists():
-        assert child.poll() is None and time.time() < deadline, "the child ended before its first checkpoint"
-        time.sleep(0.02)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert not (run / "final").exists(), "the run finished before it was killed; nothing was resumed"
+    train_killed_at_checkpoint(cfg_path, run, every)
     resumed = train(dz.load_config(cfg_path))
     assert [r["step"] for r in metrics(run)] == list(range(1, steps + 1))
     a = load_file(straight.output_dir / "final" / "model.safetensors")

@@ -1,10 +1,8 @@
 """distillzoo train: config checks before any model loads, accumulation, exact resume after SIGKILL, DDP."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ from safetensors.torch import load_file
 
 import distillzoo as dz
 from distillzoo.trainer import train
-from helpers import write_jsonl
+from helpers import train_killed_at_checkpoint, write_jsonl
 
 
 def arithmetic(n_a=10):
@@ -86,15 +84,7 @@ def test_sigkill_then_resume_auto_reaches_the_uninterrupted_weights(tmp_path):
     cfg_path = tmp_path / "killed.yaml"
     cfg_path.write_text(json.dumps(raw))  # JSON is YAML
     run = Path(raw["output_dir"])
-    child = subprocess.Popen([sys.executable, "-m", "distillzoo", "train", str(cfg_path)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (run / "checkpoints" / "step-00000003").exists():
-        assert child.poll() is None and time.time() < deadline, "the child ended before its first checkpoint"
-        time.sleep(0.02)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert not (run / "final").exists(), "the run finished before it was killed; nothing was resumed"
+    train_killed_at_checkpoint(cfg_path, run, 3)
     resumed = train(dz.load_config(cfg_path))
     assert [r["step"] for r in metrics(run)] == list(range(1, 13))
     a = load_file(straight.output_dir / "final" / "model.safetensors")
