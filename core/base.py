@@ -33,12 +33,14 @@ from torch import Tensor
 
 from .errors import NonFiniteError, ParameterError
 from .kernels import backend as kernel_backend
+from .kernels import columns
 from .kernels import vocab_chunked
 from .kernels.backend import auto_chunk_rows
 
 REDUCTIONS = ("mean", "sum", "none")
 # fp32 [vocab] rows live at once per token of a chunk on the torch path (logits of both
-# models, log-probs, gradient); the chunk budget itself is kernel_backend.DEFAULT_CHUNK_BYTES.
+# models, log-probs, gradient); the chunk budget itself is kernel_backend.DEFAULT_CHUNK_BYTES
+# (DEFAULT_CPU_CHUNK_BYTES for the CPU's column path, which sizes by LogitObjective.columns_buffers).
 _TEMPORARIES_PER_ROW = 8
 
 
@@ -242,6 +244,26 @@ class LogitObjective(Objective):
                 grad.add_(d_student, alpha=grad_scale)
         return loss.detach()
 
+    #: fp32 ``[V, c]`` buffers :meth:`columns_loss_and_grad` holds at once; the CPU fused path sizes its
+    #: chunks from it (the default's copies and whole-row autograd hold about eight)
+    columns_buffers: ClassVar[int] = 8
+
+    def columns_loss_and_grad(self, student: Tensor, teacher: Tensor | None, labels: Tensor,
+                              want_grad: bool) -> tuple[Tensor, Tensor | None]:
+        """The CPU fused path's form of :meth:`loss_and_grad`, on logits in the transposed layout.
+
+        ``student`` and ``teacher`` are ``[V, c]``: one column per token (the layout in which
+        a CPU computes the lm_head GEMM fastest, see :mod:`distillzoo.kernels.columns`), fp32
+        (float64 for float64 inputs), over the compared vocab. They belong to the caller
+        and may be overwritten. Returns the per-token loss ``[c]`` (tau^2 included) and, with
+        ``want_grad``, ``d(sum of the loss)/d(student)`` as ``[V, c]`` (it may be one of the
+        two buffers). The default goes through :meth:`loss_and_grad` on the rows.
+        """
+        rows = student.T.contiguous()
+        grad = torch.zeros_like(rows) if want_grad else None
+        loss = self.loss_and_grad(rows, None if teacher is None else teacher.T.contiguous(), labels, grad)
+        return loss, None if grad is None else grad.T
+
     # ------------------------------------------------------------------ shared machinery
     def shared_vocab(self, student_vocab: int, teacher_vocab: int | None = None) -> int:
         """The number of leading vocab entries the divergence is taken over."""
@@ -293,8 +315,8 @@ class LogitObjective(Objective):
                 from Hs); or a :class:`SparseTeacher` with teacher_weight None; or None
                 for objectives that need no teacher.
             labels: ``[...]`` matching the hidden states' leading dims.
-            chunk_size: tokens per chunk; default from a 1 GiB budget
-                (``DISTILLZOO_CHUNK_BYTES`` overrides) for the fp32 [chunk, V] temporaries.
+            chunk_size: tokens per chunk; default from a budget (1 GiB on CUDA, 128 MiB on CPU;
+                ``DISTILLZOO_CHUNK_BYTES`` overrides) for the fp32 [chunk, V] temporaries.
 
         Gradients flow to the student hidden states and weight; the teacher is treated
         as constant. With ``mean``/``sum`` the gradients are computed chunk by chunk in
@@ -316,31 +338,30 @@ class LogitObjective(Objective):
         teacher_vocab = teacher_weight.shape[0] if isinstance(teacher, Tensor) else None
         vocab, teacher = self._compared_vocab(student_weight.shape[0], teacher, teacher_vocab)
         hs = student_hidden.reshape(-1, student_hidden.shape[-1])
-        ws = student_weight[:vocab]
-        if isinstance(teacher, Tensor):
-            wt = teacher_weight[:vocab].detach()
-
-            def teacher_rows(rows: Tensor) -> Tensor:
-                return teacher[rows] @ wt.T
-        elif teacher is None:
-            def teacher_rows(rows: Tensor) -> None:
-                return None
-        else:
-            def teacher_rows(rows: Tensor) -> SparseTeacher:
-                return teacher.select(rows)
+        # a slice of the whole weight would cost a [V, H] zero-fill and copy in its backward (and a clone
+        # of dW where autograd cannot hand the buffer over): slice only when the vocab is cut
+        ws = student_weight if vocab == student_weight.shape[0] else student_weight[:vocab]
+        wt = teacher_weight[:vocab].detach() if isinstance(teacher, Tensor) else None
         valid = self._valid_rows(labels, vocab)
-        per_entry = 4 * _TEMPORARIES_PER_ROW
-        if kernel_backend.backend_for(hs) == "triton":
-            per_entry = 2 * hs.element_size() + 4  # the chunk's two logits and (at most fp32) gradient
-        chunk = chunk_size or auto_chunk_rows(vocab, bytes_per_entry=per_entry)
+        backend = kernel_backend.backend_for(hs)
+        if backend == "torch" and not isinstance(teacher, SparseTeacher):
+            chunks = _ColumnChunks(self, hs, ws, teacher, wt, labels)
+            itemsize = vocab_chunked.compute_dtype(hs.dtype).itemsize
+            chunk = chunk_size or auto_chunk_rows(vocab, bytes_per_entry=itemsize * self.columns_buffers, cpu=True)
+        else:
+            chunks = _RowChunks(self, hs, ws, teacher, wt, labels)
+            per_entry = 4 * _TEMPORARIES_PER_ROW
+            if backend == "triton":
+                per_entry = 2 * hs.element_size() + 4  # the chunk's two logits and (at most fp32) gradient
+            chunk = chunk_size or auto_chunk_rows(vocab, bytes_per_entry=per_entry)
         if chunk < 1:
             raise ParameterError(f"from_hidden: chunk_size must be >= 1, got {chunk}")
         if self.reduction == "none":
-            per_token = _FusedLinearPerToken.apply(self, hs, ws, teacher_rows, labels, valid, chunk)
+            per_token = _FusedLinearPerToken.apply(chunks, hs, ws, valid, chunk)
             return self._reduce(per_token, valid, labels.numel(), lead)
         scale = 1.0 / max(valid.numel(), 1) if self.reduction == "mean" else 1.0
         need_grad = torch.is_grad_enabled() and (hs.requires_grad or ws.requires_grad)
-        return _FusedLinearLoss.apply(self, hs, ws, teacher_rows, labels, valid, chunk, scale, need_grad)
+        return _FusedLinearLoss.apply(chunks, hs, ws, valid, chunk, scale, need_grad)
 
     def _teacher(self, teacher, what: str, against: str, reference: Tensor):
         """The teacher flattened to rows: [N, Vt] detached, a flat SparseTeacher, or None."""
@@ -457,6 +478,15 @@ class PointwiseDivergence(LogitObjective):
             return student_logits.dtype
         return super().grad_dtype(student_logits, teacher)
 
+    columns_buffers: ClassVar[int] = 3  # the student's logits, the teacher's, and a block's temporaries
+
+    def columns_loss_and_grad(self, student, teacher, labels, want_grad):
+        loss, grad = columns.pointwise(self.pointwise, student, teacher, self.temperature, want_grad)
+        scale = self.loss_scale
+        if grad is not None and scale != 1.0:
+            grad.mul_(scale)
+        return loss * scale, grad
+
     def loss_and_grad(self, student_logits: Tensor, teacher: "Tensor | SparseTeacher", labels: Tensor,
                       grad: Tensor | None = None, grad_scale: float = 1.0) -> Tensor:
         scale = self.loss_scale
@@ -526,6 +556,26 @@ class Mixture(LogitObjective):
                 self._sums[i] = self._sums[i] + part.sum()
             total = weight * part if total is None else total + weight * part
         return total
+
+    @property
+    def columns_buffers(self) -> int:
+        """The caller's two buffers, a copy for every term but the last, the gradient's sum, a block's temporaries."""
+        return 2 + sum(1 + t.needs_teacher for t in list(self.terms)[:-1]) + 2
+
+    def columns_loss_and_grad(self, student, teacher, labels, want_grad):
+        total = grad = None
+        last = len(self.terms) - 1
+        for i, (weight, term) in enumerate(zip(self.weights, self.terms)):
+            # each term overwrites what it is given: the last one takes the caller's buffers, the others copies
+            s = student if i == last else student.clone()
+            t = None if not term.needs_teacher else teacher if i == last else teacher.clone()
+            part, g = term.columns_loss_and_grad(s, t, labels, want_grad)
+            if i < len(self._sums):
+                self._sums[i] = self._sums[i] + part.sum()
+            total = weight * part if total is None else total + weight * part
+            if g is not None:
+                grad = g.mul_(weight) if grad is None else grad.add_(g, alpha=weight)
+        return total, grad
 
     def forward(self, student_logits, teacher_logits=None, labels=None):
         return self._recording(labels, super().forward, student_logits, teacher_logits, labels)
@@ -626,7 +676,11 @@ def _check_teacher(objective, teacher, rows) -> None:
     """
     if not isinstance(teacher, Tensor):
         return  # none, or a SparseTeacher (checked by SparseTeacher.validate)
-    top = teacher.amax(-1)  # NaN propagates; +inf stays; -inf only if the whole row is
+    _check_teacher_top(objective, teacher.amax(-1), rows)  # NaN propagates; +inf stays; -inf only if the whole row is
+
+
+def _check_teacher_top(objective, top: Tensor, rows) -> None:
+    """:func:`_check_teacher` given each row's max."""
     bad = ~torch.isfinite(top)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
@@ -636,47 +690,86 @@ def _check_teacher(objective, teacher, rows) -> None:
                              f"{what}; a teacher must give a distribution on every scored token", row)
 
 
-def _chunk_grads(objective, hs, ws, teacher_rows, labels, rows, dtype, want_grad):
-    """Loss ``[c]`` of one chunk of rows and, if wanted, d(sum)/d(student logits) ``[c, V]``.
+class _RowChunks:
+    """A chunk's logits as ``[c, V]`` rows through :meth:`LogitObjective.loss_and_grad`: the Triton kernels
+    (CUDA), the reference, and sparse (top-k) teachers. The gradient is in the objective's
+    :meth:`~LogitObjective.grad_dtype` (fp32, or the logits' dtype where a Triton kernel rounds once at the store)."""
 
-    The gradient is in the objective's :meth:`~LogitObjective.grad_dtype` (fp32, or
-    the logits' dtype where a Triton kernel rounds once at the store).
-    """
-    logits = hs[rows] @ ws.T
-    teacher = teacher_rows(rows)
-    _check_teacher(objective, teacher, rows)
-    grad = None
-    if want_grad:
-        grad = torch.zeros(logits.shape, dtype=objective.grad_dtype(logits, teacher), device=logits.device)
-    return objective.loss_and_grad(logits, teacher, labels[rows], grad), grad
+    def __init__(self, objective, hs, ws, teacher, wt, labels) -> None:
+        self.objective, self.hs, self.ws, self.teacher, self.wt, self.labels = objective, hs, ws, teacher, wt, labels
+
+    def loss_and_grad(self, rows: Tensor, want_grad: bool):
+        logits = self.hs[rows] @ self.ws.T
+        teacher = self.teacher
+        if isinstance(teacher, Tensor):
+            teacher = teacher[rows] @ self.wt.T
+        elif isinstance(teacher, SparseTeacher):
+            teacher = teacher.select(rows)
+        _check_teacher(self.objective, teacher, rows)
+        grad = None
+        if want_grad:
+            grad = torch.zeros(logits.shape, dtype=self.objective.grad_dtype(logits, teacher), device=logits.device)
+        return self.objective.loss_and_grad(logits, teacher, self.labels[rows], grad), grad
+
+    def release(self) -> None:
+        """Frees what one pass over the chunks kept between them (nothing here)."""
+
+    def add_grads(self, grad, rows, grad_h, grad_w) -> None:
+        if grad_h is not None:
+            grad_h.index_add_(0, rows, (grad.to(self.ws.dtype) @ self.ws).to(self.hs.dtype))
+        if grad_w is not None:
+            kernel_backend.accumulate_weight_grad(grad_w, grad, self.hs[rows])
 
 
-def _apply_chunk_grads(grad, rows, hs, ws, grad_h, grad_w):
-    if grad_h is not None:
-        grad_h.index_add_(0, rows, (grad.to(ws.dtype) @ ws).to(hs.dtype))
-    if grad_w is not None:
-        kernel_backend.accumulate_weight_grad(grad_w, grad, hs[rows])
+class _ColumnChunks(_RowChunks):
+    """The CPU path: a chunk's logits as ``[V, c]`` columns (``W @ h.T``, the faster GEMM there), through
+    :meth:`LogitObjective.columns_loss_and_grad`, which transforms them in place
+    (:mod:`distillzoo.kernels.columns`); the gradient comes back over one of the buffers."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.workspace = columns.Workspace()
+
+    def loss_and_grad(self, rows: Tensor, want_grad: bool):
+        logits = self.workspace.logits(0, self.ws, self.hs[rows])
+        teacher = None
+        if self.teacher is not None:
+            teacher = self.workspace.logits(1, self.wt, self.teacher[rows])
+            _check_teacher_top(self.objective, columns.column_max(teacher), rows)
+        return self.objective.columns_loss_and_grad(logits, teacher, self.labels[rows], want_grad)
+
+    def release(self) -> None:
+        self.workspace.release()
+
+    def add_grads(self, grad, rows, grad_h, grad_w) -> None:
+        if grad_h is not None:
+            grad_h.index_add_(0, rows, (self.ws.T.to(grad.dtype) @ grad).T.to(self.hs.dtype))
+        if grad_w is not None:
+            h = self.hs[rows]
+            grad_w.addmm_(grad.to(grad_w.dtype), h.to(grad_w.dtype))
 
 
 class _FusedLinearLoss(torch.autograd.Function):
     """Chunked lm_head + loss (mean/sum) whose gradients are computed during the forward pass.
 
-    Per chunk of valid rows: logits = h @ W.T (and the teacher's), the loss and
-    d(logits) through ``objective.loss_and_grad``, then dX = dZ @ W and
-    dW += dZ.T @ h in fp32. Peak extra memory is O(chunk x V).
+    Per chunk of valid rows (``chunks``: :class:`_RowChunks` or :class:`_ColumnChunks`):
+    the student's and the teacher's logits, the loss and d(logits), then dX = dZ W and
+    dW += dZ^T h in fp32. Peak extra memory is O(chunk x V).
     """
 
     @staticmethod
-    def forward(ctx, objective, hs, ws, teacher_rows, labels, valid, chunk, scale, need_grad):
+    def forward(ctx, chunks, hs, ws, valid, chunk, scale, need_grad):
         dtype = vocab_chunked.compute_dtype(hs.dtype)
         grad_h, grad_w = kernel_backend.grad_buffers(hs, ws, need_grad and hs.requires_grad, need_grad and ws.requires_grad)
         want = grad_h is not None or grad_w is not None
         total = torch.zeros((), dtype=dtype, device=hs.device)
         for rows in valid.split(chunk):
-            loss, grad = _chunk_grads(objective, hs, ws, teacher_rows, labels, rows, dtype, want)
+            loss, grad = chunks.loss_and_grad(rows, want)
             total += loss.sum()
             if want:
-                _apply_chunk_grads(grad, rows, hs, ws, grad_h, grad_w)
+                chunks.add_grads(grad, rows, grad_h, grad_w)
+            del grad
+        chunks.release()
         if grad_h is not None and scale != 1.0:
             grad_h.mul_(scale)
         if grad_w is not None:
@@ -690,45 +783,49 @@ class _FusedLinearLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_h, grad_w = ctx.grads
         del ctx.grads
-        if grad_h is not None:
-            grad_h = grad_h * grad_output
-        if grad_w is not None:
-            grad_w = grad_w * grad_output
-        return None, grad_h, grad_w, None, None, None, None, None, None
+        if not bool(grad_output == 1):  # the buffers are ours alone: scaled in place, not copied
+            grad_h = None if grad_h is None else grad_h.mul_(grad_output)
+            grad_w = None if grad_w is None else grad_w.mul_(grad_output)
+        return None, grad_h, grad_w, None, None, None, None
 
 
 class _FusedLinearPerToken(torch.autograd.Function):
     """Chunked lm_head + per-token loss (reduction none): the backward pass recomputes each chunk.
 
     The forward pass keeps no [chunk, V] tensor; the backward pass redoes each
-    chunk's logits and gradient, scales its rows by their incoming gradients and
+    chunk's logits and gradient, scales its tokens by their incoming gradients and
     accumulates dX and dW (fp32) as :class:`_FusedLinearLoss` does.
     """
 
     @staticmethod
-    def forward(ctx, objective, hs, ws, teacher_rows, labels, valid, chunk):
+    def forward(ctx, chunks, hs, ws, valid, chunk):
         dtype = vocab_chunked.compute_dtype(hs.dtype)
-        parts = [_chunk_grads(objective, hs, ws, teacher_rows, labels, rows, dtype, False)[0] for rows in valid.split(chunk)]
-        ctx.objective, ctx.teacher_rows, ctx.chunk = objective, teacher_rows, chunk
-        ctx.save_for_backward(hs, ws, labels, valid)
+        parts = [chunks.loss_and_grad(rows, False)[0] for rows in valid.split(chunk)]
+        chunks.release()  # the backward pass is a new pass: no workspace is held in between
+        ctx.chunks, ctx.chunk = chunks, chunk
+        ctx.save_for_backward(valid)
         return torch.cat(parts) if parts else hs.new_zeros(0, dtype=dtype)
 
     @staticmethod
     def backward(ctx, grad_per_token):
-        hs, ws, labels, valid = ctx.saved_tensors
+        (valid,) = ctx.saved_tensors
+        chunks = ctx.chunks
         need_h, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        grad_h, grad_w = kernel_backend.grad_buffers(hs, ws, need_h, need_w)
-        dtype = vocab_chunked.compute_dtype(hs.dtype)
+        grad_h, grad_w = kernel_backend.grad_buffers(chunks.hs, chunks.ws, need_h, need_w)
         start = 0
         for rows in valid.split(ctx.chunk):
             with torch.no_grad():
-                _, grad = _chunk_grads(ctx.objective, hs, ws, ctx.teacher_rows, labels, rows, dtype, True)
-            grad.mul_(grad_per_token[start:start + rows.numel(), None].to(dtype))
-            start += rows.numel()
-            _apply_chunk_grads(grad, rows, hs, ws, grad_h, grad_w)
+                _, grad = chunks.loss_and_grad(rows, True)
+            k = rows.numel()
+            scale = grad_per_token[start:start + k].to(grad.dtype)
+            grad.mul_(scale[None, :] if isinstance(chunks, _ColumnChunks) else scale[:, None])
+            start += k
+            chunks.add_grads(grad, rows, grad_h, grad_w)
+            del grad
+        chunks.release()
         if grad_w is not None:
-            grad_w = grad_w.to(ws.dtype)
-        return None, grad_h, grad_w, None, None, None, None
+            grad_w = grad_w.to(chunks.ws.dtype)
+        return None, grad_h, grad_w, None, None
 
 
 def _check_lead(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:

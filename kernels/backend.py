@@ -25,6 +25,10 @@ BACKENDS = ("triton", "torch", "reference")
 # Budget for the [chunk, vocab] temporaries of one token chunk (fused paths, row blocks).
 # Overridable per call (chunk_size=) or by the environment (DISTILLZOO_CHUNK_BYTES).
 DEFAULT_CHUNK_BYTES = 1 << 30
+# The CPU path's budget: its [V, c] buffers are transformed in place, so chunks of 70 to 200 tokens at
+# Qwen's vocab already keep the GEMMs at full speed, and the weight gradient stays the main cost in
+# memory (bench/README: fused fkl at about 11% of the naive path's peak).
+DEFAULT_CPU_CHUNK_BYTES = 128 << 20
 ENV = "DISTILLZOO_BACKEND"
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -113,13 +117,14 @@ def accumulate_weight_grad(grad_w: Tensor, dz: Tensor, h: Tensor) -> None:
     grad_w.addmm_(dz.T.to(grad_w.dtype), h.to(grad_w.dtype))
 
 
-def auto_chunk_rows(vocab: int, budget_bytes: int | None = None, bytes_per_entry: int = 32) -> int:
+def auto_chunk_rows(vocab: int, budget_bytes: int | None = None, bytes_per_entry: int = 32, cpu: bool = False) -> int:
     """Tokens per fused chunk (or row block) so that the [chunk, vocab] temporaries fit the budget.
 
     ``bytes_per_entry``: bytes held per (token, vocab entry) at once; the torch path
     keeps about eight fp32 values, the Triton path two logits and one gradient.
     """
-    budget = budget_bytes or int(os.environ.get("DISTILLZOO_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+    default = DEFAULT_CPU_CHUNK_BYTES if cpu else DEFAULT_CHUNK_BYTES
+    budget = budget_bytes or int(os.environ.get("DISTILLZOO_CHUNK_BYTES", default))
     rows = budget // (vocab * bytes_per_entry)
     return max(8, rows - rows % 8)
 

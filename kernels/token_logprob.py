@@ -24,7 +24,7 @@ from torch import Tensor
 
 from distillzoo.errors import ParameterError
 
-from . import vocab_chunked
+from . import columns, vocab_chunked
 from .backend import accumulate_weight_grad, auto_chunk_rows, backend_for, grad_buffers
 
 # ---------------------------------------------------------------- row functions, three backends
@@ -134,6 +134,55 @@ class _TokenLogProbs(torch.autograd.Function):
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
 
 
+class _ColumnTokenLogProbs(torch.autograd.Function):
+    """The CPU path: each chunk's logits as ``[V, c]`` columns (``W @ h.T``, see :mod:`.columns`), the entropy
+    only when asked for; the backward pass recomputes each chunk's logits and overwrites them with the gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, valid, chunk, with_entropy):
+        dtype = vocab_chunked.compute_dtype(hidden.dtype)
+        logprob = torch.zeros(hidden.shape[0], dtype=dtype, device=hidden.device)
+        entropy = torch.zeros_like(logprob) if with_entropy else logprob.new_zeros(0)
+        stats = torch.zeros(2, valid.numel(), dtype=dtype, device=hidden.device)
+        start = 0
+        workspace = columns.Workspace()
+        for rows in valid.split(chunk):
+            logits = workspace.logits(0, weight, hidden[rows])
+            lp, h, m, log_d = columns.label_logprobs(logits, labels[rows], with_entropy)
+            logprob[rows] = lp
+            if with_entropy:
+                entropy[rows] = h
+            stats[0, start:start + rows.numel()], stats[1, start:start + rows.numel()] = m, log_d
+            start += rows.numel()
+        ctx.chunk, ctx.with_entropy = chunk, with_entropy
+        ctx.save_for_backward(hidden, weight, labels, valid, stats, entropy)
+        return logprob, entropy
+
+    @staticmethod
+    def backward(ctx, g_logprob, g_entropy):
+        hidden, weight, labels, valid, stats, entropy = ctx.saved_tensors
+        grad_h, grad_w = grad_buffers(hidden, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        dtype = stats.dtype
+        g_logprob = torch.zeros(hidden.shape[0], dtype=dtype, device=hidden.device) if g_logprob is None \
+            else g_logprob.to(dtype)
+        use_entropy = ctx.with_entropy and g_entropy is not None
+        start = 0
+        workspace = columns.Workspace()
+        for rows in valid.split(ctx.chunk):
+            k = rows.numel()
+            logits = workspace.logits(0, weight, hidden[rows])
+            grad = columns.label_logprobs_grad_(logits, labels[rows], stats[0, start:start + k],
+                                                stats[1, start:start + k], g_logprob[rows],
+                                                entropy[rows] if use_entropy else None,
+                                                g_entropy[rows].to(dtype) if use_entropy else None)
+            start += k
+            if grad_h is not None:
+                grad_h[rows] = (weight.T.to(dtype) @ grad).T.to(hidden.dtype)
+            if grad_w is not None:
+                grad_w.addmm_(grad.to(grad_w.dtype), hidden[rows].to(grad_w.dtype))
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+
+
 def token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, ignore_index: int = -100,
                    with_entropy: bool = False, chunk_size: int | None = None):
     """Per-token ``log softmax(hidden @ weight.T)[label]`` ``[...]`` (0 where ignored); with entropy if asked.
@@ -141,8 +190,8 @@ def token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, ignore_ind
     Args:
         hidden: ``[..., H]`` final hidden states; weight: ``[V, H]`` lm_head (no bias).
         labels: ``[...]`` int target ids in ``[0, V)`` or ``ignore_index``.
-        chunk_size: tokens per chunk (default: a 1 GiB budget for the chunk's logits;
-            DISTILLZOO_CHUNK_BYTES overrides it, as for from_hidden).
+        chunk_size: tokens per chunk (default: a budget for the chunk's logits, 1 GiB on CUDA and
+            128 MiB on CPU; DISTILLZOO_CHUNK_BYTES overrides it, as for from_hidden).
     Returns:
         ``logprobs`` (fp32; float64 for float64 inputs), or ``(logprobs, entropy)``.
     """
@@ -163,8 +212,18 @@ def token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, ignore_ind
         bad = picked[(picked < 0) | (picked >= vocab)][0].item()
         raise ParameterError(f"token_logprobs: label {bad} is outside the vocab [0, {vocab}); positions without "
                              "a target must hold ignore_index")
-    chunk = _chunk_rows(vocab, hidden.element_size(), chunk_size)
-    logprob, entropy = _TokenLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat, valid, chunk)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    if backend_for(hidden) == "torch":
+        # one [V, c] buffer is live (the elementwise work runs on small row blocks of it): c about 270 at
+        # Qwen's vocab, where the recomputed GEMMs run at full speed
+        chunk = chunk_size or auto_chunk_rows(vocab, bytes_per_entry=vocab_chunked.compute_dtype(hidden.dtype).itemsize,
+                                              cpu=True)
+        if chunk < 1:
+            raise ParameterError(f"token_logprobs: chunk_size must be >= 1, got {chunk}")
+        logprob, entropy = _ColumnTokenLogProbs.apply(flat_hidden, weight, flat, valid, chunk, with_entropy)
+    else:
+        chunk = _chunk_rows(vocab, hidden.element_size(), chunk_size)
+        logprob, entropy = _TokenLogProbs.apply(flat_hidden, weight, flat, valid, chunk)
     if with_entropy:
         return logprob.view(lead), entropy.view(lead)
     return logprob.view(lead)

@@ -44,6 +44,18 @@ class CrossEntropy(LogitObjective):
             return student_logits.dtype  # the kernel rounds once at the store
         return super().grad_dtype(student_logits, teacher)
 
+    columns_buffers = 2  # the student's logits and a block's temporaries
+
+    def columns_loss_and_grad(self, student, teacher, labels, want_grad):
+        from distillzoo.kernels import columns
+
+        _check_labels(self.name, labels, student.shape[0])
+        loss, grad = columns.cross_entropy(student, labels.long(), self.temperature, self.label_smoothing, want_grad)
+        scale = self.loss_scale
+        if grad is not None and scale != 1.0:
+            grad.mul_(scale)
+        return loss * scale, grad
+
     def loss_and_grad(self, student_logits, teacher, labels, grad=None, grad_scale=1.0):
         _check_labels(self.name, labels, student_logits.shape[-1])
         scale = self.loss_scale
