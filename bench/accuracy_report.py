@@ -4,8 +4,10 @@
 
 Dense: worst loss and gradient relative error over the cases of
 tests/test_divergences.py (CASES). Sparse: k = 32 against the float64 bucket
-reference of tests/test_sparse_teacher.py. The tests assert bounds on these; this
-prints the measured values.
+reference of tests/test_sparse_teacher.py. From hidden: the fused ``from_hidden`` path
+and ``token_logprobs`` in fp32 (on CPU the column path of kernels/columns.py) against
+the same computation in float64 by the reference backend, at V = 151,936. The tests
+assert bounds on these; this prints the measured values.
 """
 
 import os
@@ -62,6 +64,41 @@ def sparse(k=32, vocab=151_936):
         print(f"| {name} | {abs(loss.item() / expected.item() - 1):.1e} | {rel_err(s.grad, s64.grad):.1e} |")
 
 
+def from_hidden(n=64, hs=64, ht=96, vocab=151_936):
+    """fp32 fused head (this machine's backend) against float64 through the reference backend."""
+    from distillzoo.kernels.token_logprob import token_logprobs
+
+    print(f"\n| from_hidden (N={n}, V={vocab}) | loss rel. error | dX rel. L2 error | dW rel. L2 error |\n|---|---|---|---|")
+    g = torch.Generator().manual_seed(5)
+    h, w = torch.randn(n, hs, generator=g), torch.randn(vocab, hs, generator=g) / hs**0.5 * 3
+    h_t, w_t = torch.randn(n, ht, generator=g), torch.randn(vocab, ht, generator=g) / ht**0.5 * 3
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[::7] = -100
+
+    def run(name, dtype, backend):
+        old = os.environ.get("DISTILLZOO_BACKEND")
+        os.environ["DISTILLZOO_BACKEND"] = backend
+        try:
+            hh, ww = h.to(dtype).detach().requires_grad_(True), w.to(dtype).detach().requires_grad_(True)
+            if name == "token_logprobs":
+                loss = token_logprobs(hh, ww, labels).sum()
+            else:
+                loss = dz.objective(name, **PARAMS.get(name, {})).from_hidden(hh, ww, h_t.to(dtype), w_t.to(dtype),
+                                                                              labels)
+            loss.backward()
+            return loss.item(), hh.grad, ww.grad
+        finally:
+            os.environ.pop("DISTILLZOO_BACKEND") if old is None else os.environ.__setitem__("DISTILLZOO_BACKEND", old)
+
+    from distillzoo.kernels.backend import backend_for
+
+    for name in ["fkl", "rkl", "jsd", "tvd", "ce", "token_logprobs"]:
+        loss, dx, dw = run(name, torch.float32, backend_for(h))
+        loss64, dx64, dw64 = run(name, torch.float64, "reference")
+        print(f"| {name} | {abs(loss / loss64 - 1):.1e} | {rel_err(dx, dx64):.1e} | {rel_err(dw, dw64):.1e} |")
+
+
 if __name__ == "__main__":
     dense()
     sparse()
+    from_hidden()

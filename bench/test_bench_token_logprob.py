@@ -2,8 +2,11 @@
 
 Providers: ``naive-torch`` (materialised logits, log_softmax, gather);
 ``distillzoo-torch`` / ``distillzoo-triton`` (``distillzoo.kernels.token_logprobs``
-with the backend forced); torch's own ``F.linear_cross_entropy`` (per-token,
-negated) where this torch has it; Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss``
+with the backend forced); ``distillzoo-ce-sum``, the ce objective's
+``from_hidden`` (a scalar loss, the operation ``F.linear_cross_entropy`` performs,
+so its gradients are computed in the forward pass: three GEMMs where a per-token
+output needs four, the logits being recomputed once its gradient is known); torch's
+own ``F.linear_cross_entropy`` (sum, negated) where this torch has it; Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss``
 (mean only) where installed. Fraction of the limit: the three lm_head matmuls
 (logits, dX, dW) at full size, measured in the same run, over the provider's time.
 """
@@ -14,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import distillzoo as dz
 from common import CUDA, DEVICE, DTYPE, PeakMemory, device_name, forced_backend, sync, timed
 from distillzoo.kernels.token_logprob import token_logprobs
 
@@ -35,6 +39,10 @@ def distillzoo(backend):
     return run
 
 
+def distillzoo_ce(h, w, labels):
+    return -dz.objective("ce", reduction="sum").from_hidden(h, w, labels=labels)
+
+
 def torch_linear_ce(h, w, labels):
     return -F.linear_cross_entropy(h, w, labels, reduction="sum")
 
@@ -53,7 +61,8 @@ def matmul_bound(h, w):
     return timed(lambda: h @ w.T, reps) + timed(lambda: z @ w, reps) + timed(lambda: z.T @ h, reps)
 
 
-PROVIDERS = {"naive-torch": lambda: naive, "distillzoo-torch": lambda: distillzoo("torch")}
+PROVIDERS = {"naive-torch": lambda: naive, "distillzoo-torch": lambda: distillzoo("torch"),
+             "distillzoo-ce-sum": lambda: distillzoo_ce}
 if CUDA:
     PROVIDERS["distillzoo-triton"] = lambda: distillzoo("triton")
 if hasattr(F, "linear_cross_entropy"):
