@@ -209,6 +209,16 @@ class LogitObjective(Objective):
         """
         return vocab_chunked.compute_dtype(student_logits.dtype)
 
+    def overwrites_grad(self, student_logits: Tensor, teacher: "Tensor | SparseTeacher | None") -> bool:
+        """Whether ``loss_and_grad(..., overwrite=True)`` writes every entry of ``grad`` for these inputs.
+
+        Where it does, the fused path hands it an uninitialised buffer: no zero fill, and a
+        kernel writes each entry once instead of reading and adding. The built-in Triton
+        kernels do; the default (and any objective that does not override this) adds into
+        a zeroed buffer.
+        """
+        return False
+
     def loss_and_grad(self, student_logits: Tensor, teacher: "Tensor | SparseTeacher | None", labels: Tensor,
                       grad: Tensor | None = None, grad_scale: float = 1.0) -> Tensor:
         """Per-token loss ``[r]`` (tau^2 included) of a block of valid rows; optionally its gradient.
@@ -487,18 +497,25 @@ class PointwiseDivergence(LogitObjective):
             grad.mul_(scale)
         return loss * scale, grad
 
+    def overwrites_grad(self, student_logits, teacher):
+        # a subclass with its own loss_and_grad keeps the adding contract it was written for
+        own = type(self).loss_and_grad is PointwiseDivergence.loss_and_grad
+        return own and self._backend(student_logits, teacher) == "triton"
+
     def loss_and_grad(self, student_logits: Tensor, teacher: "Tensor | SparseTeacher", labels: Tensor,
-                      grad: Tensor | None = None, grad_scale: float = 1.0) -> Tensor:
+                      grad: Tensor | None = None, grad_scale: float = 1.0, overwrite: bool = False) -> Tensor:
         scale = self.loss_scale
         backend = self._backend(student_logits, teacher)
-        if backend == "reference":
-            return super().loss_and_grad(student_logits, teacher, labels, grad, grad_scale)
         if backend == "triton":
             kernels = kernel_backend.kernel_module("divergence")
             weight = float(getattr(self, self.triton_weight)) if self.triton_weight else 0.0
             loss = kernels.loss_and_grad(self._kernel_kind(), student_logits, teacher, self.temperature, grad,
-                                         grad_scale * scale, weight)
+                                         grad_scale * scale, weight, accumulate=not overwrite)
             return loss * scale
+        if overwrite and grad is not None:
+            grad.zero_()  # the other paths add
+        if backend == "reference":
+            return super().loss_and_grad(student_logits, teacher, labels, grad, grad_scale)
         if isinstance(teacher, SparseTeacher):
             loss = vocab_chunked.sparse_pointwise_loss_and_grad(
                 self.pointwise, student_logits, teacher.ids, teacher.logprobs, teacher.tail_logprob,
@@ -547,11 +564,17 @@ class Mixture(LogitObjective):
         self.term_losses: dict[str, Tensor] = {}
         self._sums: list[Tensor | float] = []
 
-    def loss_and_grad(self, student_logits, teacher, labels, grad=None, grad_scale=1.0):
+    def overwrites_grad(self, student_logits, teacher):
+        first = self.terms[0]
+        return first.overwrites_grad(student_logits, teacher if first.needs_teacher else None)
+
+    def loss_and_grad(self, student_logits, teacher, labels, grad=None, grad_scale=1.0, overwrite=False):
         total = None
         for i, (weight, term) in enumerate(zip(self.weights, self.terms)):
+            # the first term writes the buffer where it can (overwrite), the others add into it
+            first_writes = {"overwrite": True} if overwrite and i == 0 else {}
             part = term.loss_and_grad(student_logits, teacher if term.needs_teacher else None, labels,
-                                      grad, grad_scale * weight)
+                                      grad, grad_scale * weight, **first_writes)
             if i < len(self._sums):
                 self._sums[i] = self._sums[i] + part.sum()
             total = weight * part if total is None else total + weight * part
@@ -706,9 +729,13 @@ class _RowChunks:
         elif isinstance(teacher, SparseTeacher):
             teacher = teacher.select(rows)
         _check_teacher(self.objective, teacher, rows)
-        grad = None
-        if want_grad:
-            grad = torch.zeros(logits.shape, dtype=self.objective.grad_dtype(logits, teacher), device=logits.device)
+        if not want_grad:
+            return self.objective.loss_and_grad(logits, teacher, self.labels[rows]), None
+        dtype = self.objective.grad_dtype(logits, teacher)
+        if self.objective.overwrites_grad(logits, teacher):  # every entry written: no zero fill
+            grad = torch.empty(logits.shape, dtype=dtype, device=logits.device)
+            return self.objective.loss_and_grad(logits, teacher, self.labels[rows], grad, overwrite=True), grad
+        grad = torch.zeros(logits.shape, dtype=dtype, device=logits.device)
         return self.objective.loss_and_grad(logits, teacher, self.labels[rows], grad), grad
 
     def release(self) -> None:

@@ -4,7 +4,8 @@ One program per row of ``[rows, V]`` logits walks the vocab in tiles:
 
 1. online softmax statistics of student and teacher (one read of each);
 2. the loss ``sum_v f(log p_v, log q_v)`` and ``sum_v G_v`` with ``G = df/dlog q``;
-3. the gradient ``dD/dz_v = (G_v - q_v sum G) / tau``, added into the caller's buffer.
+3. the gradient ``dD/dz_v = (G_v - q_v sum G) / tau``, added into the caller's buffer, or written
+   over it (``accumulate=False``: no zero fill, no read).
 
 fkl skips pass 2 when a gradient is wanted: ``sum G = -sum p = -1``, and its loss is
 summed in pass 3. Arithmetic is fp32 whatever the input dtype (fp32/bf16/fp16); the
@@ -26,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .backend import block_size, launch_grid_device, unit_stride
-from .triton_common import add_store, logaddexp, row_softmax_stats, tile_log_probs
+from .triton_common import grad_store, logaddexp, row_softmax_stats, tile_log_probs
 
 KINDS = {"fkl": 0, "rkl": 1, "jsd": 2, "skl": 3, "srkl": 4, "tvd": 5}
 
@@ -75,7 +76,7 @@ def _pointwise(lp, lq, c_a, c_b, w, KIND: tl.constexpr):
 def _divergence_kernel(s_ptr, s_stride, t_ptr, t_stride, g_ptr, g_stride, loss_ptr,
                        V, inv_tau, grad_scale, c_a, c_b, w,
                        KIND: tl.constexpr, LOSS_PASS: tl.constexpr, GRAD_PASS: tl.constexpr,
-                       SUM_G: tl.constexpr, BLOCK: tl.constexpr):
+                       SUM_G: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
@@ -106,7 +107,7 @@ def _divergence_kernel(s_ptr, s_stride, t_ptr, t_stride, g_ptr, g_stride, loss_p
             f, g = _pointwise(lp, lq, c_a, c_b, w, KIND)
             if not LOSS_PASS:
                 loss += tl.where(mask, f, 0.0)
-            add_store(g_row, cols, mask, coef * (g - tl.exp(lq) * sum_g))
+            grad_store(g_row, cols, mask, coef * (g - tl.exp(lq) * sum_g), ACCUMULATE)
     tl.store(loss_ptr + row, tl.sum(loss, axis=0))
 
 
@@ -119,8 +120,9 @@ def _mixture_constants(kind: str, weight: float) -> tuple[float, float, float]:
 
 
 def loss_and_grad(kind: str, student: Tensor, teacher: Tensor, tau: float, grad: Tensor | None = None,
-                  grad_scale: float = 1.0, weight: float = 0.0) -> Tensor:
-    """Per-row divergence ``[rows]`` (fp32) of ``[rows, V]`` logits; adds ``grad_scale * dD/dz_s`` into ``grad``.
+                  grad_scale: float = 1.0, weight: float = 0.0, accumulate: bool = True) -> Tensor:
+    """Per-row divergence ``[rows]`` (fp32) of ``[rows, V]`` logits; adds ``grad_scale * dD/dz_s`` into ``grad``
+    (``accumulate=False``: writes it over every entry of ``grad``, which may hold anything).
 
     ``kind`` is one of :data:`KINDS`; ``weight`` is jsd's beta or skl/srkl's alpha.
     Rows of student, teacher and grad may have any stride (views of wider tensors).
@@ -143,5 +145,5 @@ def loss_and_grad(kind: str, student: Tensor, teacher: Tensor, tau: float, grad:
             grad if has_grad else loss, grad.stride(0) if has_grad else 0, loss,
             vocab, 1.0 / tau, float(grad_scale), c_a, c_b, w,
             KIND=KINDS[kind], LOSS_PASS=not fkl_shortcut, GRAD_PASS=has_grad,
-            SUM_G=-1.0 if fkl_shortcut else 0.0, BLOCK=block_size(vocab), num_warps=8)
+            SUM_G=-1.0 if fkl_shortcut else 0.0, ACCUMULATE=accumulate, BLOCK=block_size(vocab), num_warps=8)
     return loss

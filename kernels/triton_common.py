@@ -51,3 +51,16 @@ def add_store(row_ptr, cols, mask, value):
     """row[cols] += value, accumulated in fp32 and rounded once to the buffer's dtype."""
     old = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(row_ptr + cols, (old + value).to(row_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def grad_store(row_ptr, cols, mask, value, ACCUMULATE: tl.constexpr):
+    """The gradient of one tile: added into the buffer (ACCUMULATE), else written over it, never read.
+
+    Written over, the caller's buffer needs no zero fill and costs one write per entry
+    instead of a read and a write; a mixture's first term writes, the others add.
+    """
+    if ACCUMULATE:
+        add_store(row_ptr, cols, mask, value)
+    else:
+        tl.store(row_ptr + cols, value.to(row_ptr.dtype.element_ty), mask=mask)

@@ -120,6 +120,55 @@ def test_zero_rows_launch_nothing():
     assert ce.loss_and_grad(empty, torch.zeros(0, dtype=torch.long, device=DEVICE), 1.0).shape == (0,)
 
 
+@pytest.mark.parametrize("vocab", [5000, QWEN_VOCAB], ids=["tiles", "qwen-vocab"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_written_gradient_equals_one_added_into_zeros(vocab, dtype):
+    """accumulate=False writes every entry of a buffer holding anything (NaN here), never reading it: the
+    same bits as adding into zeros, for every divergence kind and cross-entropy."""
+    g = torch.Generator().manual_seed(11)
+    rows = 3 if vocab == QWEN_VOCAB else 5
+    student = (torch.randn(rows, vocab, generator=g) * 3).to(dtype).to(DEVICE)
+    teacher = (torch.randn(rows, vocab, generator=g) * 3).to(dtype).to(DEVICE)
+    labels = torch.randint(0, vocab, (rows,), generator=g).to(DEVICE)
+    kinds = DIVERGENCES if vocab != QWEN_VOCAB else ["fkl", "jsd"]
+    ce = kernel_backend.kernel_module("cross_entropy")
+    for name in kinds + ["ce"]:
+        added = torch.zeros(rows, vocab, dtype=dtype, device=DEVICE)
+        written = torch.full((rows, vocab), float("nan"), dtype=dtype, device=DEVICE)
+        if name == "ce":
+            loss_a = ce.loss_and_grad(student, labels, 1.5, 0.1, added, 0.7)
+            loss_w = ce.loss_and_grad(student, labels, 1.5, 0.1, written, 0.7, accumulate=False)
+        else:
+            args = (name, student, teacher, 1.5)
+            loss_a = divergence_kernel().loss_and_grad(*args, added, 0.7, WEIGHT.get(name, 0.0))
+            loss_w = divergence_kernel().loss_and_grad(*args, written, 0.7, WEIGHT.get(name, 0.0), accumulate=False)
+        assert torch.equal(loss_a, loss_w), name
+        assert torch.equal(added, written), name
+        assert bool(added.abs().sum() > 0), name
+
+
+def test_only_the_first_mixture_term_writes_and_plugins_keep_adding(triton_backend):
+    g = torch.Generator().manual_seed(12)
+    student, teacher = torch.randn(4, 700, generator=g).to(DEVICE), torch.randn(4, 700, generator=g).to(DEVICE)
+    labels = torch.randint(0, 700, (4,), generator=g).to(DEVICE)
+    mix = dz.Mixture([(0.3, dz.objective("ce")), (0.7, dz.objective("fkl")), (0.2, dz.objective("tvd"))])
+    assert mix.overwrites_grad(student, teacher)
+    added = torch.zeros(4, 700, device=DEVICE)
+    written = torch.full((4, 700), float("nan"), device=DEVICE)
+    mix.loss_and_grad(student, teacher, labels, added)
+    mix.loss_and_grad(student, teacher, labels, written, overwrite=True)
+    torch.testing.assert_close(written, added, rtol=0, atol=0)
+
+    class OwnLoop(dz.objective("fkl").__class__):  # a plugin's own loss_and_grad, written to add
+        name = "own_loop"
+
+        def loss_and_grad(self, student_logits, teacher, labels, grad=None, grad_scale=1.0):
+            return super().loss_and_grad(student_logits, teacher, labels, grad, grad_scale)
+
+    assert not OwnLoop().overwrites_grad(student, teacher)
+    assert not dz.Mixture([(1.0, OwnLoop()), (1.0, dz.objective("fkl"))]).overwrites_grad(student, teacher)
+
+
 # ---------------------------------------------------------------- every objective through the API
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", OBJECTIVES)
