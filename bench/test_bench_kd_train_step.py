@@ -194,7 +194,7 @@ def test_kd_train_step(benchmark, provider, shape, tmp_path):
     memory.start()
     step(examples)
     peak = memory.peak_mib()
-    benchmark.pedantic(lambda: step(examples), rounds=5 if CUDA else 3, iterations=1)
+    benchmark.pedantic(lambda: step(examples), rounds=5, iterations=1)
     del student, step
 
     curve = loss_curve(provider, shape, tmp_path / "curve")

@@ -790,7 +790,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         grad_h, grad_w = kernel_backend.grad_buffers(hs, ws, need_grad and hs.requires_grad, need_grad and ws.requires_grad)
         want = grad_h is not None or grad_w is not None
         total = torch.zeros((), dtype=dtype, device=hs.device)
-        for rows in valid.split(chunk):
+        for rows in kernel_backend.balanced_chunks(valid, chunk):
             loss, grad = chunks.loss_and_grad(rows, want)
             total += loss.sum()
             if want:
@@ -827,7 +827,7 @@ class _FusedLinearPerToken(torch.autograd.Function):
     @staticmethod
     def forward(ctx, chunks, hs, ws, valid, chunk):
         dtype = vocab_chunked.compute_dtype(hs.dtype)
-        parts = [chunks.loss_and_grad(rows, False)[0] for rows in valid.split(chunk)]
+        parts = [chunks.loss_and_grad(rows, False)[0] for rows in kernel_backend.balanced_chunks(valid, chunk)]
         chunks.release()  # the backward pass is a new pass: no workspace is held in between
         ctx.chunks, ctx.chunk = chunks, chunk
         ctx.save_for_backward(valid)
@@ -840,7 +840,7 @@ class _FusedLinearPerToken(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grad_h, grad_w = kernel_backend.grad_buffers(chunks.hs, chunks.ws, need_h, need_w)
         start = 0
-        for rows in valid.split(ctx.chunk):
+        for rows in kernel_backend.balanced_chunks(valid, ctx.chunk):
             with torch.no_grad():
                 _, grad = chunks.loss_and_grad(rows, True)
             k = rows.numel()

@@ -117,6 +117,18 @@ def accumulate_weight_grad(grad_w: Tensor, dz: Tensor, h: Tensor) -> None:
     grad_w.addmm_(dz.T.to(grad_w.dtype), h.to(grad_w.dtype))
 
 
+def balanced_chunks(rows: Tensor, chunk: int) -> tuple[Tensor, ...]:
+    """``rows`` in the fewest pieces of at most ``chunk``, their sizes within one of each other.
+
+    Not ``rows.split(chunk)``: its last piece can be a few tokens, and a GEMM that narrow
+    takes other BLAS kernels, which round differently (MKL, under 16 columns). Even pieces
+    keep every token's logits the same bits however the tokens are grouped, e.g. one
+    process against two DDP ranks, and spare the short, slow GEMM.
+    """
+    n = rows.numel()
+    return rows.tensor_split(-(-n // chunk)) if n else ()
+
+
 def auto_chunk_rows(vocab: int, budget_bytes: int | None = None, bytes_per_entry: int = 32, cpu: bool = False) -> int:
     """Tokens per fused chunk (or row block) so that the [chunk, vocab] temporaries fit the budget.
 

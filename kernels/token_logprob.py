@@ -25,7 +25,7 @@ from torch import Tensor
 from distillzoo.errors import ParameterError
 
 from . import columns, vocab_chunked
-from .backend import accumulate_weight_grad, auto_chunk_rows, backend_for, grad_buffers
+from .backend import accumulate_weight_grad, auto_chunk_rows, backend_for, balanced_chunks, grad_buffers
 
 # ---------------------------------------------------------------- row functions, three backends
 def _rows_torch(logits: Tensor, labels: Tensor):
@@ -102,7 +102,7 @@ class _TokenLogProbs(torch.autograd.Function):
         entropy = torch.zeros_like(logprob)
         stats = torch.zeros(2, valid.numel(), dtype=dtype, device=hidden.device)
         start = 0
-        for rows in valid.split(chunk):
+        for rows in balanced_chunks(valid, chunk):
             logits = hidden[rows] @ weight.T
             lp, h, m, log_d = row_logprobs(logits, labels[rows])
             logprob[rows], entropy[rows] = lp.to(dtype), h.to(dtype)
@@ -121,7 +121,7 @@ class _TokenLogProbs(torch.autograd.Function):
         g_logprob = torch.zeros_like(entropy) if g_logprob is None else g_logprob.to(dtype)
         g_entropy = torch.zeros_like(entropy) if g_entropy is None else g_entropy.to(dtype)
         start = 0
-        for rows in valid.split(ctx.chunk):
+        for rows in balanced_chunks(valid, ctx.chunk):
             k = rows.numel()
             logits = hidden[rows] @ weight.T
             row_grad(logits, labels[rows], stats[0, start:start + k], stats[1, start:start + k], entropy[rows],
@@ -146,7 +146,7 @@ class _ColumnTokenLogProbs(torch.autograd.Function):
         stats = torch.zeros(2, valid.numel(), dtype=dtype, device=hidden.device)
         start = 0
         workspace = columns.Workspace()
-        for rows in valid.split(chunk):
+        for rows in balanced_chunks(valid, chunk):
             logits = workspace.logits(0, weight, hidden[rows])
             lp, h, m, log_d = columns.label_logprobs(logits, labels[rows], with_entropy)
             logprob[rows] = lp
@@ -168,7 +168,7 @@ class _ColumnTokenLogProbs(torch.autograd.Function):
         use_entropy = ctx.with_entropy and g_entropy is not None
         start = 0
         workspace = columns.Workspace()
-        for rows in valid.split(ctx.chunk):
+        for rows in balanced_chunks(valid, ctx.chunk):
             k = rows.numel()
             logits = workspace.logits(0, weight, hidden[rows])
             grad = columns.label_logprobs_grad_(logits, labels[rows], stats[0, start:start + k],

@@ -103,6 +103,26 @@ def reference_loss(name, student_logits, teacher_logits, labels, *, tau=1.0, voc
     return out
 
 
+def assert_trained_alike(a: dict, b: dict, lr: float, atol: float = 1e-5, share: float = 0.01) -> None:
+    """Two state dicts trained by Adam on the same batches through differently grouped fp32 sums.
+
+    The CPU head reduces each token's logits over vocab blocks whose summation order
+    follows the chunk's width, and dW over chunks that differ between one process and
+    two ranks (or a dense and a sparse teacher): rounding-level differences. Adam's step
+    is about ``lr`` whatever the gradient's size, so for a weight whose gradient is
+    itself at the rounding level (a vocab row no token touches) they become visible.
+    So: every weight within 5% of ``lr``, and all but ``share`` of all weights within ``atol``.
+    A wrong batch, teacher or reduction moves most weights by about ``lr``.
+    """
+    assert a.keys() == b.keys()
+    beyond = total = 0
+    for key in a:
+        diff = (b[key].double() - a[key].double()).abs()
+        assert float(diff.max()) <= 0.05 * lr, f"{key}: max |diff| {float(diff.max()):.3g} > 5% of lr {lr}"
+        beyond, total = beyond + int((diff > atol).sum()), total + diff.numel()
+    assert beyond <= share * total, f"{beyond} of {total} weights differ by more than {atol}"
+
+
 def write_jsonl(path, records):
     """Records (dicts, or raw strings for malformed lines) as a JSONL file; returns the path."""
     import json

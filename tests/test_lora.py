@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import distillzoo as dz
 from distillzoo.trainer import train
-from helpers import train_killed_at_checkpoint, write_jsonl
+from helpers import assert_trained_alike, train_killed_at_checkpoint, write_jsonl
 
 peft = pytest.importorskip("peft")
 
@@ -85,8 +85,8 @@ def test_training_equals_peft_s_own_model_trained_by_a_hand_loop(tmp_path, tok):
     mine = adapters(result.output_dir)
     theirs = {k: v for k, v in student.state_dict().items() if "lora_" in k}
     assert len(mine) == len(theirs) == 2 * 2 * len(LORA["target_modules"])  # A and B, per target, per layer
-    for key, value in theirs.items():
-        torch.testing.assert_close(mine[key.replace(".default", "")], value, rtol=0, atol=1e-4)  # Adam amplifies 1e-7
+    # Adam amplifies rounding where a gradient is near 0 (whole-batch logits there, the CPU's column path here)
+    assert_trained_alike({k.replace(".default", ""): v for k, v in theirs.items()}, mine, lr=2e-2, atol=1e-4)
 
 
 def test_the_merged_model_loads_and_gives_the_logits_of_base_plus_adapter(tmp_path):
@@ -137,9 +137,7 @@ def test_two_gloo_processes_follow_the_one_process_lora_run(tmp_path):
     assert done.returncode == 0, done.stderr[-5000:]
     assert [r["loss"] for r in metrics(raw["output_dir"])] == pytest.approx([r["loss"] for r in
                                                                              metrics(one.output_dir)], abs=1e-6)
-    a, b = adapters(one.output_dir), adapters(raw["output_dir"])
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+    assert_trained_alike(adapters(one.output_dir), adapters(raw["output_dir"]), lr=2e-2)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -16,7 +16,7 @@ from distillzoo.causal_lm import load_causal_lm, tiny_qwen2
 from distillzoo.shards import ConversationDataset
 from distillzoo.teacher_cache import TeacherCache, teacher_topk, write_teacher_cache
 from distillzoo.trainer import train
-from helpers import write_jsonl
+from helpers import assert_trained_alike, write_jsonl
 
 V = 151_936
 
@@ -87,9 +87,10 @@ def test_training_from_a_full_vocab_cache_equals_training_with_the_live_teacher(
     live = train(dz.load_config(config(root, path=str(root / "teacher"))))
     cached = train(dz.load_config(config(root, cache=str(root / "full"), top_k=V)))
     assert losses(cached) == pytest.approx(losses(live), rel=1e-5)
-    a, b = weights(live), weights(cached)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+    # the live teacher takes the CPU's column path and the cache the sparse row path: the same fp32 sums in
+    # other orders (measured: 1 weight of 2048 beyond 1e-5). A teacher lined up with the wrong example moves
+    # most weights by about the learning rate.
+    assert_trained_alike(weights(live), weights(cached), lr=1e-2)
 
 
 def test_a_top_32_bf16_cache_is_close_to_the_live_teacher(setup, tok):
