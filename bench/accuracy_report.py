@@ -66,6 +66,7 @@ def sparse(k=32, vocab=151_936):
 
 def from_hidden(n=64, hs=64, ht=96, vocab=151_936):
     """fp32 fused head (this machine's backend) against float64 through the reference backend."""
+    from common import forced_backend  # bench/common.py: the script's own directory is on sys.path
     from distillzoo.kernels.token_logprob import token_logprobs
 
     print(f"\n| from_hidden (N={n}, V={vocab}) | loss rel. error | dX rel. L2 error | dW rel. L2 error |\n|---|---|---|---|")
@@ -76,9 +77,7 @@ def from_hidden(n=64, hs=64, ht=96, vocab=151_936):
     labels[::7] = -100
 
     def run(name, dtype, backend):
-        old = os.environ.get("DISTILLZOO_BACKEND")
-        os.environ["DISTILLZOO_BACKEND"] = backend
-        try:
+        with forced_backend(backend)():
             hh, ww = h.to(dtype).detach().requires_grad_(True), w.to(dtype).detach().requires_grad_(True)
             if name == "token_logprobs":
                 loss = token_logprobs(hh, ww, labels).sum()
@@ -87,8 +86,6 @@ def from_hidden(n=64, hs=64, ht=96, vocab=151_936):
                                                                               labels)
             loss.backward()
             return loss.item(), hh.grad, ww.grad
-        finally:
-            os.environ.pop("DISTILLZOO_BACKEND") if old is None else os.environ.__setitem__("DISTILLZOO_BACKEND", old)
 
     from distillzoo.kernels.backend import backend_for
 
