@@ -136,7 +136,16 @@ class _TokenLogProbs(torch.autograd.Function):
 
 class _ColumnTokenLogProbs(torch.autograd.Function):
     """The CPU path: each chunk's logits as ``[V, c]`` columns (``W @ h.T``, see :mod:`.columns`), the entropy
-    only when asked for; the backward pass recomputes each chunk's logits and overwrites them with the gradient."""
+    only when asked for; the backward pass overwrites each chunk's logits with their gradient.
+
+    A per-token output's gradient is known only in the backward pass, so the logits are
+    computed twice (four GEMMs where a scalar loss such as ``F.linear_cross_entropy`` needs
+    three). The forward pass keeps its last chunk's logits, the workspace it already holds,
+    and the backward pass takes the chunks in reverse order, so that chunk is not recomputed
+    and the same buffer serves the rest: one chunk's GEMM saved for no extra peak memory (the
+    backward pass allocates that buffer anyway). A second backward pass (``retain_graph``)
+    recomputes everything.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, valid, chunk, with_entropy):
@@ -146,6 +155,7 @@ class _ColumnTokenLogProbs(torch.autograd.Function):
         stats = torch.zeros(2, valid.numel(), dtype=dtype, device=hidden.device)
         start = 0
         workspace = columns.Workspace()
+        logits = None
         for rows in balanced_chunks(valid, chunk):
             logits = workspace.logits(0, weight, hidden[rows])
             lp, h, m, log_d = columns.label_logprobs(logits, labels[rows], with_entropy)
@@ -155,31 +165,50 @@ class _ColumnTokenLogProbs(torch.autograd.Function):
             stats[0, start:start + rows.numel()], stats[1, start:start + rows.numel()] = m, log_d
             start += rows.numel()
         ctx.chunk, ctx.with_entropy = chunk, with_entropy
+        ctx.kept = (logits, workspace) if logits is not None and any(ctx.needs_input_grad[:2]) else None
         ctx.save_for_backward(hidden, weight, labels, valid, stats, entropy)
         return logprob, entropy
 
     @staticmethod
     def backward(ctx, g_logprob, g_entropy):
         hidden, weight, labels, valid, stats, entropy = ctx.saved_tensors
-        grad_h, grad_w = grad_buffers(hidden, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dtype = stats.dtype
+        acc_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        grad_h = torch.empty_like(hidden) if need_h else None
+        if grad_h is not None and valid.numel() < hidden.shape[0]:
+            grad_h.zero_()  # ignored positions get no gradient
+        grad_w = None
         g_logprob = torch.zeros(hidden.shape[0], dtype=dtype, device=hidden.device) if g_logprob is None \
             else g_logprob.to(dtype)
         use_entropy = ctx.with_entropy and g_entropy is not None
-        start = 0
-        workspace = columns.Workspace()
-        for rows in balanced_chunks(valid, ctx.chunk):
-            k = rows.numel()
-            logits = workspace.logits(0, weight, hidden[rows])
+        kept, ctx.kept = ctx.kept, None
+        workspace = kept[1] if kept is not None else columns.Workspace()
+        chunks = balanced_chunks(valid, ctx.chunk)
+        starts = [0]
+        for rows in chunks[:-1]:
+            starts.append(starts[-1] + rows.numel())
+        for i in reversed(range(len(chunks))):
+            rows, start, k = chunks[i], starts[i], chunks[i].numel()
+            if kept is not None and i == len(chunks) - 1:
+                logits = kept[0]
+            else:
+                logits = workspace.logits(0, weight, hidden[rows])
             grad = columns.label_logprobs_grad_(logits, labels[rows], stats[0, start:start + k],
                                                 stats[1, start:start + k], g_logprob[rows],
                                                 entropy[rows] if use_entropy else None,
                                                 g_entropy[rows].to(dtype) if use_entropy else None)
-            start += k
             if grad_h is not None:
                 grad_h[rows] = (weight.T.to(dtype) @ grad).T.to(hidden.dtype)
-            if grad_w is not None:
-                grad_w.addmm_(grad.to(grad_w.dtype), hidden[rows].to(grad_w.dtype))
+            if need_w:
+                h = hidden[rows].to(acc_dtype)
+                if grad_w is None:  # the first chunk writes dW: no zero-filled [V, H] to read back
+                    grad_w = torch.mm(grad.to(acc_dtype), h)
+                else:
+                    grad_w.addmm_(grad.to(acc_dtype), h)
+        workspace.release()
+        if need_w and grad_w is None:  # every position ignored
+            grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
 
 

@@ -140,3 +140,53 @@ def test_a_workspace_reuses_its_buffer_for_every_chunk_and_frees_it_on_release()
     assert mixed.dtype == torch.float32 and 1 not in space.buffers
     space.release()
     assert space.buffers == {}
+
+
+def _token_logprob_reference(h, w, labels):
+    log_q = torch.log_softmax(h @ w.T, dim=-1)
+    return torch.where(labels >= 0, log_q.gather(1, labels.clamp(min=0)[:, None]).squeeze(1), 0.0)
+
+
+def test_token_logprobs_keeps_its_last_chunk_for_the_backward_pass_and_a_second_backward_recomputes(monkeypatch):
+    monkeypatch.setenv("DISTILLZOO_BACKEND", "torch")
+    h, w, _, _, labels = inputs(n=29)
+    calls = []
+    original = columns.Workspace.logits
+
+    def counted(self, slot, weight, hidden):
+        calls.append(hidden.shape[0])
+        return original(self, slot, weight, hidden)
+
+    monkeypatch.setattr(columns.Workspace, "logits", counted)
+    hd, wd = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    lp = dz.kernels.token_logprobs(hd, wd, labels, chunk_size=8)  # 27 valid tokens: chunks of 8, 8, 8, 3
+    forward_calls, calls[:] = list(calls), []
+    g_lp = torch.randn(29, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grads = torch.autograd.grad((lp * g_lp).sum(), (hd, wd), retain_graph=True)
+    backward_calls, calls[:] = list(calls), []
+    again = torch.autograd.grad((lp * g_lp).sum(), (hd, wd))
+    assert sum(forward_calls) == 27 and len(forward_calls) == 4
+    assert backward_calls == forward_calls[:-1][::-1]  # the last chunk's logits were kept, not recomputed
+    assert calls == forward_calls[::-1]  # the kept buffer was overwritten: the second pass recomputes all
+    h64, w64 = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    ref = _token_logprob_reference(h64, w64, labels)
+    torch.testing.assert_close(lp, ref, rtol=1e-12, atol=1e-12)
+    expected = torch.autograd.grad((ref * g_lp).sum(), (h64, w64))
+    for got, twice, want in zip(grads, again, expected):
+        assert rel_err(got, want) < 1e-10 and torch.equal(got, twice)
+    assert bool((grads[0][[1, 6]] == 0).all())
+
+
+def test_token_logprobs_gradients_when_only_one_input_needs_them_or_every_label_is_ignored(monkeypatch):
+    monkeypatch.setenv("DISTILLZOO_BACKEND", "torch")
+    h, w, _, _, labels = inputs()
+    wd = w.clone().requires_grad_(True)
+    dz.kernels.token_logprobs(h, wd, labels, chunk_size=8).sum().backward()
+    w64 = w.clone().requires_grad_(True)
+    _token_logprob_reference(h, w64, labels).sum().backward()
+    assert rel_err(wd.grad, w64.grad) < 1e-10
+    hd, wd = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    out = dz.kernels.token_logprobs(hd, wd, torch.full_like(labels, -100))
+    out.sum().backward()
+    assert bool((out == 0).all()) and bool((hd.grad == 0).all()) and bool((wd.grad == 0).all())
+    assert wd.grad.shape == w.shape
