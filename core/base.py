@@ -491,11 +491,17 @@ class PointwiseDivergence(LogitObjective):
     columns_buffers: ClassVar[int] = 3  # the student's logits, the teacher's, and a block's temporaries
 
     def columns_loss_and_grad(self, student, teacher, labels, want_grad):
-        loss, grad = columns.pointwise(self.pointwise, student, teacher, self.temperature, want_grad)
+        loss, grad = self.columns_terms(student, teacher, want_grad)
         scale = self.loss_scale
         if grad is not None and scale != 1.0:
             grad.mul_(scale)
         return loss * scale, grad
+
+    def columns_terms(self, student: Tensor, teacher: Tensor, want_grad: bool):
+        """``(sum_v term [c], d/d(raw student logits) [V, c] or None)`` at unit scale on the column layout:
+        :func:`~distillzoo.kernels.columns.pointwise` over :meth:`pointwise`; a divergence with a
+        specialised column form overrides this."""
+        return columns.pointwise(self.pointwise, student, teacher, self.temperature, want_grad)
 
     def overwrites_grad(self, student_logits, teacher):
         # a subclass with its own loss_and_grad keeps the adding contract it was written for

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from distillzoo.base import PointwiseDivergence
+from distillzoo.kernels import columns
 from distillzoo.hookspecs import hookimpl
 
 
@@ -48,6 +49,11 @@ class ForwardKL(PointwiseDivergence):
     def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
         p = log_p.exp()
         return torch.where(p > 0, p * (log_p - log_q), 0.0), -p
+
+    columns_buffers = 2  # the student's logits and the teacher's (the rest are block temporaries)
+
+    def columns_terms(self, student: Tensor, teacher: Tensor, want_grad: bool):
+        return columns.forward_kl(student, teacher, self.temperature, want_grad)
 
 
 class ReverseKL(PointwiseDivergence):

@@ -190,3 +190,29 @@ def test_token_logprobs_gradients_when_only_one_input_needs_them_or_every_label_
     out.sum().backward()
     assert bool((out == 0).all()) and bool((hd.grad == 0).all()) and bool((wd.grad == 0).all())
     assert wd.grad.shape == w.shape
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_forward_kl_columns_equal_autograd_with_a_teacher_that_gives_some_entries_no_mass(tau, monkeypatch):
+    """fkl's own column form (fewer passes than the generic pointwise one): loss and d/d(student logits) as torch's
+    autograd gives them, 0 (not NaN) for entries where p = 0, +inf where the student gives no mass where p > 0."""
+    monkeypatch.setenv("DISTILLZOO_VOCAB_CHUNK", "64")  # several row blocks
+    g = torch.Generator().manual_seed(5)
+    student = (torch.randn(300, 6, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    teacher = torch.randn(300, 6, generator=g, dtype=torch.float64) * 3
+    teacher[::7, 2] = -torch.inf  # masked vocab entries: zero teacher mass
+    teacher[:150, 4] = -torch.inf
+    log_p, log_q = torch.log_softmax(teacher / tau, 0), torch.log_softmax(student / tau, 0)
+    want = torch.where(log_p.exp() > 0, log_p.exp() * (log_p - log_q), 0.0).sum(0)
+    (want_grad,) = torch.autograd.grad(want.sum(), student)
+    loss, grad = columns.forward_kl(student.detach().clone(), teacher.clone(), tau, want_grad=True)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-14)
+    generic, generic_grad = columns.pointwise(dz.objective("fkl").pointwise, student.detach().clone(),
+                                              teacher.clone(), tau, want_grad=True)
+    torch.testing.assert_close(loss, generic, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, generic_grad, rtol=1e-12, atol=1e-14)
+    hole = student.detach().clone()
+    hole[3, 1] = -torch.inf  # the teacher has mass there
+    loss, _ = columns.forward_kl(hole, teacher.clone(), tau, want_grad=False)
+    assert torch.isposinf(loss[1]) and torch.isfinite(loss[[0, 2, 3, 4, 5]]).all()
