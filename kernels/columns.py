@@ -143,22 +143,27 @@ def forward_kl(student: Tensor, teacher: Tensor, tau: float, want_grad: bool) ->
     writes both buffers' log-softmax over them, then ``G = -p`` and ``q sum G``: nine
     passes over ``[V, c]`` after the statistics. Here each row block's log p, p, log q and
     q are block temporaries (L2-sized), so the buffers are read once and the teacher's
-    written once with the gradient.
+    written once with the gradient. The ``0 * log 0`` terms (entries without teacher
+    mass, NaN in ``p (log p - log q)``) are zeroed as NaNs, one operation where a mask
+    takes two; a NaN from the student's own logits would be zeroed with them, so a
+    student column whose max is not finite (a NaN, +inf, or no mass at all) gets a NaN
+    loss, as on the generic path.
     """
     if tau != 1.0:
         student.mul_(1.0 / tau)
         teacher.mul_(1.0 / tau)
-    _, m_s, log_d_s = column_stats(student)
+    top_s, m_s, log_d_s = column_stats(student)
     _, m_t, log_d_t = column_stats(teacher)
     loss = torch.zeros(student.shape[1], dtype=student.dtype, device=student.device)
     for a, b in _blocks(*student.shape):
-        log_p = teacher[a:b].sub(m_t).sub_(log_d_t)
+        log_p = teacher[a:b].sub(m_t).sub_(log_d_t)  # the difference to the max first, as log_softmax takes it
         log_q = student[a:b].sub(m_s).sub_(log_d_s)
         p = log_p.exp()
         term = log_p.sub_(log_q).mul_(p)
-        loss += term.masked_fill_(p == 0, 0.0).sum(0)  # no mass, no term (not 0 * -inf)
+        loss += term.nan_to_num_(nan=0.0, posinf=torch.inf, neginf=-torch.inf).sum(0)
         if want_grad:
             torch.sub(log_q.exp_(), p, out=teacher[a:b])
+    loss[~torch.isfinite(top_s)] = torch.nan
     if not want_grad:
         return loss, None
     return loss, teacher if tau == 1.0 else teacher.mul_(1.0 / tau)

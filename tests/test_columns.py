@@ -216,3 +216,13 @@ def test_forward_kl_columns_equal_autograd_with_a_teacher_that_gives_some_entrie
     hole[3, 1] = -torch.inf  # the teacher has mass there
     loss, _ = columns.forward_kl(hole, teacher.clone(), tau, want_grad=False)
     assert torch.isposinf(loss[1]) and torch.isfinite(loss[[0, 2, 3, 4, 5]]).all()
+
+
+def test_forward_kl_columns_give_nan_for_a_student_column_with_nan_or_inf_or_no_mass():
+    g = torch.Generator().manual_seed(6)
+    student, teacher = torch.randn(200, 4, generator=g), torch.randn(200, 4, generator=g)
+    student[17, 0], student[3, 1], student[:, 2] = torch.nan, torch.inf, -torch.inf
+    loss, grad = columns.forward_kl(student.clone(), teacher.clone(), 1.0, want_grad=True)
+    generic, _ = columns.pointwise(dz.objective("fkl").pointwise, student.clone(), teacher.clone(), 1.0, True)
+    assert loss[:3].isnan().all() and generic[:3].isnan().all()
+    torch.testing.assert_close(loss[3], generic[3])
