@@ -8,6 +8,28 @@ import triton.language as tl
 
 
 @triton.jit
+def segment_softmax_stats(ptr, start, end, inv_tau, BLOCK: tl.constexpr):
+    """Online softmax statistics of ``x * inv_tau`` over entries ``[start, end)`` of one row.
+
+    Returns ``(m, d)``: the raw max (-inf when no entry has mass) and ``sum exp(x * inv_tau - m)``
+    (0 when none has). A row's statistics are one segment's (:func:`row_softmax_stats`) or
+    several segments' combined (:func:`combine_stats`, the split-row kernels).
+    """
+    offs = tl.arange(0, BLOCK)
+    # a running scalar max (one reduction per tile) and per-lane partial sums (one at the end)
+    m = float("-inf")
+    d = tl.zeros([BLOCK], dtype=tl.float32)
+    for first in range(start, end, BLOCK):
+        cols = first + offs
+        x = tl.load(ptr + cols, mask=cols < end, other=float("-inf")).to(tl.float32) * inv_tau
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        d = d * tl.exp(m - m_safe) + tl.exp(x - m_safe)
+        m = m_new
+    return m, tl.sum(d, axis=0)
+
+
+@triton.jit
 def row_softmax_stats(ptr, V, inv_tau, BLOCK: tl.constexpr):
     """Online softmax statistics of ``x * inv_tau`` over one row of ``V`` entries.
 
@@ -15,19 +37,22 @@ def row_softmax_stats(ptr, V, inv_tau, BLOCK: tl.constexpr):
     ``log q = (x * inv_tau - m) - log_d`` (the difference to the max first, exact at
     |x| ~ 1e4). -inf entries carry no mass; a row of -inf gives ``(0, -inf)``.
     """
-    offs = tl.arange(0, BLOCK)
-    # a running scalar max (one reduction per tile) and per-lane partial sums (one at the end)
-    m = float("-inf")
-    d = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, V, BLOCK):
-        cols = start + offs
-        x = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_tau
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        d = d * tl.exp(m - m_safe) + tl.exp(x - m_safe)
-        m = m_new
-    m = tl.where(m == float("-inf"), 0.0, m)
-    return m, tl.log(tl.sum(d, axis=0))
+    m, d = segment_softmax_stats(ptr, 0, V, inv_tau, BLOCK)
+    return tl.where(m == float("-inf"), 0.0, m), tl.log(d)
+
+
+@triton.jit
+def combine_stats(m_ptr, d_ptr, S, S_POW2: tl.constexpr):
+    """``(m, log_d)`` of a row from its ``S`` segments' ``(m, d)`` (:func:`segment_softmax_stats`), as
+    :func:`row_softmax_stats` gives them: ``d = sum_s d_s exp(m_s - m)``."""
+    idx = tl.arange(0, S_POW2)
+    inside = idx < S
+    m_parts = tl.load(m_ptr + idx, mask=inside, other=float("-inf"))
+    d_parts = tl.load(d_ptr + idx, mask=inside, other=0.0)
+    m = tl.max(m_parts, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    m_parts = tl.where(m_parts == float("-inf"), m_safe, m_parts)  # no mass: d_s = 0, and no -inf - -inf
+    return m_safe, tl.log(tl.sum(d_parts * tl.exp(m_parts - m_safe), axis=0))
 
 
 @triton.jit

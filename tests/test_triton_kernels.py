@@ -147,6 +147,82 @@ def test_a_written_gradient_equals_one_added_into_zeros(vocab, dtype):
         assert bool(added.abs().sum() > 0), name
 
 
+# ---------------------------------------------------------------- split rows, autotuned tiles
+SPLIT_CASES = [(name, 3) for name in DIVERGENCES] + [("fkl", 2), ("fkl", 7), ("jsd", 7)]
+
+
+@pytest.mark.parametrize("name,splits", SPLIT_CASES, ids=[f"{n}-{k}" for n, k in SPLIT_CASES])
+def test_split_rows_give_what_one_program_per_row_gives(name, splits):
+    """Several programs per row (vocab segments, statistics combined across them): the row kernel's loss and
+    gradient, added or written, with a strided teacher, temperature, and a teacher segment without mass."""
+    rows, vocab = 3, 5000
+    g = torch.Generator().manual_seed(12)
+    student = (torch.randn(rows, vocab, generator=g) * 3).to(DEVICE)
+    wide = (torch.randn(rows, vocab + 40, generator=g) * 3)
+    if name != "rkl":  # rkl is +inf there (checked on the row kernel)
+        wide[1, 100:2500] = -math.inf  # whole segments of row 1 carry no teacher mass
+    teacher = wide.to(DEVICE)[:, :vocab]
+    kernel = divergence_kernel()
+    start = torch.randn(rows, vocab, generator=g).to(DEVICE) * 1e-3
+    results = {}
+    for parts in (1, splits):
+        added = start.clone()
+        loss = kernel.loss_and_grad(name, student, teacher, 1.5, added, 0.7, WEIGHT.get(name, 0.0), splits=parts)
+        written = torch.full_like(start, float("nan"))
+        loss_w = kernel.loss_and_grad(name, student, teacher, 1.5, written, 0.7, WEIGHT.get(name, 0.0),
+                                      accumulate=False, splits=parts)
+        alone = kernel.loss_and_grad(name, student, teacher, 1.5, None, 1.0, WEIGHT.get(name, 0.0), splits=parts)
+        results[parts] = (loss, added - start, written, alone, loss_w)
+    one, split = results[1], results[splits]
+    for got, want in zip(split, one):
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)
+    s64 = student.cpu().double().requires_grad_(True)
+    expected = reference_rows(name, s64, teacher.cpu().double(), 1.5)
+    (d_s,) = torch.autograd.grad(expected.sum() * 0.7, s64)
+    torch.testing.assert_close(split[0].cpu().double(), expected.detach(), rtol=1e-5, atol=2e-6)
+    assert rel_err(split[1].cpu(), d_s) < (1e-3 if name in ("jsd", "srkl", "tvd") else 1e-4)
+
+
+@pytest.mark.parametrize("name", ["fkl", "jsd"])
+def test_split_rows_at_qwen_vocab(name):
+    """151,936 entries in 5 segments (fkl: statistics then gradient; jsd: also the loss and sum G pass)."""
+    g = torch.Generator().manual_seed(13)
+    student, teacher = torch.randn(2, QWEN_VOCAB, generator=g) * 4, torch.randn(2, QWEN_VOCAB, generator=g) * 4
+    grad = torch.zeros(2, QWEN_VOCAB, device=DEVICE)
+    loss = divergence_kernel().loss_and_grad(name, student.to(DEVICE), teacher.to(DEVICE), 1.0, grad, 1.0,
+                                             WEIGHT.get(name, 0.0), splits=5)
+    s64 = student.double().requires_grad_(True)
+    expected = reference_rows(name, s64, teacher.double())
+    (d_s,) = torch.autograd.grad(expected.sum(), s64)
+    torch.testing.assert_close(loss.cpu().double(), expected.detach(), rtol=2e-5, atol=1e-7)
+    assert rel_err(grad.cpu(), d_s) < (1e-3 if name == "jsd" else 5e-5)
+
+
+def test_split_count_fills_the_device_and_keeps_segments_wide():
+    kernel = divergence_kernel()
+    assert kernel.split_count(rows=8192, vocab=QWEN_VOCAB, programs=264) == 1  # rows fill an H100 already
+    assert kernel.split_count(rows=16, vocab=QWEN_VOCAB, programs=264) == 17  # ceil(264 / 16)
+    assert kernel.split_count(rows=1, vocab=QWEN_VOCAB, programs=264) == QWEN_VOCAB // kernel.MIN_SEGMENT
+    assert kernel.split_count(rows=4, vocab=5000, programs=264) == 1  # no segment narrower than MIN_SEGMENT
+    assert kernel.split_count(rows=4, vocab=QWEN_VOCAB, programs=0) == 1  # the interpreter: one program per row
+    with pytest.raises(ValueError, match="splits must be >= 1"):
+        kernel.loss_and_grad("fkl", torch.zeros(2, 50, device=DEVICE), torch.zeros(2, 50, device=DEVICE), 1.0,
+                             splits=0)
+
+
+def test_autotuned_tiles_fit_the_vocab_and_the_interpreter_takes_one(monkeypatch):
+    kernel = divergence_kernel()
+    configs = kernel._configs()
+    [fixed] = kernel._prune(configs, {"V": QWEN_VOCAB})
+    assert fixed.kwargs["BLOCK"] == 4096 and fixed.num_warps == 8  # as the kernels ran before autotuning
+    monkeypatch.setattr(kernel, "interpreting", lambda: False)
+    assert kernel._prune(configs, {"V": QWEN_VOCAB}) == configs
+    narrow = kernel._prune(configs, {"V": 700})
+    assert {c.kwargs["BLOCK"] for c in narrow} == {1024} and len(narrow) == 3
+    assert [c.kwargs["BLOCK"] for c in kernel._prune(configs, {"V": 300})] == [512]
+    assert {c.kwargs["BLOCK"] for c in kernel._prune(configs, {"V": QWEN_VOCAB}, SEG=3000)} == {1024, 2048, 4096}
+
+
 def test_only_the_first_mixture_term_writes_and_plugins_keep_adding(triton_backend):
     g = torch.Generator().manual_seed(12)
     student, teacher = torch.randn(4, 700, generator=g).to(DEVICE), torch.randn(4, 700, generator=g).to(DEVICE)
