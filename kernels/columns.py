@@ -24,6 +24,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .vocab_chunked import compute_dtype
+
 #: bytes per block of the elementwise work (``[block, c]`` temporaries): small, so that the few
 #: temporaries alive at once stay in the allocator's reused heap chunks
 DEFAULT_BLOCK_BYTES = 1 << 20
@@ -53,7 +55,7 @@ class Workspace:
 
     def logits(self, slot: int, weight: Tensor, hidden: Tensor) -> Tensor:
         """``weight @ hidden.T`` ``[V, c]`` in the compute dtype, in buffer ``slot`` (fp32/fp64 weights) or new."""
-        dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(hidden.dtype)
         if weight.dtype != dtype or hidden.dtype != dtype:
             return (weight @ hidden.T).to(dtype)
         vocab, columns = weight.shape[0], hidden.shape[0]
