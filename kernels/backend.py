@@ -25,9 +25,10 @@ BACKENDS = ("triton", "torch", "reference")
 # Budget for the [chunk, vocab] temporaries of one token chunk (fused paths, row blocks).
 # Overridable per call (chunk_size=) or by the environment (DISTILLZOO_CHUNK_BYTES).
 DEFAULT_CHUNK_BYTES = 1 << 30
-# The CPU path's budget: its [V, c] buffers are transformed in place, so chunks of 70 to 200 tokens at
-# Qwen's vocab already keep the GEMMs at full speed, and the weight gradient stays the main cost in
-# memory (bench/README: fused fkl at about 11% of the naive path's peak).
+# The CPU path's budget: its [V, c] buffers are transformed in place, so chunks of 70 to 216 tokens at
+# Qwen's vocab (104 for fkl's two buffers, 216 for token_logprobs' one) keep the GEMMs near full speed
+# (narrower ones lose 15-20% here), and the weight gradient stays the main cost in memory (bench/README:
+# fused fkl at about 14% of the naive path's peak).
 DEFAULT_CPU_CHUNK_BYTES = 128 << 20
 ENV = "DISTILLZOO_BACKEND"
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
