@@ -94,6 +94,9 @@ def _chunk_rows(vocab: int, itemsize: int, chunk_size: int | None) -> int:
 
 
 class _TokenLogProbs(torch.autograd.Function):
+    """The row path (Triton on CUDA, the reference): ``[c, V]`` logits per chunk. As on the column path, the
+    forward pass keeps its last chunk's logits and the backward pass starts from them, in reverse order."""
+
     @staticmethod
     def forward(ctx, hidden, weight, labels, valid, chunk):
         n = hidden.shape[0]
@@ -102,6 +105,7 @@ class _TokenLogProbs(torch.autograd.Function):
         entropy = torch.zeros_like(logprob)
         stats = torch.zeros(2, valid.numel(), dtype=dtype, device=hidden.device)
         start = 0
+        logits = None
         for rows in balanced_chunks(valid, chunk):
             logits = hidden[rows] @ weight.T
             lp, h, m, log_d = row_logprobs(logits, labels[rows])
@@ -109,6 +113,7 @@ class _TokenLogProbs(torch.autograd.Function):
             stats[0, start:start + rows.numel()], stats[1, start:start + rows.numel()] = m, log_d
             start += rows.numel()
         ctx.chunk = chunk
+        ctx.kept = logits if any(ctx.needs_input_grad[:2]) else None
         ctx.save_for_backward(hidden, weight, labels, valid, stats, entropy)
         return logprob, entropy
 
@@ -120,18 +125,29 @@ class _TokenLogProbs(torch.autograd.Function):
         dtype = stats.dtype
         g_logprob = torch.zeros_like(entropy) if g_logprob is None else g_logprob.to(dtype)
         g_entropy = torch.zeros_like(entropy) if g_entropy is None else g_entropy.to(dtype)
-        start = 0
-        for rows in balanced_chunks(valid, ctx.chunk):
-            k = rows.numel()
-            logits = hidden[rows] @ weight.T
+        kept, ctx.kept = ctx.kept, None
+        chunks = balanced_chunks(valid, ctx.chunk)
+        starts = _chunk_starts(chunks)
+        for i in reversed(range(len(chunks))):
+            rows, start, k = chunks[i], starts[i], chunks[i].numel()
+            logits = hidden[rows] @ weight.T if kept is None else kept
+            kept = None
             row_grad(logits, labels[rows], stats[0, start:start + k], stats[1, start:start + k], entropy[rows],
                      g_logprob[rows], g_entropy[rows], logits)
-            start += k
             if grad_h is not None:
                 grad_h[rows] = logits @ weight
             if grad_w is not None:
                 accumulate_weight_grad(grad_w, logits, hidden[rows])
+            del logits
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+
+
+def _chunk_starts(chunks) -> list[int]:
+    """Each chunk's offset into the valid positions (the backward passes take the chunks in reverse)."""
+    starts = [0]
+    for rows in chunks[:-1]:
+        starts.append(starts[-1] + rows.numel())
+    return starts
 
 
 class _ColumnTokenLogProbs(torch.autograd.Function):
@@ -185,9 +201,7 @@ class _ColumnTokenLogProbs(torch.autograd.Function):
         kept, ctx.kept = ctx.kept, None
         workspace = kept[1] if kept is not None else columns.Workspace()
         chunks = balanced_chunks(valid, ctx.chunk)
-        starts = [0]
-        for rows in chunks[:-1]:
-            starts.append(starts[-1] + rows.numel())
+        starts = _chunk_starts(chunks)
         for i in reversed(range(len(chunks))):
             rows, start, k = chunks[i], starts[i], chunks[i].numel()
             if kept is not None and i == len(chunks) - 1:

@@ -429,6 +429,45 @@ def test_token_logprobs_is_minus_cross_entropy_and_all_ignored_is_zero(triton_ba
     assert (out == 0).all() and (hd.grad == 0).all()
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_token_logprobs_row_path_keeps_its_last_chunk_and_a_second_backward_recomputes(monkeypatch, backend):
+    """The row path's logits GEMMs, counted at the dispatcher: 4 chunks forward, 3 recomputed in the first backward
+    (the last chunk's logits kept from the forward pass), 4 in a retain_graph second backward; same gradients."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountLogits(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.mm.default and out.shape[-1] == vocab:
+                CountLogits.calls += 1
+            return out
+
+    monkeypatch.setenv("DISTILLZOO_BACKEND", backend)
+    g = torch.Generator().manual_seed(9)
+    n, hidden, vocab = 30, 8, 300
+    h, w = torch.randn(n, hidden, generator=g), torch.randn(vocab, hidden, generator=g)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[:3] = -100
+    hd, wd = leaf(h), leaf(w)
+    weights = torch.randn(n, generator=g).to(DEVICE)
+    counts = []
+    with CountLogits():
+        lp = token_logprobs(hd, wd, labels.to(DEVICE), chunk_size=8)  # 27 valid: chunks of 8, 8, 8, 3
+        counts.append(CountLogits.calls)
+        first = torch.autograd.grad((lp * weights).sum(), (hd, wd), retain_graph=True)
+        counts.append(CountLogits.calls - counts[0])
+        second = torch.autograd.grad((lp * weights).sum(), (hd, wd))
+        counts.append(CountLogits.calls - counts[0] - counts[1])
+    assert counts == [4, 3, 4]
+    h64, w64 = h.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref, _ = token_logprob_reference(h64, w64, labels)
+    expected = torch.autograd.grad((ref * weights.cpu().double()).sum(), (h64, w64))
+    for a, b, want in zip(first, second, expected):
+        assert torch.equal(a, b) and rel_err(a.cpu(), want) < 1e-5
+
+
 def test_token_logprobs_errors_name_the_input():
     h, w = torch.randn(4, 8), torch.randn(50, 8)
     with pytest.raises(dz.ParameterError, match=r"label 50 is outside the vocab \[0, 50\)"):
