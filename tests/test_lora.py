@@ -76,7 +76,7 @@ def test_training_equals_peft_s_own_model_trained_by_a_hand_loop(tmp_path, tok):
             log_p = torch.log_softmax(teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                                       .logits[:, :-1][valid].float(), -1)
         loss = (log_p.exp() * (log_p - log_q)).sum() / valid.sum()
-        expected.append(float(loss))
+        expected.append(float(loss.detach()))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
