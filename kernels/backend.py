@@ -145,9 +145,14 @@ def auto_chunk_rows(vocab: int, budget_bytes: int | None = None, bytes_per_entry
     return max(8, rows - rows % 8)
 
 
+def weight_grad_dtype(ws: Tensor) -> torch.dtype:
+    """The dtype dW is accumulated in: fp32 for bf16/fp16 weights, else the weight's own."""
+    return torch.float32 if ws.dtype in (torch.float16, torch.bfloat16) else ws.dtype
+
+
 def grad_buffers(hs: Tensor, ws: Tensor, need_h: bool, need_w: bool):
     """Zeroed dX (hidden's dtype) and dW buffers, dW in fp32 for bf16/fp16 weights; None where not needed."""
-    acc_dtype = torch.float32 if ws.dtype in (torch.float16, torch.bfloat16) else ws.dtype
+    acc_dtype = weight_grad_dtype(ws)
     grad_h = torch.zeros_like(hs) if need_h else None
     grad_w = torch.zeros(ws.shape, dtype=acc_dtype, device=ws.device) if need_w else None
     return grad_h, grad_w

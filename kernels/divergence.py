@@ -247,7 +247,7 @@ def _split_loss_and_grad(kind, student, teacher, tau, grad, grad_scale, weight, 
     seg = -(-seg // 128) * 128  # whole 128-entry lines per segment
     parts = -(-vocab // seg)
     stats = torch.empty(rows, 4, parts, dtype=torch.float32, device=student.device)
-    partial = torch.zeros(rows, 2, parts, dtype=torch.float32, device=student.device)
+    partial = torch.empty(rows, 2, parts, dtype=torch.float32, device=student.device)  # every entry read is written
     has_grad = grad is not None
     fkl_shortcut = kind == "fkl" and has_grad
     c_a, c_b, w = _mixture_constants(kind, weight)

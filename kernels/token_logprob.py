@@ -25,7 +25,8 @@ from torch import Tensor
 from distillzoo.errors import ParameterError
 
 from . import columns, vocab_chunked
-from .backend import accumulate_weight_grad, auto_chunk_rows, backend_for, balanced_chunks, grad_buffers
+from .backend import (accumulate_weight_grad, auto_chunk_rows, backend_for, balanced_chunks, grad_buffers,
+                      weight_grad_dtype)
 
 # ---------------------------------------------------------------- row functions, three backends
 def _rows_torch(logits: Tensor, labels: Tensor):
@@ -190,24 +191,20 @@ class _ColumnTokenLogProbs(torch.autograd.Function):
         hidden, weight, labels, valid, stats, entropy = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dtype = stats.dtype
-        acc_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        grad_h = torch.empty_like(hidden) if need_h else None
-        if grad_h is not None and valid.numel() < hidden.shape[0]:
-            grad_h.zero_()  # ignored positions get no gradient
-        grad_w = None
+        acc_dtype = weight_grad_dtype(weight)
+        grad_h, _ = grad_buffers(hidden, weight, need_h, False)
+        grad_w = None  # written by the first chunk
         g_logprob = torch.zeros(hidden.shape[0], dtype=dtype, device=hidden.device) if g_logprob is None \
             else g_logprob.to(dtype)
         use_entropy = ctx.with_entropy and g_entropy is not None
         kept, ctx.kept = ctx.kept, None
-        workspace = kept[1] if kept is not None else columns.Workspace()
+        kept_logits, workspace = kept if kept is not None else (None, columns.Workspace())
         chunks = balanced_chunks(valid, ctx.chunk)
         starts = _chunk_starts(chunks)
         for i in reversed(range(len(chunks))):
             rows, start, k = chunks[i], starts[i], chunks[i].numel()
-            if kept is not None and i == len(chunks) - 1:
-                logits = kept[0]
-            else:
-                logits = workspace.logits(0, weight, hidden[rows])
+            logits = workspace.logits(0, weight, hidden[rows]) if kept_logits is None else kept_logits
+            kept_logits = None
             grad = columns.label_logprobs_grad_(logits, labels[rows], stats[0, start:start + k],
                                                 stats[1, start:start + k], g_logprob[rows],
                                                 entropy[rows] if use_entropy else None,

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from distillzoo.base import PointwiseDivergence
-from distillzoo.kernels import columns
 from distillzoo.hookspecs import hookimpl
+from distillzoo.kernels import columns
 
 
 def kl_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
