@@ -32,6 +32,7 @@ each evaluation and checkpoint, and at the end.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import os
@@ -271,6 +272,9 @@ def _loop(cfg: DictConfig, where: str, algorithm, enabled: list, run_dir: RunDir
     distributed = world > 1
     if distributed and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # whoever starts the group ends it, as launch.Launch does: a gloo group left to the interpreter's
+        # teardown can abort the process after a finished run ("terminate called without an active exception")
+        atexit.register(torch.distributed.destroy_process_group)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if t.batch_size % world:
         raise ConfigError(f"{where}: train.batch_size={t.batch_size} is not divisible by the {world} ranks")
