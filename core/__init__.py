@@ -12,8 +12,8 @@ Training algorithms (``dz.Algorithm``: distill, preference, dpkd, plugins') and
 trainer callbacks (``dz.Callback``) are plugins too; ``distillzoo train`` runs them all.
 """
 
-from .config import build_objective, load_config
-from .errors import (
+from distillzoo.config import build_objective, load_config
+from distillzoo.errors import (
     ConfigError,
     DataError,
     DistillzooError,
@@ -23,41 +23,38 @@ from .errors import (
     PluginWarning,
     UnknownNameError,
 )
-from .hookspecs import hookimpl
-from .manager import (
-    DEFAULT_PLUGINS,
-    algorithm_spec,
-    algorithm_specs,
-    components,
-    get_plugin_manager,
-    list_objectives,
-    objective,
-    objective_spec,
-    objective_specs,
-    plugins_info,
-)
+from distillzoo.hooks.hookspecs import hookimpl
+from distillzoo.hooks.manager import DEFAULT_PLUGINS, algorithm_spec, algorithm_specs, components, get_plugin_manager
+from distillzoo.listing import plugins_info
+from distillzoo.objectives.registry import list_objectives, objective, objective_spec, objective_specs
+
 # The rest needs torch (seconds to import): loaded on first use, so `distillzoo --help` stays fast.
 _LAZY = {
-    "base": ("LogitObjective", "Mixture", "Objective", "PointwiseDivergence", "SparseTeacher"),
-    "algorithm": ("Algorithm", "MicroBatch", "Models", "Run", "StepLoss"),
-    "callbacks": ("Callback",),
-    "causal_lm": ("SequenceLogps", "sequence_logps"),
-    "data": ("PreferenceBatch", "PreferenceDataset", "collate_preference"),
-    "preference": ("PreferenceObjective", "PreferenceStep", "preference_step"),
-    "reference_cache": ("ReferenceCache", "write_reference_cache"),
-    "scoring": ("ScoreBatch", "Scorer"),
-    "starter": ("starter_config",),
-    "tokenizer": ("load_tokenizer",),
+    "distillzoo.objectives.logit": ("LogitObjective", "Objective", "PointwiseDivergence"),
+    "distillzoo.objectives.mixture": ("Mixture",),
+    "distillzoo.objectives.sparse": ("SparseTeacher",),
+    "distillzoo.objectives.preference": ("PreferenceObjective", "PreferenceStep", "preference_step"),
+    "distillzoo.training.algorithm": ("Algorithm", "MicroBatch", "Models", "Run", "StepLoss", "instruction_batches"),
+    "distillzoo.training.callbacks": ("Callback",),
+    "distillzoo.training.loop": ("TrainResult", "train"),
+    "distillzoo.models.causal_lm": ("SequenceLogps", "require_model", "sequence_logps"),
+    "distillzoo.models.generation": ("Sampling", "student_samples"),
+    "distillzoo.data.records": ("IGNORE_INDEX",),
+    "distillzoo.data.pairs": ("PreferenceBatch", "PreferenceDataset", "collate_preference"),
+    "distillzoo.teacher.reference_cache": ("ReferenceCache", "write_reference_cache"),
+    "distillzoo.teacher.scoring": ("ScoreBatch", "Scorer"),
+    "distillzoo.starter": ("starter_config",),
+    "distillzoo.data.tokenizer": ("load_tokenizer",),
 }
 _HOME = {name: module for module, names in _LAZY.items() for name in names}
 
 
 def __getattr__(name: str):
-    """``dz.LogitObjective`` and the other torch-backed names, and submodules (``dz.trainer``), on first use."""
+    """``dz.LogitObjective`` and the other torch-backed names, and subpackages (``dz.training``), on first use."""
     import importlib
 
     if name in _HOME:
-        value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+        value = getattr(importlib.import_module(_HOME[name]), name)
         globals()[name] = value
         return value
     if not name.startswith("_"):
@@ -77,49 +74,56 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Algorithm",
-    "Callback",
-    "MicroBatch",
-    "Models",
-    "Run",
-    "StepLoss",
     "algorithm_spec",
     "algorithm_specs",
-    "ScoreBatch",
-    "Scorer",
+    "build_objective",
+    "Callback",
+    "collate_preference",
+    "components",
     "ConfigError",
     "DataError",
     "DEFAULT_PLUGINS",
     "DistillzooError",
+    "get_plugin_manager",
+    "hookimpl",
+    "IGNORE_INDEX",
+    "instruction_batches",
+    "list_objectives",
+    "load_config",
+    "load_tokenizer",
     "LogitObjective",
-    "NonFiniteError",
+    "MicroBatch",
     "Mixture",
+    "Models",
+    "NonFiniteError",
+    "objective",
     "Objective",
+    "objective_spec",
+    "objective_specs",
     "ParameterError",
     "PluginError",
+    "plugins_info",
     "PluginWarning",
     "PointwiseDivergence",
+    "preference_step",
     "PreferenceBatch",
     "PreferenceDataset",
     "PreferenceObjective",
     "PreferenceStep",
     "ReferenceCache",
+    "require_model",
+    "Run",
+    "Sampling",
+    "ScoreBatch",
+    "Scorer",
+    "sequence_logps",
     "SequenceLogps",
     "SparseTeacher",
-    "UnknownNameError",
-    "build_objective",
-    "collate_preference",
-    "components",
-    "get_plugin_manager",
-    "hookimpl",
-    "list_objectives",
-    "load_config",
-    "load_tokenizer",
-    "objective",
-    "objective_spec",
-    "objective_specs",
-    "plugins_info",
-    "preference_step",
-    "sequence_logps",
     "starter_config",
+    "StepLoss",
+    "student_samples",
+    "train",
+    "TrainResult",
+    "UnknownNameError",
     "write_reference_cache",
 ]

@@ -10,12 +10,12 @@ import sys
 import textwrap
 from typing import Sequence
 
-from .errors import DistillzooError
+from distillzoo.errors import DistillzooError
 
 
 def _columns(args: argparse.Namespace) -> dict | None:
     """``--column FIELD=COLUMN`` (repeatable): the format's field FIELD is the dataset's column COLUMN."""
-    from .errors import ConfigError
+    from distillzoo.errors import ConfigError
 
     columns = {}
     for item in args.column or []:
@@ -40,7 +40,7 @@ def _add_placement(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from .listing import objective_listing
+    from distillzoo.listing import objective_listing
 
     entries = objective_listing()  # imports no torch unless a plugin changed since the last list
     if args.json:
@@ -55,7 +55,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_algorithms(args: argparse.Namespace) -> int:
-    from .manager import algorithm_specs
+    from distillzoo.hooks.manager import algorithm_specs
 
     specs = sorted(algorithm_specs().values(), key=lambda s: s.name)
     if args.json:
@@ -69,39 +69,74 @@ def _cmd_algorithms(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from .manager import objective_spec
+    from distillzoo.errors import UnknownNameError, did_you_mean
+    from distillzoo.hooks.manager import algorithm_specs
+    from distillzoo.objectives.registry import objective_specs
 
-    spec = objective_spec(args.name)
+    objectives, algorithms = objective_specs(), algorithm_specs()
+    if args.name not in objectives and args.name not in algorithms:
+        raise UnknownNameError(f"unknown objective or training algorithm {args.name!r}. Objectives: "
+                               f"{', '.join(sorted(objectives))}; algorithms: {', '.join(sorted(algorithms))}."
+                               + did_you_mean(args.name, [*objectives, *algorithms]))
+    found = [s for s in (objectives.get(args.name), algorithms.get(args.name)) if s is not None]
     if args.json:
-        print(json.dumps(spec.as_dict(), indent=2))
+        print(json.dumps(found[0].as_dict() if len(found) == 1 else
+                         {"objective": found[0].as_dict(), "algorithm": found[1].as_dict()}, indent=2))
         return 0
-    paper = spec.paper
-    print(f"{spec.name}  ({spec.kind}, package {spec.package})")
-    print(textwrap.fill(spec.summary, 88))
-    print(f"\nformula:  {spec.formula}")
-    print(f"inputs:   {', '.join(spec.inputs)}")
+    if args.name in objectives:
+        _show_objective(objectives[args.name])
+    if args.name in algorithms:
+        if args.name in objectives:
+            print()
+        _show_algorithm(algorithms[args.name])
+    return 0
+
+
+def _show_params(params) -> None:
     print("\nparameters:")
-    for p in spec.params.values():
+    if not params:
+        print("  (none)")
+    for p in params.values():
         print(f"  {p.describe()}")
         if p.doc:
             print(textwrap.fill(p.doc, 88, initial_indent="      ", subsequent_indent="      "))
+
+
+def _show_paper(paper: dict) -> None:
     if paper:
         cite = ", ".join(str(paper[k]) for k in ("authors", "year") if paper.get(k))
         print(f"\npaper:    {paper.get('title', '')} ({cite})")
         if paper.get("url"):
             print(f"          {paper['url']}")
-    return 0
+
+
+def _show_objective(spec) -> None:
+    print(f"{spec.name}  (objective, {spec.kind}, package {spec.package})")
+    print(textwrap.fill(spec.summary, 88))
+    print(f"\nformula:  {spec.formula}")
+    print(f"inputs:   {', '.join(spec.inputs)}")
+    _show_params(spec.params)
+    _show_paper(spec.paper)
+
+
+def _show_algorithm(spec) -> None:
+    print(f"{spec.name}  (training algorithm, package {spec.package})")
+    print(textwrap.fill(spec.summary, 88))
+    print(f"\nrecords:  {spec.cls.records}; trains {'/'.join(spec.cls.objective_kinds)} objectives")
+    print(f"config:   algorithm: {{name: {spec.name}, ...parameters}}")
+    _show_params(spec.params)
+    _show_paper(dict(spec.cls.paper))
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from .manager import plugins_info
+    from distillzoo.listing import plugins_info
 
     print(json.dumps(plugins_info(), indent=2))
     return 0
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from .starter import starter_config
+    from distillzoo.starter import starter_config
 
     sys.stdout.write(starter_config(args.name))
     return 0
@@ -110,26 +145,26 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from .config import build_objective, load_config
+    from distillzoo.config import build_objective, load_config
 
     cfg = load_config(args.config, args.overrides)
     sys.stdout.write(OmegaConf.to_yaml(cfg))
     checked = []
     if cfg.objective is not None or cfg.objectives is not None:
         print(f"# objective: {build_objective(cfg)!r}".replace("\n", "\n# "))
-        from .trainer import build_algorithm, validate
+        from distillzoo.training.spec import build_algorithm, resolve
 
         print(f"# algorithm: {build_algorithm(cfg, where=args.config)[0]!r}")
         if cfg.student is not None or cfg.data is not None or cfg.output_dir is not None:
-            validate(cfg, args.config, build_callbacks_too=False)  # all that train checks before a model loads
+            resolve(cfg, args.config, construct_callbacks=False)  # all that train checks before a model loads
             checked.append("train")
     if cfg.generate is not None:
-        from .generation import validate_generate
+        from distillzoo.teacher.generate import validate_generate
 
         validate_generate(cfg, args.config)
         checked.append("generate")
     if cfg.score is not None:
-        from .scoring import validate_score
+        from distillzoo.teacher.scoring import validate_score
 
         validate_score(cfg, args.config)
         checked.append("score")
@@ -139,11 +174,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_reference_cache(args: argparse.Namespace) -> int:
-    from .causal_lm import load_causal_lm
-    from .data import PreferenceDataset
-    from .launch import Launch
-    from .reference_cache import write_reference_cache
-    from .tokenizer import load_tokenizer
+    from distillzoo.models.causal_lm import load_causal_lm
+    from distillzoo.data.pairs import PreferenceDataset
+    from distillzoo.teacher.launch import Launch
+    from distillzoo.teacher.reference_cache import write_reference_cache
+    from distillzoo.data.tokenizer import load_tokenizer
 
     data = PreferenceDataset(args.data, load_tokenizer(args.tokenizer), max_length=args.max_length,
                              max_prompt_length=args.max_prompt_length, columns=_columns(args))
@@ -160,12 +195,12 @@ def _cmd_reference_cache(args: argparse.Namespace) -> int:
 def _cmd_cache_teacher(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .causal_lm import load_causal_lm
-    from .launch import Launch
-    from .shards import ConversationDataset, TokenShards
-    from .tables import kind
-    from .teacher_cache import write_teacher_cache
-    from .tokenizer import QWEN_DEFAULT_SYSTEM, load_tokenizer
+    from distillzoo.models.causal_lm import load_causal_lm
+    from distillzoo.teacher.launch import Launch
+    from distillzoo.data.shards import ConversationDataset, TokenShards
+    from distillzoo.data.tables import kind
+    from distillzoo.teacher.cache import write_teacher_cache
+    from distillzoo.data.tokenizer import QWEN_DEFAULT_SYSTEM, load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
     if len(args.data) == 1 and kind(args.data[0]) == "prepared":
@@ -183,7 +218,8 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
                            max_memory=args.max_memory, gpus=launch.gpus())
     cache = write_teacher_cache(args.out, model, dataset, k=args.k, temperature=args.temperature, dtype=args.dtype,
                                 teacher_name=args.model, tokenizer_name=tokenizer.name, pad_id=tokenizer.pad_id,
-                                data_name=name, batch_size=args.batch_size, shard_size=args.shard_size, launch=launch)
+                                data_name=name, batch_size=args.batch_size, shard_size=args.shard_size, launch=launch,
+                                progress=not args.no_progress)
     if not launch.main:
         return 0
     tokens = sum(int(s.offsets[-1]) for s in cache.shards)
@@ -194,8 +230,8 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from .shards import prepare_shards
-    from .tokenizer import QWEN_DEFAULT_SYSTEM, load_tokenizer
+    from distillzoo.data.shards import prepare_shards
+    from distillzoo.data.tokenizer import QWEN_DEFAULT_SYSTEM, load_tokenizer
 
     shards = prepare_shards(args.data, args.out, format=args.format, tokenizer=load_tokenizer(args.tokenizer),
                             max_length=args.max_length, dtype=args.dtype,
@@ -208,8 +244,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .trainer import train
+    from distillzoo.config import load_config
+    from distillzoo.training.loop import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, where=args.config)
@@ -220,8 +256,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .generation import generate_from_config
+    from distillzoo.config import load_config
+    from distillzoo.teacher.generate import generate_from_config
 
     cfg = load_config(args.config, args.overrides)
     report = generate_from_config(cfg, where=args.config)
@@ -235,8 +271,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .scoring import score_from_config
+    from distillzoo.config import load_config
+    from distillzoo.teacher.scoring import score_from_config
 
     cfg = load_config(args.config, args.overrides)
     scores = score_from_config(cfg, where=args.config)
@@ -251,7 +287,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_filter(args: argparse.Namespace) -> int:
-    from .scoring import filter_records, read_scores
+    from distillzoo.teacher.scoring import filter_records, read_scores
 
     result = filter_records(args.data, args.format, read_scores(args.scores), args.out, threshold=args.threshold,
                             quantile=args.quantile, report=args.report, columns=_columns(args))
@@ -263,7 +299,7 @@ def _cmd_filter(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .compare import compare
+    from distillzoo.compare.runner import compare
 
     results = compare(args.config, say=lambda line: print(f"compare: {line}", file=sys.stderr, flush=True))
     sys.stdout.write((Path(results["output_dir"]) / "report.md").read_text(encoding="utf-8"))
@@ -271,7 +307,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from .plots import plot_runs
+    from distillzoo.compare.plots import plot_runs
 
     fig = plot_runs(args.runs, args.out, args.metric or None)
     print(f"{args.out}: {', '.join(ax.get_title() for ax in fig.axes)} of {len(args.runs)} run(s)")
@@ -283,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="distillzoo",
         description="A plugin-based zoo of distillation objectives for Qwen-family students.",
     )
-    from . import __version__
+    from distillzoo import __version__
 
     parser.add_argument("--version", action="version", version=f"distillzoo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -294,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "third-party (select one with algorithm: {name: ...})")
     p.add_argument("--json", action="store_true", help="print name, package, records, params and paper as JSON")
     p.set_defaults(func=_cmd_algorithms)
-    p = sub.add_parser("show", help="formula, parameters and paper of one objective")
+    p = sub.add_parser("show", help="formula or records, parameters and paper of one objective or training algorithm")
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_show)
@@ -337,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_filter)
     p = sub.add_parser("compare", help="train entrants (objectives, mixtures, plugins') x seeds under one budget "
                                        "and report held-out metrics none of them trains on")
-    p.add_argument("config", help="a compare YAML: base, entrants, seeds, held_out (see distillzoo.compare)")
+    p.add_argument("config", help="a compare YAML: base, entrants, seeds, held_out (see distillzoo.compare.runner)")
     p.set_defaults(func=_cmd_compare)
     p = sub.add_parser("plot", help="draw the curves of training runs from their metrics.jsonl to a PNG")
     p.add_argument("runs", nargs="+", help="distillzoo train output directories")
@@ -375,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--shard-size", type=int, default=1024, help="samples per shard (the unit of resuming)")
     p.add_argument("--model-dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_placement(p)
     p.set_defaults(func=_cmd_cache_teacher)
     p = sub.add_parser("reference-cache", help="score preference data under a frozen reference/teacher model once, "

@@ -24,132 +24,148 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from .errors import ConfigError, DistillzooError, did_you_mean
-from .tokenizer import QWEN_DEFAULT_SYSTEM
+from distillzoo.errors import ConfigError, DistillzooError, did_you_mean
+from distillzoo.data.tokenizer import QWEN_DEFAULT_SYSTEM
+
+
+def _doc(text: str, default: Any = MISSING, factory: Any = None):
+    """A schema field with its documentation (what ``docs/reference/config.md`` is generated from)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
 
 
 @dataclass
 class ModelConfig:
-    """A model: a local transformers directory (``path``), a Qwen2 built from ``tiny`` (tiny_qwen2 kwargs), or
-    a ``cache`` read instead of running a model."""
+    """A model: a local transformers directory, a tiny Qwen2 built from a config, or a cache read instead."""
 
-    path: Optional[str] = None
-    tiny: Optional[Dict[str, Any]] = None
-    #: teacher: a ``distillzoo cache-teacher`` directory; reference: a ``distillzoo reference-cache`` file
-    cache: Optional[str] = None
-    #: with ``cache``: the k the run expects (the manifest must agree)
-    top_k: Optional[int] = None
-    #: the student: LoRA adapters instead of full training, {r, alpha, dropout, target_modules, train_head}
-    lora: Optional[Dict[str, Any]] = None
-    #: generate / score: spread a model bigger than one device, {gpu: 70GiB, cpu: 200GiB} (distillzoo.placement)
-    max_memory: Optional[Dict[str, Any]] = None
+    path: Optional[str] = _doc("a local transformers model directory (config.json and weights); nothing is downloaded",
+                               None)
+    tiny: Optional[Dict[str, Any]] = _doc(
+        "a randomly initialised Qwen2-architecture model built from these arguments: vocab_size (151936), "
+        "hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, tie_word_embeddings (true), seed", None)
+    cache: Optional[str] = _doc("teacher: a `distillzoo cache-teacher` directory; reference: a `distillzoo "
+                                "reference-cache` file, read instead of running the model", None)
+    top_k: Optional[int] = _doc("with cache: the k the run expects (the cache's manifest must agree)", None)
+    lora: Optional[Dict[str, Any]] = _doc(
+        "the student only: LoRA adapters instead of full training, {r, alpha, dropout, target_modules, train_head} "
+        "(target_modules: names, a regular expression or all-linear, as peft takes them)", None)
+    max_memory: Optional[Dict[str, Any]] = _doc(
+        "generate / score: spread a model bigger than one device, {gpu: 70GiB, cpu: 200GiB}", None)
 
 
 @dataclass
 class StreamConfig:
-    """One data stream: a prepared directory, or records (JSONL, JSON, Parquet, Arrow, a datasets
-    save_to_disk directory) with their ``format``; a repeat count or a weight."""
+    """One data stream: records with their format, or a `distillzoo prepare` directory."""
 
-    name: str = MISSING
-    path: str = MISSING
-    format: Optional[str] = None
-    #: {format field: dataset column}, for datasets whose columns are named differently
-    columns: Optional[Dict[str, str]] = None
-    repeat: Optional[float] = None
-    weight: Optional[float] = None
+    name: str = _doc("the stream's name (in metrics and the mixing state)")
+    path: str = _doc("JSONL, JSON, Parquet, Arrow, a datasets save_to_disk directory, or a prepared directory")
+    format: Optional[str] = _doc("the records' data format: dolly, alpaca, chat, preference or a plugin's", None)
+    columns: Optional[Dict[str, str]] = _doc("{format field: dataset column}, for datasets named differently", None)
+    repeat: Optional[float] = _doc("examples per epoch as a multiple of the stream's size (give this or weight)", None)
+    weight: Optional[float] = _doc("the stream's share of an epoch of samples_per_epoch (give this or repeat)", None)
 
 
 @dataclass
 class DataConfig:
-    streams: List[StreamConfig] = field(default_factory=list)
-    eval: Optional[StreamConfig] = None
-    max_length: int = 512
-    samples_per_epoch: Optional[int] = None
-    tokenizer: Optional[str] = None
-    #: prepended to JSONL conversations that have none (null: no system message)
-    system: Optional[str] = QWEN_DEFAULT_SYSTEM
+    """The training data: streams mixed by repeat count or weight, a held-out set, tokenization."""
+
+    streams: List[StreamConfig] = _doc("the training streams, mixed deterministically", factory=list)
+    eval: Optional[StreamConfig] = _doc("the held-out set, evaluated every train.eval_every steps", None)
+    max_length: int = _doc("tokens per example; longer ones are cut", 512)
+    samples_per_epoch: Optional[int] = _doc("examples per epoch with weighted streams (default: the sum of the "
+                                            "stream sizes)", None)
+    tokenizer: Optional[str] = _doc("a local tokenizer directory (default: the embedded Qwen vocabulary)", None)
+    system: Optional[str] = _doc("the system message of conversations that have none (null: none)",
+                                 QWEN_DEFAULT_SYSTEM)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    batch_size: int = 8
-    micro_batch_size: Optional[int] = None
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    max_grad_norm: Optional[float] = 1.0
-    log_every: int = 10
-    eval_every: int = 0
-    checkpoint_every: int = 0
-    progress: bool = True
-    #: auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16
-    precision: str = "auto"
-    #: under torchrun: ddp (replicated student) or fsdp (FSDP2 fully_shard of student and teacher)
-    parallel: str = "ddp"
-    #: GKD's lambda: the probability per step that the student samples the responses it is trained on
-    on_policy: float = 0.0
-    on_policy_max_new_tokens: int = 64
-    on_policy_temperature: float = 1.0
+    """The optimisation: steps, batches, AdamW and its schedule, logging, checkpoints, devices."""
+
+    steps: int = _doc("optimiser steps", 100)
+    batch_size: int = _doc("examples per step, over all ranks and micro-batches", 8)
+    micro_batch_size: Optional[int] = _doc("examples per forward pass on one rank (null: the rank's whole share)",
+                                           None)
+    lr: float = _doc("AdamW's peak learning rate", 1e-4)
+    weight_decay: float = _doc("AdamW's weight decay", 0.0)
+    warmup_steps: int = _doc("linear warmup steps before the cosine decay", 0)
+    min_lr_ratio: float = _doc("the cosine decay's floor, as a fraction of lr", 0.1)
+    max_grad_norm: Optional[float] = _doc("gradient clipping norm (null: none)", 1.0)
+    log_every: int = _doc("steps between metrics.jsonl records (0: none)", 10)
+    eval_every: int = _doc("steps between held-out evaluations of data.eval (0: none)", 0)
+    checkpoint_every: int = _doc("steps between checkpoints (0: none)", 0)
+    progress: bool = _doc("a progress bar on the terminal", True)
+    precision: str = _doc("auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16", "auto")
+    parallel: str = _doc("under torchrun: ddp (a replicated student) or fsdp (FSDP2 shards of student and teacher)",
+                         "ddp")
 
 
 @dataclass
 class GenerateConfig:
     """``distillzoo generate``: who answers which prompts, how, and where the JSONL goes."""
 
-    prompts: Optional[str] = None
-    format: str = "chat"
-    #: {format field: dataset column}
-    columns: Optional[Dict[str, str]] = None
-    out: Optional[str] = None
-    #: responses: ``model`` answers (chat records); pairs: teacher = chosen, student = rejected (preference records)
-    mode: str = "responses"
-    model: str = "teacher"
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    batch_size: int = 16
-    progress: bool = True
+    prompts: Optional[str] = _doc("the prompts: records in any instruction format (the last reply is dropped)", None)
+    format: str = _doc("the prompts' data format", "chat")
+    columns: Optional[Dict[str, str]] = _doc("{format field: dataset column}", None)
+    out: Optional[str] = _doc("the JSONL file to write (a rerun appends what is missing)", None)
+    mode: str = _doc("responses: generate.model answers (chat records); pairs: teacher = chosen, student = "
+                     "rejected (preference records)", "responses")
+    model: str = _doc("who answers in responses mode: teacher or student", "teacher")
+    max_new_tokens: int = _doc("the longest answer", 256)
+    temperature: float = _doc("sampling temperature (0: greedy)", 1.0)
+    top_k: int = _doc("top-k sampling (0: off)", 0)
+    top_p: float = _doc("nucleus sampling (1: off)", 1.0)
+    batch_size: int = _doc("prompts per batch", 16)
+    progress: bool = _doc("a progress bar", True)
 
 
 @dataclass
 class ScoreConfig:
     """``distillzoo score``: which scorer rates which samples, and where the scores go."""
 
-    data: Optional[str] = None
-    format: str = "chat"
-    #: {format field: dataset column}
-    columns: Optional[Dict[str, str]] = None
-    out: Optional[str] = None
-    #: {name: mfd, ...params}: a scorer registered through the register_scorers hook
-    scorer: Optional[Dict[str, Any]] = None
-    batch_size: int = 8
-    progress: bool = True
+    data: Optional[str] = _doc("the records to score", None)
+    format: str = _doc("their data format", "chat")
+    columns: Optional[Dict[str, str]] = _doc("{format field: dataset column}", None)
+    out: Optional[str] = _doc("the {id, score} JSONL to write", None)
+    scorer: Optional[Dict[str, Any]] = _doc("{name: mfd, ...params}: a scorer registered through register_scorers",
+                                            None)
+    batch_size: int = _doc("samples per batch", 8)
+    progress: bool = _doc("a progress bar", True)
 
 
 @dataclass
 class DistillConfig:
-    """The schema every config is merged into (struct mode: unknown keys fail)."""
+    """A distillzoo config: every key a config may hold (struct mode: unknown keys fail)."""
 
-    objective: Optional[Dict[str, Any]] = None
-    objectives: Optional[List[Dict[str, Any]]] = None
-    #: {name: distill | preference | dpkd | a plugin's, ...params}; default: the objective's own
-    algorithm: Optional[Dict[str, Any]] = None
-    seed: int = 0
-    student: Optional[ModelConfig] = None
-    teacher: Optional[ModelConfig] = None
-    #: the frozen reference of preference training (a model, or a reference-cache file)
-    reference: Optional[ModelConfig] = None
-    #: [{name: ..., ...params}]: callbacks registered through register_trainer_callbacks
-    callbacks: Optional[List[Dict[str, Any]]] = None
-    data: Optional[DataConfig] = None
-    train: TrainConfig = field(default_factory=TrainConfig)
-    output_dir: Optional[str] = None
-    resume: str = "auto"
-    generate: Optional[GenerateConfig] = None
-    score: Optional[ScoreConfig] = None
+    objective: Optional[Dict[str, Any]] = _doc("{name, ...params}: one objective by name", None)
+    objectives: Optional[List[Dict[str, Any]]] = _doc("[{name, weight, ...params}]: a weighted mixture", None)
+    algorithm: Optional[Dict[str, Any]] = _doc(
+        "{name, ...params}: the training algorithm (distill, preference, dpkd, a plugin's) and its own parameters "
+        "(`distillzoo show NAME`); default: the objective's", None)
+    seed: int = _doc("the seed of data order, initialisation, sampling and dropout", 0)
+    student: Optional[ModelConfig] = _doc("the model trained", None)
+    teacher: Optional[ModelConfig] = _doc("the model distilled from (a model, or a teacher cache)", None)
+    reference: Optional[ModelConfig] = _doc("the frozen reference of preference training (a model, or a "
+                                            "reference-cache file)", None)
+    callbacks: Optional[List[Dict[str, Any]]] = _doc("[{name, ...params}]: trainer callbacks registered through "
+                                                     "register_trainer_callbacks (tensorboard, mlflow, a plugin's)",
+                                                     None)
+    data: Optional[DataConfig] = _doc("the training data", None)
+    train: TrainConfig = _doc("the optimisation", factory=TrainConfig)
+    output_dir: Optional[str] = _doc("checkpoints, metrics.jsonl and the final student (final/)", None)
+    resume: str = _doc("auto: continue from the newest intact checkpoint of the same run; never: start over", "auto")
+    generate: Optional[GenerateConfig] = _doc("`distillzoo generate`'s section", None)
+    score: Optional[ScoreConfig] = _doc("`distillzoo score`'s section", None)
+
+
+#: keys that moved, and where they live now: a config giving one is refused naming the new key
+MOVED = {
+    "train.on_policy": "algorithm.on_policy (algorithm: {name: distill, on_policy: 0.5})",
+    "train.on_policy_max_new_tokens": "algorithm.max_new_tokens (of algorithm 'distill')",
+    "train.on_policy_temperature": "algorithm.temperature (of algorithm 'distill')",
+}
 
 
 @dataclass(frozen=True)
@@ -224,6 +240,7 @@ def load_config(source: str | Path | dict, overrides: Sequence[str] = ()) -> Dic
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of keys, got {type(raw).__name__}")
     locate = _Locator(where, text, overrides)
+    _refuse_moved(raw, overrides, locate)
     _check_containers(DistillConfig, raw, "", locate.in_file)
     schema = OmegaConf.structured(DistillConfig)
     cfg = _merge(schema, OmegaConf.create(raw), locate.in_file)
@@ -240,6 +257,17 @@ def load_config(source: str | Path | dict, overrides: Sequence[str] = ()) -> Dic
         objective_terms(cfg, locate)  # a config for distillzoo generate or score alone needs no objective
     algorithm_choice(cfg, locate)
     return cfg
+
+
+def _refuse_moved(raw: dict, overrides: Sequence[str], locate: _Locator) -> None:
+    """A key that moved (see :data:`MOVED`) fails naming where it lives now."""
+    given = {o.partition("=")[0].strip(): f"override {o!r}" for o in overrides}
+    for key, now in MOVED.items():
+        section, _, leaf = key.partition(".")
+        if isinstance(raw.get(section), dict) and leaf in raw[section]:
+            given.setdefault(key, locate.in_file(key))
+        if key in given:
+            raise ConfigError(f"{given[key]}: {key} is an algorithm's parameter now: use {now}")
 
 
 def _container_kind(hint) -> tuple[str | None, Any]:
@@ -321,7 +349,7 @@ def _merge(base: DictConfig, update: DictConfig, locate: Callable[[str], str]) -
 
 def objective_terms(cfg: DictConfig, locate: _Locator | None = None) -> list[ObjectiveTerm]:
     """The validated objective terms of a config: (name, weight, params, config path)."""
-    from .manager import objective_spec, objective_specs
+    from distillzoo.objectives.registry import objective_spec, objective_specs
 
     locate = locate or _Locator("<config>", "", ())
     single, many = cfg.get("objective"), cfg.get("objectives")
@@ -373,7 +401,7 @@ def objective_terms(cfg: DictConfig, locate: _Locator | None = None) -> list[Obj
 def algorithm_choice(cfg: DictConfig, locate: _Locator | None = None) -> tuple[str | None, dict]:
     """The ``algorithm`` section as ``(name, params)``, checked against the registered algorithm; ``(None, {})``
     when the config has none (the trainer then takes the objective's default algorithm)."""
-    from .manager import algorithm_spec
+    from distillzoo.hooks.manager import algorithm_spec
 
     locate = locate or _Locator("<config>", "", ())
     node = cfg.get("algorithm")
@@ -397,20 +425,17 @@ def algorithm_choice(cfg: DictConfig, locate: _Locator | None = None) -> tuple[s
     return spec.name, params
 
 
-def build_objective(cfg: DictConfig):
-    """The objective a config selects: one objective, or a weighted Mixture of them."""
-    from .manager import objective
-    from .base import Mixture
+def build_objective(cfg: DictConfig, **overrides: Any):
+    """The objective a config selects: one objective, or a weighted Mixture of them (each term built with
+    its params and ``overrides``, e.g. ``reduction="sum"``)."""
+    from distillzoo.objectives.registry import build_objective as build
 
     terms = objective_terms(cfg)
-    if cfg.get("objective") is not None:
-        return objective(terms[0].name, **terms[0].params)
     try:
-        return Mixture([(t.weight, objective(t.name, **t.params)) for t in terms])
+        return build([(t.weight, t.name, t.params) for t in terms], mixture=cfg.get("objective") is None,
+                     **overrides)
     except DistillzooError as e:
-        raise ConfigError(f"objectives: {e}") from None
-
-
+        raise ConfigError(str(e)) from None
 
 
 def flatten(cfg: DictConfig) -> dict[str, Any]:

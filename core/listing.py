@@ -1,4 +1,4 @@
-"""The objective catalogue as ``distillzoo list`` prints it, without importing torch when it can.
+"""What ``distillzoo list`` and ``distillzoo plugins`` print: the catalogue without torch, and the loaded plugins.
 
 Importing the objectives means importing torch (seconds), but what ``list`` prints
 is catalogue data: the built-ins' entries are registry.yaml itself (a meta-test
@@ -11,6 +11,9 @@ package, and distillzoo's version and registry.yaml are unchanged. On any miss,
 every plugin is imported as before (warnings and errors included) and the cache is
 written again, unless a plugin warned or failed, so a broken plugin keeps being
 reported.
+
+:func:`plugins_info` is ``distillzoo plugins``: every plugin, its package, hooks,
+what it registered and its problems.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ import os
 import warnings
 from pathlib import Path
 
-from .atomic import write_text_atomically
-from .catalogue import build_spec, load_registry_yaml
-from .manager import BUILTIN_PACKAGE, allowed_entry_points, get_plugin_manager, objective_registrations
+from distillzoo.atomic import write_text_atomically
+from distillzoo.hooks.catalogue import build_spec, load_registry_yaml
+from distillzoo.hooks.manager import (BUILTIN_PACKAGE, COMPONENT_HOOKS, PluginManager, algorithm_registrations,
+                                     allowed_entry_points, component_registrations, get_plugin_manager)
+from distillzoo.objectives.registry import objective_registrations
 
 CACHE_VERSION = 1
 
@@ -71,7 +76,7 @@ def _key(ep) -> str | None:
 
 
 def _header() -> dict:
-    from . import __version__
+    from distillzoo import __version__
 
     registry = hashlib.sha1(json.dumps(load_registry_yaml(), sort_keys=True, default=str).encode()).hexdigest()
     return {"version": CACHE_VERSION, "distillzoo": __version__, "registry": registry}
@@ -114,3 +119,33 @@ def objective_listing() -> list[dict]:
         except OSError:
             pass  # an unwritable cache directory: list works, only slower
     return sorted((r.value.as_dict() for r in registered.values()), key=lambda e: e["name"])
+
+
+def plugins_info(pm: PluginManager | None = None) -> list[dict]:
+    """What ``distillzoo plugins`` prints: each loaded plugin, its package, hooks, names and problems.
+
+    It never raises for a third-party plugin: a broken hook implementation or a name
+    clash is listed under that plugin's ``problems``, so the command stays usable to
+    diagnose it.
+    """
+    pm = pm or get_plugin_manager()
+    problems: list[dict] = []
+    registered = {"objectives": objective_registrations(pm, problems), "algorithms": algorithm_registrations(pm, problems),
+                  **{kind: component_registrations(pm, kind, problems) for kind in COMPONENT_HOOKS}}
+    info = []
+    for name, plugin in sorted(pm.list_name_plugin()):
+        package, version = pm.packages.get(name, (name, None))
+        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+        info.append({
+            "name": name,
+            "package": package,
+            "version": version,
+            "hooks": hooks,
+            **{kind: sorted(n for n, r in found.items() if r.plugin == name) for kind, found in registered.items()},
+            "problems": [{k: v for k, v in p.items() if k != "plugin"} for p in problems if p["plugin"] == name],
+        })
+    for name, package, version, error in pm.failed:  # listed too, so the command shows why they are missing
+        info.append({"name": name, "package": package, "version": version, "hooks": [],
+                     **{kind: [] for kind in registered}, "problems": [{"package": package, "hook": None,
+                                                                       "error": f"failed to load: {error}"}]})
+    return info

@@ -16,9 +16,10 @@ import textwrap
 
 import yaml
 
-from .config import DistillConfig, load_config
-from .manager import algorithm_spec, objective_spec
-from .trainer import build_algorithm
+from distillzoo.config import DistillConfig, load_config
+from distillzoo.hooks.manager import algorithm_spec
+from distillzoo.objectives.registry import objective_spec
+from distillzoo.training.spec import build_algorithm, sections
 
 DATA = {"instruction": ("tasks", "data/quickstart/train.jsonl", "chat"),
         "preference": ("pairs", "data/quickstart/pairs.jsonl", "preference")}
@@ -51,8 +52,9 @@ def _reads(name: str) -> tuple[str, str, bool]:
         "objective": {"name": name}, "student": {"tiny": STUDENT}, "teacher": {"tiny": TEACHER},
         "data": {"streams": [{"name": "s", "path": DATA[records][1], "format": DATA[records][2]}],
                  "eval": {"name": "held-out", "path": EVAL[eval_records][0], "format": EVAL[eval_records][1]}}})
-    algorithm.check(probe, "<starter>")
-    return records, eval_records, "teacher" in algorithm.reads(probe)
+    spec = sections(probe, "<starter>")
+    algorithm.check(spec, "<starter>")
+    return records, eval_records, "teacher" in algorithm.reads(spec)
 
 
 def starter_config(name: str) -> str:

@@ -31,12 +31,12 @@ import time
 from pathlib import Path
 
 import distillzoo as dz
-from distillzoo.causal_lm import load_causal_lm
-from distillzoo.evaluation import exact_match
-from distillzoo.generation import generate_from_config
-from distillzoo.scoring import filter_records, read_scores, score_from_config
-from distillzoo.tokenizer import load_tokenizer
-from distillzoo.trainer import train
+from distillzoo.models.causal_lm import load_causal_lm
+from distillzoo.teacher.evaluation import exact_match
+from distillzoo.teacher.generate import generate_from_config
+from distillzoo.teacher.scoring import filter_records, read_scores, score_from_config
+from distillzoo.data.tokenizer import load_tokenizer
+from distillzoo.training.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs" / "distilqwen2"

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import distillzoo as dz
-from distillzoo.causal_lm import tiny_qwen2
+from distillzoo.models.causal_lm import tiny_qwen2
 
 RECORDS = [
     {"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "It is Lyon."},

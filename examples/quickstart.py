@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 
 import distillzoo as dz
-from distillzoo.causal_lm import load_causal_lm
-from distillzoo.evaluation import exact_match, response_kl, response_nll
-from distillzoo.shards import ConversationDataset
-from distillzoo.tokenizer import load_tokenizer
-from distillzoo.trainer import train
+from distillzoo.models.causal_lm import load_causal_lm
+from distillzoo.teacher.evaluation import exact_match, response_kl, response_nll
+from distillzoo.data.shards import ConversationDataset
+from distillzoo.data.tokenizer import load_tokenizer
+from distillzoo.training.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

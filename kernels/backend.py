@@ -27,8 +27,8 @@ BACKENDS = ("triton", "torch", "reference")
 DEFAULT_CHUNK_BYTES = 1 << 30
 # The CPU path's budget: its [V, c] buffers are transformed in place, so chunks of 70 to 216 tokens at
 # Qwen's vocab (104 for fkl's two buffers, 216 for token_logprobs' one) keep the GEMMs near full speed
-# (narrower ones lose 15-20% here), and the weight gradient stays the main cost in memory (bench/README:
-# fused fkl at about 14% of the naive path's peak).
+# (narrower ones run 15-20% slower on a 2-core AMD EPYC), and the weight gradient stays the main cost in
+# memory (bench/README: fused fkl at about 14% of the naive path's peak).
 DEFAULT_CPU_CHUNK_BYTES = 128 << 20
 ENV = "DISTILLZOO_BACKEND"
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -123,7 +123,7 @@ def balanced_chunks(rows: Tensor, chunk: int) -> tuple[Tensor, ...]:
 
     Not ``rows.split(chunk)``: its last piece can be a few tokens, and a GEMM that narrow
     takes other, slower BLAS kernels (MKL, under 16 columns). Multiples of 8 keep the GEMMs
-    on their full-width kernels (sizes like 69 cost about 10% here).
+    on their full-width kernels (sizes like 69 cost about 10% on a 2-core AMD EPYC).
     """
     n = rows.numel()
     if not n:

@@ -2,8 +2,8 @@
 
 On a CPU the lm_head GEMM is fastest as ``W @ h.T`` (``[V, H] x [H, c]``, both
 operands in their natural row-major layout): 15-25% more FLOP/s than ``h @ W.T``
-at the chunk sizes used here, and the weight-gradient GEMM ``G @ h`` is the same
-shape. So :meth:`~distillzoo.base.LogitObjective.from_hidden` and
+at the chunk sizes used here (fp32, on a 2-core AMD EPYC), and the weight-gradient
+GEMM ``G @ h`` is the same shape. So :meth:`~distillzoo.objectives.logit.LogitObjective.from_hidden` and
 :func:`~distillzoo.kernels.token_logprobs` compute each chunk's logits as
 ``[V, c]``, one column per token, and every function here takes that layout.
 
@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .vocab_chunked import compute_dtype
+from distillzoo.kernels.vocab_chunked import compute_dtype
 
 #: bytes per block of the elementwise work (``[block, c]`` temporaries): small, so that the few
 #: temporaries alive at once stay in the allocator's reused heap chunks
@@ -72,8 +72,8 @@ class Workspace:
 def column_max(x: Tensor) -> Tensor:
     """The max of each column of ``[V, c]`` (NaN if any, +inf, or -inf if all are).
 
-    ``x.amax(0)`` walks the columns with a stride on CPUs (about 10x slower here than a row
-    reduction); viewed as ``[V / 64, 64 c]`` the reduction runs over long contiguous rows,
+    ``x.amax(0)`` walks the columns with a stride on CPUs (about 10x slower than a row reduction
+    on a 2-core AMD EPYC); viewed as ``[V / 64, 64 c]`` the reduction runs over long contiguous rows,
     then the 64 partial maxima of each column are reduced.
     """
     vocab, columns = x.shape

@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .backend import block_size, launch_grid_device, unit_stride
-from .triton_common import grad_store, row_softmax_stats, tile_log_probs
+from distillzoo.kernels.backend import block_size, launch_grid_device, unit_stride
+from distillzoo.kernels.triton_common import grad_store, row_softmax_stats, tile_log_probs
 
 
 @triton.jit

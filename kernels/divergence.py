@@ -40,8 +40,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .backend import block_size, interpreting, launch_grid_device, unit_stride
-from .triton_common import (combine_stats, grad_store, logaddexp, row_softmax_stats, segment_softmax_stats,
+from distillzoo.kernels.backend import block_size, interpreting, launch_grid_device, unit_stride
+from distillzoo.kernels.triton_common import (combine_stats, grad_store, logaddexp, row_softmax_stats, segment_softmax_stats,
                             tile_log_probs)
 
 KINDS = {"fkl": 0, "rkl": 1, "jsd": 2, "skl": 3, "srkl": 4, "tvd": 5}
@@ -56,7 +56,7 @@ def _configs() -> list[triton.Config]:
 
 def _prune(configs, named_args, **kwargs):
     """Tiles no wider than the vocab (or segment) needs; in the interpreter, one fixed configuration (the
-    vocab's power of two up to 4,096, 8 warps: what the kernels ran with before autotuning)."""
+    vocab's power of two up to 4,096, 8 warps)."""
     args = {**named_args, **kwargs}
     width = args.get("SEG") or args["V"]
     if interpreting():

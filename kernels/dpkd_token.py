@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .backend import block_size, launch_grid_device, unit_stride
+from distillzoo.kernels.backend import block_size, launch_grid_device, unit_stride
 
 
 @triton.jit

@@ -24,8 +24,9 @@ from torch import Tensor
 
 from distillzoo.errors import ParameterError
 
-from . import columns, vocab_chunked
-from .backend import (accumulate_weight_grad, auto_chunk_rows, backend_for, balanced_chunks, grad_buffers,
+from distillzoo.kernels import columns
+from distillzoo.kernels import vocab_chunked
+from distillzoo.kernels.backend import (accumulate_weight_grad, auto_chunk_rows, backend_for, balanced_chunks, grad_buffers,
                       weight_grad_dtype)
 
 # ---------------------------------------------------------------- row functions, three backends
@@ -60,7 +61,7 @@ def _rows_reference(logits: Tensor, labels: Tensor):
 
 
 def _triton():
-    from . import token_logprob_triton
+    from distillzoo.kernels import token_logprob_triton
 
     return token_logprob_triton
 

@@ -28,8 +28,8 @@ import json
 import math
 
 from distillzoo.errors import DataError
-from distillzoo.hookspecs import hookimpl
-from distillzoo.tokenizer import ROLES
+from distillzoo.hooks.hookspecs import hookimpl
+from distillzoo.data.tokenizer import ROLES
 
 REFERENCE_FIELDS = ("reference_chosen_logps", "reference_rejected_logps")
 

@@ -7,9 +7,9 @@ from typing import Callable
 
 import torch
 
-from distillzoo import hookimpl
+from distillzoo.hooks.hookspecs import hookimpl
 from distillzoo.errors import ParameterError
-from distillzoo.scoring import Scorer, per_sample_nll
+from distillzoo.teacher.scoring import Scorer, per_sample_nll
 
 
 class MFD(Scorer):
@@ -33,7 +33,7 @@ class MFD(Scorer):
     def score(self, batch):
         if self.metric == "nll_gap":
             return batch.per_sample_mean(per_sample_nll(batch, "student") - per_sample_nll(batch, "teacher"))
-        from distillzoo.manager import objective
+        from distillzoo.objectives.registry import objective
 
         hs, ws = batch.head("student")
         ht, wt = batch.head("teacher")

@@ -7,10 +7,15 @@ its step, under ``output_dir/tensorboard`` unless ``log_dir`` says otherwise::
     callbacks:
       - {name: tensorboard}             # then: tensorboard --logdir runs/fkl/tensorboard
 
-A resumed run purges the events past the step it resumes from, so the curves show
-each step once, as metrics.jsonl does. It needs the optional ``tensorboard``
-package (``pip install "distillzoo[tensorboard]"``). Without the package, the config
-is refused before any model loads.
+A resumed run purges the events past the step it resumes from, and a fresh start
+(``resume: never``, or a run killed before its first checkpoint started over)
+removes the replaced run's event files, so the curves show each step once, as
+metrics.jsonl does. Only the tracker's own files go: the event files whose names
+end in a suffix it recorded for this run in ``output_dir/tensorboard_run.json``
+before writing them (and, in the default ``output_dir/tensorboard``, every event
+file), never anything else in a ``log_dir`` of your own. It needs the optional
+``tensorboard`` package (``pip install "distillzoo[tensorboard]"``). Without the
+package, the config is refused before any model loads.
 
 ``mlflow`` logs the same records as MLflow metrics at their steps, and the whole
 config (flattened: ``objective.name``, ``train.lr``, ...) as the run's params, to
@@ -36,16 +41,20 @@ import math
 import os
 import re
 import time
+import uuid
 from pathlib import Path
 
 from distillzoo.atomic import write_text_atomically
-from distillzoo.callbacks import Callback
+from distillzoo.training.callbacks import Callback
 from distillzoo.errors import ConfigError
-from distillzoo.hookspecs import hookimpl
+from distillzoo.hooks.hookspecs import hookimpl
 
 
 class TensorBoard(Callback):
     """Scalars of each logged metrics record, through ``torch.utils.tensorboard.SummaryWriter``."""
+
+    #: event file names: ``events.out.tfevents.TIME.HOST.PID.N``, then the tracker's suffix
+    EVENTS = "events.out.tfevents.*"
 
     def __init__(self, log_dir: str | None = None) -> None:
         try:
@@ -58,10 +67,27 @@ class TensorBoard(Callback):
     def on_train_start(self, run) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        log_dir = Path(self.log_dir) if self.log_dir else Path(run.cfg.output_dir) / "tensorboard"
+        output_dir = Path(run.cfg.output_dir)
+        default = output_dir / "tensorboard"
+        log_dir = Path(self.log_dir) if self.log_dir else default
+        record = output_dir / "tensorboard_run.json"
+        written = _read_record(record)
+        key = str(log_dir.resolve())
+        suffixes = written.get(key, [])
         start = int(run.extra.get("step", 0))
+        if not start:  # a fresh start: the run it replaces logged its steps too, so its event files go
+            stale = [p for suffix in suffixes for p in log_dir.glob(self.EVENTS + suffix)]
+            if log_dir.resolve() == default.resolve():  # the tracker's own directory: every event file in it
+                stale += log_dir.glob(self.EVENTS)
+            for path in stale:
+                path.unlink(missing_ok=True)
+            suffixes = []
+        suffix = f".distillzoo-{uuid.uuid4().hex[:12]}"
+        # recorded before the file exists, so a run killed at any point leaves none unaccounted for
+        written[key] = [*suffixes, suffix]
+        write_text_atomically(record, json.dumps({"log_dirs": written}, indent=1) + "\n")
         # purge_step drops what a killed run wrote past the checkpoint this one resumes from
-        self.writer = SummaryWriter(str(log_dir), purge_step=start + 1 if start else None)
+        self.writer = SummaryWriter(str(log_dir), purge_step=start + 1 if start else None, filename_suffix=suffix)
 
     def on_log(self, step: int, record: dict) -> None:
         for key, value in _numbers(record).items():
@@ -71,6 +97,22 @@ class TensorBoard(Callback):
     def on_train_end(self, result) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+#: the suffix of a TensorBoard tracker's event file names: one per run and resume
+_SUFFIX = re.compile(r"\.distillzoo-[0-9a-f]{12}")
+
+
+def _read_record(path: Path) -> dict[str, list[str]]:
+    """``{log dir: [suffix, ...]}`` of ``tensorboard_run.json``: whose event files are this run's ({} if none)."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))["log_dirs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # none yet, or unreadable: no file is known to be the tracker's, so none is removed
+    if not isinstance(found, dict):
+        return {}
+    return {str(k): [s for s in v if isinstance(s, str) and _SUFFIX.fullmatch(s)]
+            for k, v in found.items() if isinstance(v, list)}
 
 
 def _numbers(record: dict) -> dict[str, float]:

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import distillzoo as dz  # noqa: E402
-from distillzoo.manager import reset_plugin_manager  # noqa: E402
+from distillzoo.hooks.manager import reset_plugin_manager  # noqa: E402
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def tok():
 @pytest.fixture
 def no_models(monkeypatch):
     """Any model built (tiny or loaded) fails the test: for checks that must come before the first model."""
-    import distillzoo.causal_lm as causal_lm  # where every command builds its models
+    import distillzoo.models.causal_lm as causal_lm  # where every command builds its models
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was built before the config was checked")

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import distillzoo as dz
-from distillzoo.callbacks import Callbacks
-from distillzoo.trainer import train
+from distillzoo.training.callbacks import Callbacks
+from distillzoo import train
 from helpers import write_jsonl
 
 STUDENT = {"hidden_size": 32, "num_layers": 1, "seed": 0}
@@ -76,7 +76,7 @@ class CountingDistill(dz.Algorithm):
         self.seen = 0
 
     def micro_batches(self, run, examples, step, size):
-        from distillzoo.algorithm import instruction_batches
+        from distillzoo.training.algorithm import instruction_batches
 
         return instruction_batches(examples, size, run.tokenizer.pad_id, run.device)
 
@@ -165,8 +165,8 @@ def test_a_third_party_algorithm_is_chosen_by_name_and_its_state_survives_a_resu
 
 
 def test_each_mixture_term_s_loss_is_logged_and_shown(tmp_path):
-    from distillzoo.plugins.algorithms import LogitDistillation
-    from distillzoo.trainer import _progress
+    from distillzoo.plugins.algorithms.distill import Distill
+    from distillzoo.training.loop import _progress
 
     raw = config(tmp_path, steps=3, micro_batch_size=1)
     raw.pop("objective")
@@ -175,12 +175,12 @@ def test_each_mixture_term_s_loss_is_logged_and_shown(tmp_path):
     for r in rows:  # every term's own per-token loss, weighted back into the logged total
         assert r["loss/ce"] > r["loss/fkl"] > 0
         assert 0.25 * r["loss/ce"] + 0.75 * r["loss/fkl"] == pytest.approx(r["loss"], rel=1e-6)
-    shown = _progress(rows[-1], LogitDistillation)
+    shown = _progress(rows[-1], Distill)
     assert list(shown) == ["loss", "ce", "fkl", "tok_s"] and shown["fkl"] == f"{rows[-1]['loss/fkl']:.4f}"
 
 
 def test_the_default_algorithm_follows_the_objective(tmp_path):
-    from distillzoo.trainer import build_algorithm
+    from distillzoo.training.spec import build_algorithm
 
     for objective, fmt, name in [("fkl", "chat", "distill"), ("ce", "chat", "distill"), ("dpo", "preference", "preference"),
                                  ("simpo", "preference", "preference"), ("dpkd", "preference", "dpkd")]:
@@ -254,9 +254,9 @@ def bad(change, objective="fkl", fmt="chat"):
     (bad(lambda c, p: c.update(reference={"cache": str(p / "nope.jsonl")}), "dpo", "preference"),
      r"reference.cache: reference cache '.*nope.jsonl' does not exist"),
     # keys and sections that the chosen algorithm would not read
-    (bad(lambda c, p: c["train"].update(on_policy=0.5), "dpkd", "preference"),
-     r"train.on_policy: GKD's on-policy mixing is part of algorithm 'distill', not 'dpkd'; for student samples in "
-     r"DPKD use algorithm: \{name: dpkd, online: true\}"),
+    (bad(lambda c, p: c.update(algorithm={"name": "dpkd", "on_policy": 0.5}), "dpkd", "preference"),
+     r"algorithm.on_policy \(algorithm 'dpkd'\): unknown parameter 'on_policy'. Valid parameters: online, "
+     r"max_new_tokens, temperature"),
     (bad(lambda c, p: None, "dpo", "preference"),
      r"teacher: algorithm 'preference' does not use a teacher; remove the section \(nothing would read it\)"),
     (bad(lambda c, p: c.update(reference={"tiny": STUDENT}), "fkl", "chat"),

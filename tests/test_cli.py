@@ -43,12 +43,31 @@ def test_show_prints_formula_params_and_paper(capsys):
 def test_show_unknown_name_fails_with_suggestion(capsys):
     code, out, err = run(capsys, "show", "rkll")
     assert code == 2 and out == ""
-    assert err.strip() == "distillzoo show: error: unknown objective 'rkll'. Available: ce, dpkd, dpkd_token, dpo, fkl, jsd, rkl, simpo, skl, srkl, tvd. Did you mean 'rkl'?"
+    assert err.strip() == ("distillzoo show: error: unknown objective or training algorithm 'rkll'. Objectives: ce, "
+                           "dpkd, dpkd_token, dpo, fkl, jsd, rkl, simpo, skl, srkl, tvd; algorithms: distill, dpkd, "
+                           "preference. Did you mean 'rkl'?")
+    assert run(capsys, "show", "distil")[2].strip().endswith("Did you mean 'distill'?")
+
+
+def test_show_prints_an_algorithm_s_own_parameters(capsys):
+    code, out, _ = run(capsys, "show", "distill")
+    assert code == 0 and out.startswith("distill  (training algorithm, package distillzoo)")
+    assert "records:  instruction; trains logit objectives" in out
+    assert "on_policy: float = 0.0 in [0, 1]" in out and "max_new_tokens: int = 64 in [1, inf)" in out
+    assert "On-Policy Distillation of Language Models" in out  # GKD
+    code, out, _ = run(capsys, "show", "dpkd")  # an objective and an algorithm of one name: both
+    assert code == 0 and "dpkd  (objective, preference, package distillzoo)" in out
+    assert "dpkd  (training algorithm, package distillzoo)" in out and "online: bool = False" in out
+    code, out, _ = run(capsys, "show", "--json", "dpkd")
+    shown = json.loads(out)
+    assert shown["objective"]["name"] == shown["algorithm"]["name"] == "dpkd"
+    assert list(shown["algorithm"]["params"]) == ["online", "max_new_tokens", "temperature"]
+    assert json.loads(run(capsys, "show", "--json", "preference")[1])["params"]["reference"]["default"] == "auto"
 
 
 def test_plugins_json(capsys):
     code, out, _ = run(capsys, "plugins")
-    [builtin] = [p for p in json.loads(out) if p["name"] == "distillzoo.plugins.divergences"]
+    [builtin] = [p for p in json.loads(out) if p["name"] == "distillzoo.plugins.objectives.divergences"]
     assert builtin["package"] == "distillzoo" and builtin["version"] == "0.1.0"
     assert builtin["objectives"] == ["fkl", "jsd", "rkl", "skl", "srkl", "tvd"] and builtin["hooks"] == ["register_objectives"]
 
@@ -61,11 +80,11 @@ def test_config_output_is_accepted_by_check(capsys, tmp_path):
     code, out, err = run(capsys, "check", str(path), "objective.temperature=2.5")
     assert code == 0, err
     assert "temperature: 2.5" in out and "ForwardKL(temperature=2.5," in out
-    assert "# algorithm: LogitDistillation()" in out  # the objective's default
+    assert "# algorithm: Distill(on_policy=0.0, max_new_tokens=64, temperature=1.0)" in out  # the objective's default
     path.write_text("objective: {name: dpkd}\nalgorithm: {name: dpkd, online: true}\n")
     code, out, err = run(capsys, "check", str(path))
     assert code == 0, err
-    assert "# algorithm: DPKDAlgorithm(online=True, max_new_tokens=64, temperature=1.0)" in out
+    assert "# algorithm: DPKD(online=True, max_new_tokens=64, temperature=1.0)" in out
 
 
 def test_check_reports_config_errors(capsys, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 import distillzoo as dz
-from distillzoo.compare import compare, load_plan, run_config
+from distillzoo.compare.runner import compare, load_plan, run_config
 from helpers import write_jsonl
 
 

@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 import distillzoo as dz
-from distillzoo.catalogue import load_registry_yaml
+from distillzoo.hooks.catalogue import load_registry_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,19 +137,19 @@ def test_starter_config_round_trips_to_the_same_objective(tmp_path, name):
 
 @pytest.mark.parametrize("name", sorted(load_registry_yaml()["objectives"]))
 def test_the_starter_config_is_complete_for_train_before_any_model(tmp_path, name, monkeypatch, no_models):
-    from distillzoo.trainer import validate
+    from distillzoo.training.spec import resolve
 
     monkeypatch.chdir(ROOT)  # its data paths are the repository's quickstart files
     cfg = dz.load_config(write(tmp_path, dz.starter_config(name)), [f"output_dir={tmp_path / 'run'}"])
-    algorithm, _ = validate(cfg, where="starter")  # what train checks before it loads a model
+    run = resolve(cfg, where="starter")  # what train checks before it loads a model
     spec = dz.objective_spec(name)
-    assert type(algorithm).name == spec.cls.default_algorithm
-    assert (cfg.teacher is not None) == ("teacher" in algorithm.reads(cfg))
+    assert type(run.algorithm).name == spec.cls.default_algorithm
+    assert (cfg.teacher is not None) == ("teacher" in run.algorithm.reads(run))
 
 
 @pytest.mark.parametrize("name", ["fkl", "dpo", "dpkd"])  # one per built-in algorithm
 def test_the_starter_config_trains_as_printed(tmp_path, name, monkeypatch):
-    from distillzoo.trainer import train
+    from distillzoo import train
 
     monkeypatch.chdir(ROOT)
     cfg = dz.load_config(write(tmp_path, dz.starter_config(name)),  # shortened: two steps, no held-out pass

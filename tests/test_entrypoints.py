@@ -8,6 +8,7 @@ import warnings
 import pytest
 
 import distillzoo as dz
+from distillzoo.hooks.manager import reset_plugin_manager
 from helpers import add_distribution, bhattacharyya_plugin
 
 RAISING_MODULE = '''
@@ -36,7 +37,7 @@ def load(monkeypatch, allow="kd-bhatta,kd-broken"):
         monkeypatch.delenv("DISTILLZOO_PLUGINS", raising=False)
     else:
         monkeypatch.setenv("DISTILLZOO_PLUGINS", allow)
-    dz.manager.reset_plugin_manager()
+    reset_plugin_manager()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         names = dz.list_objectives()

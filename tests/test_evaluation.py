@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from distillzoo.causal_lm import tiny_qwen2
-from distillzoo.evaluation import exact_match, greedy_answers, response_divergences, response_kl, response_nll
-from distillzoo.shards import ConversationDataset
+from distillzoo.models.causal_lm import tiny_qwen2
+from distillzoo.teacher.evaluation import exact_match, greedy_answers, response_divergences, response_kl, response_nll
+from distillzoo.data.shards import ConversationDataset
 from helpers import naive_greedy, write_jsonl
 
 RECORDS = [
@@ -56,6 +56,25 @@ def test_exact_match_counts_answers_equal_to_the_reference(tmp_path, tok):
     assert result["answers"] == answers
     assert result["exact_match"] == pytest.approx(3 / 5) and result["n"] == 5
     assert result["by_task"] == pytest.approx({"add": 1 / 2, "sort": 1.0, "words": 1 / 2})
+
+
+def test_exact_match_scores_every_answer_when_one_holds_an_id_the_tokenizer_cannot_decode(tmp_path, tok):
+    from test_tokenizer_decode import UNDECODABLE, decoded_with_unknown, emitting_undecodable
+
+    prompts = [tok.encode_prompt([{"role": "user", "content": p}], None) for _, p in RECORDS]
+    model = emitting_undecodable(peaked(2), prompts[1], tok.im_end_id, at=1)
+    expected = [naive_greedy(model, p, tok.im_end_id, 4) for p in prompts]  # one prompt at a time, no cache
+    assert UNDECODABLE in expected[1][1:-1]
+    answers = [decoded_with_unknown(ids) for ids in expected]
+    # records 1 (the one holding the id) and 3 carry the model's answer, the others a different one
+    refs = ["no", answers[1], "no", answers[3], "no"]
+    path = write_jsonl(tmp_path / "eval.jsonl", [
+        {"task": task, "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": ref}]}
+        for (task, p), ref in zip(RECORDS, refs)])
+    result = exact_match(model, tok, path, system=None, max_new_tokens=4, batch_size=5)  # one batch
+    assert result["answers"] == answers and "\ufffd" in answers[1]
+    assert result["exact_match"] == pytest.approx(2 / 5) and result["n"] == 5
+    assert result["by_task"] == pytest.approx({"add": 1 / 2, "sort": 0.0, "words": 1 / 2})
 
 
 def answered(tmp_path, tok):

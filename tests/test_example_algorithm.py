@@ -44,11 +44,11 @@ def write_config(tmp_path, teacher_mix, steps=1):
 PROBE = """
 import copy, json, sys, torch
 import distillzoo as dz
-from distillzoo.causal_lm import tiny_qwen2
-from distillzoo.generation import Sampling, decode
-from distillzoo.shards import ConversationDataset
-from distillzoo.streams import MixedStreams, Stream
-from distillzoo.trainer import train
+from distillzoo.models.causal_lm import tiny_qwen2
+from distillzoo.models.generation import Sampling, decode
+from distillzoo.data.shards import ConversationDataset
+from distillzoo.training.streams import MixedStreams, Stream
+from distillzoo import train
 
 cfg_path, data, a = sys.argv[1], sys.argv[2], float(sys.argv[3])
 result = train(dz.load_config(cfg_path))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distillzoo.forkserver import ForkServer
+from distillzoo.compare.forkserver import ForkServer
 
 HERE = Path(__file__).parent
 
@@ -70,7 +70,7 @@ def test_a_failing_job_gives_its_exit_code_and_traceback_and_the_server_goes_on(
 def test_killing_the_parent_kills_the_server_and_the_running_job(tmp_path):
     out = tmp_path / "job_pid"
     script = (f"import sys; sys.path.insert(0, {str(HERE)!r})\n"
-              "from distillzoo.forkserver import ForkServer\n"
+              "from distillzoo.compare.forkserver import ForkServer\n"
               "s = ForkServer(preload=[])\n"
               f"s.run('test_forkserver:sleep_and_write', {{'out': {str(out)!r}, 'seconds': 120}}, {str(tmp_path / 'log')!r})\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import distillzoo as dz
-from distillzoo.causal_lm import tiny_qwen2
-from distillzoo.data import read_records
-from distillzoo.generation import Sampling, _pick, decode, generate_file, sample_seed
+from distillzoo.models.causal_lm import tiny_qwen2
+from distillzoo.data.records import read_records
+from distillzoo.models.generation import Sampling, _pick, decode, sample_seed
+from distillzoo.teacher.generate import generate_file
 from helpers import naive_greedy, write_jsonl
 
 PROMPTS = ["What is 3 + 4?", "计算 12 + 1", "Write 42 in words.", "用中文写出 7", "Sort the digits: 9120",
@@ -187,6 +188,24 @@ def test_pairs_are_preference_records_that_dpkd_trains_on(tmp_path, tok):
     assert losses[-1] < losses[0]
 
 
+def test_an_answer_holding_an_id_the_tokenizer_cannot_decode_is_written_with_the_rest_of_its_batch(tmp_path, tok):
+    from test_tokenizer_decode import UNDECODABLE, decoded_with_unknown, emitting_undecodable
+
+    data = prompt_file(tmp_path)
+    prompts = [tok.encode_prompt([{"role": "user", "content": p}], None) for p in PROMPTS]
+    model = emitting_undecodable(peaked(0), prompts[0], tok.im_end_id, at=1)
+    expected = [naive_greedy(model, p, tok.im_end_id, 4) for p in prompts]  # one prompt at a time, no cache
+    assert UNDECODABLE in expected[0][1:-1]
+    out = tmp_path / "out.jsonl"
+    report = generate_file({"responses": model}, tok, data, "chat", out, Sampling(max_new_tokens=4, temperature=0),
+                           system=None, batch_size=8, progress=False)  # the whole file is one batch
+    assert report == {"written": 8, "already_done": 0, "empty": [], "total": 8}
+    records = lines(out)
+    assert [r["id"] for r in records] == [f"p{i}" for i in range(8)]
+    assert [r["messages"][-1]["content"] for r in records] == [decoded_with_unknown(ids) for ids in expected]
+    assert "\ufffd" in records[0]["messages"][-1]["content"]
+
+
 def generate_config(tmp_path, **generate):
     return {"seed": 3, "teacher": {"tiny": {"hidden_size": 48, "num_layers": 1, "seed": 1}},
             "student": {"tiny": {"hidden_size": 32, "num_layers": 1, "seed": 2}},
@@ -218,8 +237,8 @@ def test_the_cli_answers_then_a_rerun_finds_everything_done(tmp_path, capsys):
     (lambda g, c: g.update(model="judge"), r"generate.model: 'judge' is not one of"),
 ])
 def test_bad_generate_configs_fail_before_any_model_is_loaded(tmp_path, monkeypatch, change, message):
-    import distillzoo.causal_lm as causal_lm  # where models are built
-    from distillzoo.generation import generate_from_config
+    import distillzoo.models.causal_lm as causal_lm  # where models are built
+    from distillzoo.teacher.generate import generate_from_config
 
     def no_models(*args, **kwargs):
         raise AssertionError("a model was built before the config was checked")
@@ -235,7 +254,7 @@ def test_bad_generate_configs_fail_before_any_model_is_loaded(tmp_path, monkeypa
 
 def test_a_reply_holding_a_line_separator_does_not_break_the_resume(tmp_path):
     """json.dumps(ensure_ascii=False) leaves U+2028 raw; str.splitlines would cut the record there."""
-    from distillzoo.parts import finished_ids
+    from distillzoo.teacher.parts import finished_ids
 
     out = tmp_path / "out.jsonl"
     out.write_text(json.dumps({"id": "a", "messages": [{"role": "assistant", "content": "x\u2028y"}]},
@@ -245,7 +264,7 @@ def test_a_reply_holding_a_line_separator_does_not_break_the_resume(tmp_path):
 
 
 def test_parts_of_an_interrupted_run_are_resumed_only_with_the_same_model_and_sampling(tmp_path, tok, monkeypatch):
-    import distillzoo.generation as generation
+    import distillzoo.teacher.generate as generation
 
     data, out = prompt_file(tmp_path), tmp_path / "out.jsonl"
     sampling = Sampling(max_new_tokens=4, temperature=0.7, seed=1)

@@ -22,7 +22,7 @@ ANSWERS = ["7", "13", "forty-two", "七", "0129", "5183", "1358", "四十二", "
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Instruction records, preference pairs, a saved tiny teacher and student, and the configs that use them."""
-    from distillzoo.causal_lm import tiny_qwen2
+    from distillzoo.models.causal_lm import tiny_qwen2
 
     root = tmp_path_factory.mktemp("launch")
     records = [{"id": f"p{i}", "messages": [{"role": "user", "content": f"Question {i}: what comes next? " * 2},
@@ -147,8 +147,8 @@ def test_a_rank_killed_mid_run_then_a_rerun_writes_what_one_process_writes(setup
 
 
 def test_a_teacher_spread_over_cpu_and_disk_caches_what_one_loaded_whole_caches(setup, one_process, tmp_path):
-    from distillzoo.causal_lm import load_causal_lm
-    from distillzoo.placement import device_map
+    from distillzoo.models.causal_lm import load_causal_lm
+    from distillzoo.models.placement import device_map
 
     whole = load_causal_lm(str(setup["teacher"]))
     size = lambda module: sum(t.numel() * t.element_size()  # noqa: E731

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import distillzoo as dz
+from distillzoo.hooks.manager import reset_plugin_manager
 from helpers import add_distribution, bhattacharyya_plugin
 
 PROBE = ("import sys, contextlib, io, json\n"
@@ -53,12 +54,12 @@ def test_a_plugin_is_imported_once_then_listed_from_the_cache_until_its_files_ch
 
     monkeypatch.syspath_prepend(str(site))  # the same plugins, loaded in this process, give the same list
     monkeypatch.setenv("DISTILLZOO_PLUGINS", "kd-bhatta")
-    dz.manager.reset_plugin_manager()
+    reset_plugin_manager()
     try:
         assert listed(env)[0] == {"torch": False, "entries": loaded_catalogue()}
     finally:
         sys.modules.pop("kd_bhatta", None)
-        dz.manager.reset_plugin_manager()
+        reset_plugin_manager()
 
 
 def test_a_broken_plugin_is_never_cached_so_it_is_reported_every_time(tmp_path):

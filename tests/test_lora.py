@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import distillzoo as dz
-from distillzoo.trainer import train
+from distillzoo import train
 from helpers import assert_trained_alike, train_killed_at_checkpoint, write_jsonl
 
 peft = pytest.importorskip("peft")
@@ -47,8 +47,8 @@ def adapters(run):
 def test_training_equals_peft_s_own_model_trained_by_a_hand_loop(tmp_path, tok):
     from peft import LoraConfig, get_peft_model
 
-    from distillzoo.causal_lm import tiny_qwen2
-    from distillzoo.shards import ConversationDataset, collate_sft
+    from distillzoo.models.causal_lm import tiny_qwen2
+    from distillzoo.data.shards import ConversationDataset, collate_sft
 
     raw = config(tmp_path)
     result = train(dz.load_config(raw))
@@ -93,7 +93,7 @@ def test_the_merged_model_loads_and_gives_the_logits_of_base_plus_adapter(tmp_pa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from distillzoo.causal_lm import tiny_qwen2
+    from distillzoo.models.causal_lm import tiny_qwen2
 
     result = train(dz.load_config(config(tmp_path)))
     merged = AutoModelForCausalLM.from_pretrained(result.output_dir / "final").eval()
@@ -167,7 +167,7 @@ def test_an_untied_student_may_train_its_head_in_full_and_its_merged_model_keeps
     raw["student"]["lora"]["train_head"] = True
     result = train(dz.load_config(raw))
     merged = AutoModelForCausalLM.from_pretrained(result.output_dir / "final")
-    from distillzoo.causal_lm import tiny_qwen2
+    from distillzoo.models.causal_lm import tiny_qwen2
 
     fresh = tiny_qwen2(hidden_size=32, num_layers=2, seed=0, tie_word_embeddings=False)
     assert (merged.lm_head.weight - fresh.lm_head.weight).abs().max() > 1e-4  # the head was trained ...

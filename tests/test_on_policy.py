@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import distillzoo as dz
-from distillzoo.causal_lm import tiny_qwen2
-from distillzoo.generation import Sampling, decode
-from distillzoo.shards import ConversationDataset
-from distillzoo.streams import MixedStreams, Stream
-from distillzoo.plugins.algorithms import on_policy_step as _on_policy_step
-from distillzoo.trainer import train
+from distillzoo.models.causal_lm import tiny_qwen2
+from distillzoo.models.generation import Sampling, decode
+from distillzoo.data.shards import ConversationDataset
+from distillzoo.training.streams import MixedStreams, Stream
+from distillzoo.plugins.algorithms.distill import on_policy_step as _on_policy_step
+from distillzoo import train
 from helpers import write_jsonl
 
 STUDENT = {"hidden_size": 32, "num_layers": 1, "seed": 0}
@@ -27,10 +27,10 @@ def records():
 def config(tmp_path, objective="fkl", **train_kw):
     data = write_jsonl(tmp_path / "train.jsonl", records())
     return {"objective": {"name": objective}, "seed": 5,
+            "algorithm": {"name": "distill", "on_policy": 1.0, "max_new_tokens": 3},
             "student": {"tiny": STUDENT}, "teacher": {"tiny": TEACHER},
             "data": {"streams": [{"name": "q", "path": str(data), "format": "chat", "repeat": 1}], "system": None},
-            "train": {"steps": 1, "batch_size": 4, "lr": 1e-2, "log_every": 1, "progress": False,
-                      "on_policy": 1.0, "on_policy_max_new_tokens": 3, **train_kw},
+            "train": {"steps": 1, "batch_size": 4, "lr": 1e-2, "log_every": 1, "progress": False, **train_kw},
             "output_dir": str(tmp_path / "run"), "resume": "never"}
 
 
@@ -80,9 +80,18 @@ def test_every_logit_objective_trains_on_policy(tmp_path, objective):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda c: c["train"].update(on_policy=1.5), r"train.on_policy: 1.5 is not a probability"),
-    (lambda c: c["train"].update(on_policy_temperature=-1.0), r"train.on_policy_\*: temperature must be >= 0"),
-    (lambda c: c.update(teacher={"cache": "/somewhere"}), r"a teacher cache covers the data's responses only"),
+    (lambda c: c["algorithm"].update(on_policy=1.5),
+     r"algorithm.on_policy \(algorithm 'distill'\): parameter 'on_policy' = 1.5 is out of range \[0, 1\]"),
+    (lambda c: c["algorithm"].update(temperature=-1.0),
+     r"algorithm.temperature \(algorithm 'distill'\): parameter 'temperature' = -1.0 is out of range \[0, inf\)"),
+    (lambda c: c.update(teacher={"cache": "/somewhere"}),
+     r"algorithm.on_policy: a teacher cache covers the data's responses only"),
+    # keys of the shared train section that are the distill algorithm's own parameters: refused, naming algorithm.*
+    (lambda c: c["train"].update(on_policy=0.5),
+     r"train.on_policy is an algorithm's parameter now: use algorithm.on_policy \(algorithm: \{name: distill, "
+     r"on_policy: 0.5\}\)"),
+    (lambda c: c["train"].update(on_policy_max_new_tokens=8), r"use algorithm.max_new_tokens \(of algorithm 'distill'\)"),
+    (lambda c: c["train"].update(on_policy_temperature=0.7), r"use algorithm.temperature \(of algorithm 'distill'\)"),
 ])
 def test_bad_on_policy_configs(tmp_path, change, message):
     raw = config(tmp_path)
@@ -105,7 +114,6 @@ def test_sampling_under_fsdp2_follows_the_ddp_loss_curve(tmp_path, algorithm):
         if algorithm == "dpkd-online":
             raw.update(objective={"name": "dpkd", "beta": 0.5},
                        algorithm={"name": "dpkd", "online": True, "max_new_tokens": 3})
-            raw["train"]["on_policy"] = 0.0
         raw["train"]["parallel"] = parallel
         path = tmp_path / f"{parallel}.yaml"
         path.write_text(json.dumps(raw))

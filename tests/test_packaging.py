@@ -1,5 +1,6 @@
 """Packaging: the wheel ships registry.yaml, and no generic top-level module becomes importable."""
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -11,13 +12,17 @@ from helpers import source_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERIC = ("core", "plugins", "kernels")
+# a generic name found is ours when it resolves inside distillzoo's folders (a PyPI package named "kernels",
+# which transformers requires, may be installed and is not ours)
 PROBE = (
-    "import importlib.util, distillzoo as dz; "
+    "import importlib.util, os, distillzoo as dz; "
     "print(dz.__file__); "
-    "print([m for m in %r if importlib.util.find_spec(m) is not None]); "
+    "ours = [os.path.dirname(dz.__file__), *%r]; "
+    "print([m for m in %r if (s := importlib.util.find_spec(m)) is not None "
+    "and any(os.path.realpath(s.origin).startswith(os.path.realpath(d)) for d in ours)]); "
     "print(dz.list_objectives()); "
     "print(dz.objective('fkl', temperature=2.0).temperature)"
-) % (GENERIC,)
+) % ([str(ROOT / folder) + os.sep for folder in GENERIC], GENERIC)
 
 
 def python(*args, cwd, env_path=None):
@@ -45,7 +50,12 @@ def test_wheel_contents(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"distillzoo"}
-    assert {"distillzoo/registry.yaml", "distillzoo/plugins/divergences.py", "distillzoo/kernels/__init__.py"} <= set(names)
+    # every module of the three folders, at its import path (a package left out of pyproject's list is missing)
+    sources = {f"distillzoo/{p.relative_to(ROOT / 'core')}" for p in (ROOT / "core").rglob("*.py")} \
+        | {f"distillzoo/{folder}/{p.relative_to(ROOT / folder)}" for folder in ("plugins", "kernels")
+           for p in (ROOT / folder).rglob("*.py")}
+    assert {"distillzoo/plugins/objectives/divergences.py", "distillzoo/training/loop.py"} <= sources
+    assert sources | {"distillzoo/registry.yaml", "distillzoo/py.typed"} <= set(names)
     shipped = zipfile.ZipFile(wheel).read("distillzoo/registry.yaml")
     assert shipped == (ROOT / "registry.yaml").read_bytes()
 
@@ -71,3 +81,24 @@ def test_console_script_lists_the_zoo(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line.split()[1:3] for line in result.stdout.splitlines()[1:]}
     assert rows["fkl"] == ["logit", "distillzoo"] and rows["rkl"] == ["logit", "distillzoo"]
+
+
+def test_a_checkout_s_kernels_folder_never_shadows_the_kernels_package(tmp_path):
+    """From the repository root, ``python -c`` and ``python -m`` put the root first on sys.path, where kernels/ is
+    distillzoo.kernels; transformers imports the PyPI package ``kernels``, which must be what it gets."""
+    import importlib.metadata
+
+    probe = ("import kernels, importlib.util; print(kernels.__file__); "
+             "import transformers.models.qwen2.modeling_qwen2; import distillzoo.kernels as k; print(k.__name__)")
+    env = {"PATH": "/usr/bin:/bin", "DISTILLZOO_PLUGINS": ""}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        real = importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py")
+    except importlib.metadata.PackageNotFoundError:  # not installed: then no "kernels" at all, as elsewhere
+        assert done.returncode != 0 and "No module named 'kernels'" in done.stderr
+        return
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [str(real), "distillzoo.kernels"]
+    version = subprocess.run([sys.executable, "-m", "distillzoo", "--version"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert version.returncode == 0 and version.stdout.startswith("distillzoo "), version.stderr

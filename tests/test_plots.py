@@ -6,7 +6,7 @@ import pytest
 
 import distillzoo as dz
 from distillzoo.cli import main
-from distillzoo.plots import plot_runs, read_curves
+from distillzoo.compare.plots import plot_runs, read_curves
 
 
 def fake_run(directory, losses, evals, cut_short=False):

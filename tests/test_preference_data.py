@@ -7,9 +7,10 @@ import torch
 
 import distillzoo as dz
 from helpers import write_jsonl
-from distillzoo.causal_lm import tiny_qwen2
-from distillzoo.data import IGNORE_INDEX, as_token_ids, collate_preference
-from distillzoo.reference_cache import ReferenceCache
+from distillzoo.models.causal_lm import tiny_qwen2
+from distillzoo.data.records import IGNORE_INDEX, as_token_ids
+from distillzoo.data.pairs import collate_preference
+from distillzoo.teacher.reference_cache import ReferenceCache
 
 IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
 

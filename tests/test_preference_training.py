@@ -12,12 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 import distillzoo as dz
-from distillzoo.causal_lm import tiny_qwen2
-from distillzoo.data import IGNORE_INDEX, PreferenceDataset, collate_preference
-from distillzoo.generation import Sampling, decode
-from distillzoo.shards import ConversationDataset
-from distillzoo.streams import MixedStreams, Stream
-from distillzoo.trainer import train
+from distillzoo.models.causal_lm import tiny_qwen2
+from distillzoo.data.records import IGNORE_INDEX
+from distillzoo.data.pairs import PreferenceDataset, collate_preference
+from distillzoo.models.generation import Sampling, decode
+from distillzoo.data.shards import ConversationDataset
+from distillzoo.training.streams import MixedStreams, Stream
+from distillzoo import train
 from helpers import train_killed_at_checkpoint, write_jsonl
 
 STUDENT = {"hidden_size": 32, "num_layers": 1, "seed": 0}
@@ -152,7 +153,7 @@ def test_train_matches_a_hand_written_loop_over_materialised_logits(tmp_path, ki
 @pytest.fixture(scope="module")
 def reference_columns(tmp_path_factory):
     """The pairs with reference log-probs of the student's starting weights, as a column and as a cache."""
-    from distillzoo.reference_cache import write_reference_cache
+    from distillzoo.teacher.reference_cache import write_reference_cache
 
     root = tmp_path_factory.mktemp("refs")
     write_jsonl(root / "pairs.jsonl", pair_records())

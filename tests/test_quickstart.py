@@ -34,3 +34,6 @@ def test_quickstart_trains_three_models_and_prints_their_held_out_scores(tmp_pat
         assert round(written[name]["params"] / 1e6, 1) == params
         assert next(l for l in done.stdout.splitlines() if l.startswith(name)) in (tmp_path / "results.md").read_text()
     assert "Warning" not in done.stdout + done.stderr, "library warnings in the quickstart's output"
+    for noise in ("Loading weights", "Writing model shards", "FutureWarning"):  # transformers' bars, peft's warnings
+        assert noise not in done.stdout + done.stderr, f"{noise!r} in the quickstart's output"
+    assert done.stderr == "", "--no-progress: nothing on stderr"

@@ -9,8 +9,9 @@ import pytest
 
 import distillzoo as dz
 from distillzoo.cli import main
-from distillzoo.shards import TokenShards, prepare_shards
-from distillzoo.trainer import train
+from distillzoo.data.records import read_records
+from distillzoo.data.shards import TokenShards, prepare_shards
+from distillzoo import train
 from helpers import write_jsonl
 
 STUDENT = {"hidden_size": 32, "num_layers": 1, "seed": 0}
@@ -94,7 +95,7 @@ def test_non_utf8_jsonl_names_the_line_and_byte(tmp_path):
     path.write_bytes(json.dumps(chat(1)[0]).encode() + b"\n" + '{"instruction": "caf\xe9"}\n'.encode("latin-1"))
     # '{"instruction": "caf' is 20 bytes: the 21st is latin-1's e-acute, which UTF-8 cannot start a character with
     with pytest.raises(dz.DataError, match=re.escape(f"{path}:2: not UTF-8 (byte 21 of the line, b'\\xe9\"}}\\n'")):
-        list(dz.data.read_records(path, "chat"))
+        list(read_records(path, "chat"))
 
 
 @pytest.fixture
@@ -127,7 +128,7 @@ def test_a_damaged_prepared_directory_names_the_file(shards, damage, message):
 
 
 def test_filter_refuses_to_overwrite_its_input_and_a_non_finite_threshold(tmp_path):
-    from distillzoo.scoring import filter_records, write_scores
+    from distillzoo.teacher.scoring import filter_records, write_scores
 
     data = write_jsonl(tmp_path / "d.jsonl", chat(4))
     before = data.read_bytes()
@@ -148,7 +149,7 @@ def test_filter_refuses_to_overwrite_its_input_and_a_non_finite_threshold(tmp_pa
                                           ("all", r"-inf everywhere \(no mass at all\)")])
 @pytest.mark.parametrize("name", ["fkl", "jsd", "tvd"])
 def test_a_teacher_row_that_is_no_distribution_is_refused_in_every_backend(monkeypatch, backend, poison, what, name):
-    """It used to give that token a loss of 0 and the student a NaN gradient, in every backend."""
+    """A NaN, +inf or all -inf teacher row is an error naming the row, not a loss of 0 with a NaN student gradient."""
     import torch
 
     monkeypatch.setenv("DISTILLZOO_BACKEND", backend)
@@ -195,7 +196,7 @@ def test_labels_outside_the_vocab_are_not_counted_as_tokens(label):
 
 def saved_tiny(path, poison_row=None, **kw):
     import torch
-    from distillzoo.causal_lm import tiny_qwen2
+    from distillzoo.models.causal_lm import tiny_qwen2
 
     model = tiny_qwen2(**kw, tie_word_embeddings=True)
     if poison_row is not None:
@@ -218,7 +219,7 @@ def test_a_nan_teacher_stops_training_naming_the_sample_and_nothing_is_saved(tmp
 
 
 def test_a_diverging_student_stops_before_its_weights_turn_nan(tmp_path, capsys):
-    """The old loop trained on, exited 0 and saved a student whose weights were all NaN."""
+    """A NaN loss stops the run (exit code 2) before the student is updated or saved: no exit 0 with NaN weights."""
     import torch
     from safetensors.torch import load_file
 
@@ -265,7 +266,7 @@ def test_a_prepare_killed_mid_write_keeps_the_old_output_and_the_next_one_sweeps
     straight = prepare_shards(data, tmp_path / "straight", format="chat", tokenizer=tok, system=None)
     old = prepare_shards(write_jsonl(tmp_path / "old.jsonl", chat(3)), tmp_path / "out", format="chat", tokenizer=tok)
     before = {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()}
-    killed_mid_write(tmp_path, f"from distillzoo.shards import prepare_shards\n"
+    killed_mid_write(tmp_path, f"from distillzoo.data.shards import prepare_shards\n"
                                f"prepare_shards({str(data)!r}, {str(tmp_path / 'out')!r}, format='chat', "
                                f"overwrite=True, system=None)")
     stale = [p.name for p in tmp_path.glob(".out.*.tmp")]

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 import distillzoo as dz
 from distillzoo.atomic import sweep_temporaries
-from distillzoo.run_dir import RunDir
-from distillzoo.trainer import train
+from distillzoo.training.run_dir import RunDir
+from distillzoo import train
 from helpers import write_jsonl
 
 STUDENT = {"hidden_size": 32, "num_layers": 1, "seed": 0}
@@ -74,7 +74,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused_and_a_killed_one_leaves_
                                                  r"\d+\); wait for it, or give this run its own output_dir"):
             train(dz.load_config(raw))
     # a process that holds the lock and is killed leaves nothing stuck
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from distillzoo.run_dir import RunDir\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from distillzoo.training.run_dir import RunDir\n"
                                "with RunDir(sys.argv[1]).owned():\n    print('held', flush=True); time.sleep(60)",
                                raw["output_dir"]], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -170,7 +170,7 @@ def test_an_output_dir_that_cannot_be_written_fails_before_any_model(tmp_path, n
 
 
 def test_too_little_disk_space_is_refused_before_any_model(tmp_path, monkeypatch, no_models):
-    import distillzoo.run_dir as run_dir
+    import distillzoo.training.run_dir as run_dir
 
     class Usage:
         free = 1 << 20
@@ -184,7 +184,7 @@ def test_too_little_disk_space_is_refused_before_any_model(tmp_path, monkeypatch
 
 
 def test_the_space_estimate_counts_the_parameters_the_model_will_have(tmp_path):
-    from distillzoo.causal_lm import model_from_config, parameter_count
+    from distillzoo.models.causal_lm import model_from_config, parameter_count
 
     student = dz.load_config(config(tmp_path)).student
     built = model_from_config(student, "student")
@@ -195,13 +195,13 @@ def test_the_space_estimate_counts_the_parameters_the_model_will_have(tmp_path):
 
 
 def test_a_full_disk_at_the_final_save_says_what_is_intact_and_leaves_no_partial_student(tmp_path, monkeypatch):
-    import distillzoo.trainer as trainer
+    import distillzoo.training.checkpoint as checkpoint
 
     def full_disk(student, weights, directory):
         (directory / "model.safetensors").write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(trainer, "_save_pretrained", full_disk)
+    monkeypatch.setattr(checkpoint, "save_pretrained", full_disk)
     raw = config(tmp_path, steps=3)
     with pytest.raises(dz.DistillzooError, match=r"could not write the final student \(final/\) in .*run \(the disk is "
                                                  r"full\); nothing half-written was left; the newest checkpoint, "

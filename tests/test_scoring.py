@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import distillzoo as dz
-from distillzoo.causal_lm import tiny_qwen2
+from distillzoo.models.causal_lm import tiny_qwen2
 from distillzoo.cli import main
-from distillzoo.scoring import filter_records, make_scorer, score_samples
-from distillzoo.shards import ConversationDataset
+from distillzoo.teacher.scoring import filter_records, make_scorer, score_samples
+from distillzoo.data.shards import ConversationDataset
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "data" / "quickstart" / "train.jsonl"
 TEACHER = {"hidden_size": 48, "num_layers": 1, "seed": 1}
@@ -116,8 +116,8 @@ def test_a_judge_is_any_callable_named_by_import_path(sample, tok):
     ({"name": "mfd"}, "teacher", r"teacher: scorer 'mfd' needs the teacher"),
 ])
 def test_bad_score_configs_fail_before_any_model_loads(sample, tmp_path, monkeypatch, scorer, drop, message):
-    import distillzoo.causal_lm as causal_lm  # where models are built
-    from distillzoo.scoring import score_from_config
+    import distillzoo.models.causal_lm as causal_lm  # where models are built
+    from distillzoo.teacher.scoring import score_from_config
 
     monkeypatch.setattr(causal_lm, "tiny_qwen2", lambda **kw: (_ for _ in ()).throw(AssertionError("model built")))
     raw = {"teacher": {"tiny": TEACHER}, "student": {"tiny": STUDENT},

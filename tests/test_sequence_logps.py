@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import distillzoo as dz
-from distillzoo.causal_lm import QWEN_VOCAB, tiny_qwen2
-from distillzoo.data import IGNORE_INDEX, PreferenceBatch
+from distillzoo.models.causal_lm import QWEN_VOCAB, tiny_qwen2
+from distillzoo.data.records import IGNORE_INDEX
+from distillzoo.data.pairs import PreferenceBatch
 
 from helpers import rkl_reference
 

@@ -8,8 +8,8 @@ import torch
 import distillzoo as dz
 from helpers import write_jsonl
 from distillzoo.cli import main
-from distillzoo.data import IGNORE_INDEX, data_format
-from distillzoo.shards import TokenShards, collate_sft, prepare_shards
+from distillzoo.data.records import IGNORE_INDEX, data_format
+from distillzoo.data.shards import TokenShards, collate_sft, prepare_shards
 
 IM_START, IM_END = 151644, 151645
 CHAT = {"messages": [{"role": "user", "content": "把“你好世界”倒过来写。"}, {"role": "assistant", "content": "界世好你"}]}
@@ -117,5 +117,5 @@ def test_prepared_examples_carry_their_sample_ids(tmp_path, tok):
     assert shards[0]["id"] == "7"
     assert len(shards[1]["id"]) == 16 and shards[1]["id"] == again[1]["id"]
     assert shards[1]["id"] == data_format("chat")(CHAT)["id"]
-    os.remove(tmp_path / "a" / "ids.json")  # a directory from before ids were stored reads, without ids
+    os.remove(tmp_path / "a" / "ids.json")  # a shard directory without ids.json reads, without ids
     assert "id" not in TokenShards(tmp_path / "a")[0]

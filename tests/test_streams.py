@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 import distillzoo as dz
-from distillzoo.streams import MixedStreams, Stream
+from distillzoo.training.streams import MixedStreams, Stream
 
 
 def letters(prefix, n):

@@ -7,7 +7,8 @@ import pytest
 
 import distillzoo as dz
 from distillzoo.cli import main
-from distillzoo.tables import read_rows
+from distillzoo.data.shards import TokenShards, prepare_shards
+from distillzoo.data.tables import read_rows
 from helpers import write_jsonl
 
 datasets = pytest.importorskip("datasets")
@@ -49,14 +50,14 @@ def shard_bytes(directory):
 def test_every_copy_of_the_same_records_prepares_identical_shards(tmp_path, tok):
     expected = None
     for kind, path in copies(tmp_path, DOLLY).items():
-        shards = dz.shards.prepare_shards(path, tmp_path / f"shards-{kind}", format="dolly", tokenizer=tok, system=None)
+        shards = prepare_shards(path, tmp_path / f"shards-{kind}", format="dolly", tokenizer=tok, system=None)
         assert shards.meta["examples"] == 5, kind
         got = shard_bytes(tmp_path / f"shards-{kind}")
         expected = expected or got
         assert got == expected, kind
     ids = json.loads(expected["ids.json"])
     assert ids[0] == "q0" and ids[2] == "q2" and len(ids[1]) == 16  # a missing id is a hash of the content, as in JSONL
-    assert tok.decode(dz.shards.TokenShards(tmp_path / "shards-parquet")[1]["input_ids"].tolist()) == \
+    assert tok.decode(TokenShards(tmp_path / "shards-parquet")[1]["input_ids"].tolist()) == \
         "<|im_start|>user\n计算 12 + 1\n\n两个数<|im_end|>\n<|im_start|>assistant\n13<|im_end|>\n"
 
 
@@ -65,8 +66,8 @@ def test_a_column_mapping_reads_a_dataset_whose_fields_are_named_differently(tmp
                for r in DOLLY]
     path = copies(tmp_path, renamed, "renamed")["parquet"]
     columns = {"id": "uid", "instruction": "question", "context": "input", "response": "answer"}
-    dz.shards.prepare_shards(path, tmp_path / "mapped", format="dolly", tokenizer=tok, system=None, columns=columns)
-    dz.shards.prepare_shards(jsonl_copy(tmp_path / "dolly.jsonl", DOLLY), tmp_path / "plain", format="dolly",
+    prepare_shards(path, tmp_path / "mapped", format="dolly", tokenizer=tok, system=None, columns=columns)
+    prepare_shards(jsonl_copy(tmp_path / "dolly.jsonl", DOLLY), tmp_path / "plain", format="dolly",
                              tokenizer=tok, system=None)
     assert shard_bytes(tmp_path / "mapped") == shard_bytes(tmp_path / "plain")
     # the command line takes the same mapping
@@ -84,11 +85,11 @@ def test_a_bad_row_is_named_by_its_file_and_row_index(tmp_path, tok):
     paths = copies(tmp_path, bad, "bad")
     for kind in ("parquet", "arrow", "json-array"):
         with pytest.raises(dz.DataError, match=rf"{paths[kind].name}, row 3: field 'response' is empty"):
-            dz.shards.prepare_shards(paths[kind], tmp_path / f"out-{kind}", format="dolly", tokenizer=tok)
+            prepare_shards(paths[kind], tmp_path / f"out-{kind}", format="dolly", tokenizer=tok)
     with pytest.raises(dz.DataError, match=r"bad-disk, row 3: field 'response' is empty"):
-        dz.shards.prepare_shards(paths["datasets"], tmp_path / "out-disk", format="dolly", tokenizer=tok)
+        prepare_shards(paths["datasets"], tmp_path / "out-disk", format="dolly", tokenizer=tok)
     with pytest.raises(dz.DataError, match=r"bad.jsonl:4: field 'response' is empty"):  # JSONL keeps file:line
-        dz.shards.prepare_shards(paths["jsonl"], tmp_path / "out-jsonl", format="dolly", tokenizer=tok)
+        prepare_shards(paths["jsonl"], tmp_path / "out-jsonl", format="dolly", tokenizer=tok)
     assert not list(tmp_path.glob("out-*"))  # nothing half-written
 
 
@@ -119,7 +120,7 @@ def run_config(tmp_path, train_path, eval_path, name, **stream):
 
 
 def test_training_streams_and_eval_from_parquet_and_save_to_disk_equal_training_from_jsonl(tmp_path):
-    from distillzoo.trainer import train
+    from distillzoo import train
 
     paths = copies(tmp_path, chat_records())
     renamed = copies(tmp_path, [{"key": r["id"], "conversation": r["messages"]} for r in chat_records()], "renamed")
@@ -141,11 +142,11 @@ def test_a_datasets_directory_without_a_format_is_refused_naming_the_key(tmp_pat
     del cfg["data"]["streams"][0]["format"]
     with pytest.raises(dz.ConfigError, match=r"data.streams\[0\].format: .*data-disk holds records \(datasets\); "
                                              r"name their format"):
-        dz.trainer.train(dz.load_config(cfg))
+        dz.train(dz.load_config(cfg))
 
 
 def test_generate_score_cache_teacher_and_filter_read_datasets_as_they_read_jsonl(tmp_path, tok, capsys):
-    from distillzoo.causal_lm import tiny_qwen2
+    from distillzoo.models.causal_lm import tiny_qwen2
 
     paths = copies(tmp_path, chat_records())
     teacher_dir = tmp_path / "teacher"

@@ -7,7 +7,8 @@ import pytest
 
 import distillzoo as dz
 
-from distillzoo.tasks import chinese_number, english_number, generate_tasks, preference_pairs, write_task_files
+from distillzoo.data.records import data_format
+from distillzoo.data.tasks import chinese_number, english_number, generate_tasks, preference_pairs, write_task_files
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data" / "quickstart"
 
@@ -89,5 +90,5 @@ def test_preference_pairs_choose_the_right_answer_over_a_wrong_one_of_the_same_t
         source = by_id[p["id"].removeprefix("pair-")]
         assert p["prompt"] == source["messages"][:1] and p["chosen"] == _answer_again(source)
         assert p["rejected"] != p["chosen"] and p["rejected"] in answers[p["task"], p["language"]]
-    fields = [dz.data.data_format("preference")(p) for p in pairs[:5]]  # the preference format reads them
+    fields = [data_format("preference")(p) for p in pairs[:5]]  # the preference format reads them
     assert [f["chosen"] for f in fields] == [p["chosen"] for p in pairs[:5]]

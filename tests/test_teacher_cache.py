@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 import distillzoo as dz
-import distillzoo.teacher_cache as tc
-from distillzoo.causal_lm import load_causal_lm, tiny_qwen2
-from distillzoo.shards import ConversationDataset
-from distillzoo.teacher_cache import TeacherCache, teacher_topk, write_teacher_cache
-from distillzoo.trainer import train
+import distillzoo.teacher.cache as tc
+from distillzoo.models.causal_lm import load_causal_lm, tiny_qwen2
+from distillzoo.data.shards import ConversationDataset
+from distillzoo.teacher.cache import TeacherCache, teacher_topk, write_teacher_cache
+from distillzoo import train
 from helpers import assert_trained_alike, write_jsonl
 
 V = 151_936
@@ -109,10 +109,12 @@ def test_a_top_32_bf16_cache_is_close_to_the_live_teacher(setup, tok):
     (lambda c: c["teacher"].update(top_k=8), r"teacher.cache: teacher cache .* does not match: k: 32 in the cache, 8"),
     (lambda c: c.update(objective={"name": "fkl", "temperature": 2.0}), r"temperature: 1.0 in the cache, 2.0 in this run"),
     (lambda c: c.update(objective={"name": "dpkd_token"}), r"dpkd_token.*cannot take a top-k \(sparse\) teacher"),
+    (lambda c: c["student"]["tiny"].update(vocab_size=152_064),  # a student whose head the cache does not fit
+     r"teacher.cache: teacher cache .* does not match: vocab_size: 151936 in the cache, 152064 in this run"),
 ])
 def test_a_cache_that_disagrees_with_the_config_is_refused_before_any_model_loads(setup, tok, monkeypatch, change,
                                                                                    message):
-    import distillzoo.causal_lm as causal_lm  # where models are built
+    import distillzoo.models.causal_lm as causal_lm  # where models are built
 
     root, data, _ = setup
     if not (root / "k32b").exists():
@@ -179,8 +181,9 @@ def test_the_cli_reports_bytes_per_token(setup, tok, capsys):
     root, data, _ = setup
     out = root / "cli"
     assert main(["cache-teacher", str(root / "teacher"), str(data), "--format", "chat", "--no-system", "--k", "8",
-                 "--out", str(out)]) == 0
-    said = capsys.readouterr().out
+                 "--out", str(out), "--no-progress"]) == 0
+    said, err = capsys.readouterr()
+    assert err == "" and len(said.splitlines()) == 1  # its own line only: no bar, no transformers output
     tokens = sum(int(s.offsets[-1]) for s in TeacherCache(out).shards)
     assert f"for 12 samples, {tokens} response tokens, {8 * 6 + 4} bytes per token" in said
     ids, logprobs, tail = TeacherCache(out).get("s3-2")
@@ -206,7 +209,7 @@ def test_a_damaged_or_old_manifest_is_refused_naming_the_file(setup, tok):
 
 
 def test_a_cached_value_that_is_not_a_log_prob_is_refused_naming_the_sample(setup, tok):
-    """A NaN in the cache used to train to a NaN student with exit code 0."""
+    """A NaN in the cache is refused naming its shard, sample and token; no NaN student is trained or saved."""
     root, data, _ = setup
     cache = cache_of(root, data, tok, k=8, name="nan")
     shard, j = cache.where["s2-1"]
@@ -247,9 +250,9 @@ def test_a_cache_run_killed_mid_shard_leaves_a_temporary_that_the_resume_sweeps(
 import os, signal
 import numpy as np
 import distillzoo as dz
-from distillzoo.causal_lm import load_causal_lm
-from distillzoo.shards import ConversationDataset
-from distillzoo.teacher_cache import write_teacher_cache
+from distillzoo.models.causal_lm import load_causal_lm
+from distillzoo.data.shards import ConversationDataset
+from distillzoo.teacher.cache import write_teacher_cache
 real, calls = np.save, []
 def save(*args, **kwargs):  # SIGKILL while the second shard is half written (the first is complete)
     calls.append(1)

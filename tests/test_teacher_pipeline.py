@@ -1,4 +1,4 @@
-"""Issue 7's chain on the quickstart models: generate -> cache-teacher -> train from the cache -> evaluate."""
+"""The teacher-side chain on the quickstart models: generate -> cache-teacher -> train from the cache -> evaluate."""
 
 import json
 from pathlib import Path
@@ -6,12 +6,12 @@ from pathlib import Path
 import yaml
 
 import distillzoo as dz
-from distillzoo.causal_lm import load_causal_lm
+from distillzoo.models.causal_lm import load_causal_lm
 from distillzoo.cli import main
-from distillzoo.evaluation import exact_match, response_nll
-from distillzoo.shards import ConversationDataset
-from distillzoo.teacher_cache import TeacherCache
-from distillzoo.trainer import train
+from distillzoo.teacher.evaluation import exact_match, response_nll
+from distillzoo.data.shards import ConversationDataset
+from distillzoo.teacher.cache import TeacherCache
+from distillzoo import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

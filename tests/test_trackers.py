@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import distillzoo as dz
-from distillzoo.trainer import train
+from distillzoo import train
 from helpers import write_jsonl
 
 
@@ -77,6 +77,42 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, register_plugin):
     assert [s for s, _ in scalars(log_dir)["loss"]] == [1, 2, 3]
     train(dz.load_config(config(tmp_path, [{"name": "tensorboard", "log_dir": str(log_dir)}], checkpoint_every=2)))
     assert_same(scalars(log_dir), from_metrics(tmp_path / "run"))  # step 3 of the killed run was purged
+
+
+def test_a_resume_never_rerun_replaces_the_old_run_s_events(tmp_path):
+    cfg = config(tmp_path, [{"name": "tensorboard"}])
+    train(dz.load_config(cfg))
+    run = tmp_path / "run"
+    first = from_metrics(run)
+    train(dz.load_config({**cfg, "resume": "never", "train": {**cfg["train"], "lr": 3e-3}}))
+    second = from_metrics(run)
+    assert [v for _, v in second["lr"]] != pytest.approx([v for _, v in first["lr"]])  # two different runs
+    assert_same(scalars(run / "tensorboard"), second)  # steps 1 to 4 once each, the rerun's values
+    assert len(list((run / "tensorboard").iterdir())) == 1  # one event file: the rerun's
+
+
+def test_a_run_killed_before_its_first_checkpoint_and_started_over_logs_each_step_once(tmp_path, register_plugin):
+    from torch.utils.tensorboard import SummaryWriter
+
+    register_plugin(Stopper(), "stopper")
+    log_dir = tmp_path / "tb"  # the user's own directory: what else is in it stays
+    log_dir.mkdir()
+    (log_dir / "notes.txt").write_text("mine\n")
+    other = SummaryWriter(str(log_dir))  # another tool's event file beside the tracker's
+    for step, value in ((1, 0.5), (2, 0.75)):
+        other.add_scalar("other/accuracy", value, global_step=step)
+    other.close()
+    tracker = {"name": "tensorboard", "log_dir": str(log_dir)}
+    with pytest.raises(RuntimeError, match="killed after step 3"):  # no checkpoint: the rerun starts over
+        train(dz.load_config(config(tmp_path, [tracker, {"name": "stop-at-3"}])))
+    assert [s for s, _ in scalars(log_dir)["loss"]] == [1, 2, 3]
+    killed = from_metrics(tmp_path / "run")
+    train(dz.load_config(config(tmp_path, [tracker])))
+    logged, expected = scalars(log_dir), from_metrics(tmp_path / "run")
+    assert [v for _, v in expected["tokens_per_s"][:3]] != pytest.approx([v for _, v in killed["tokens_per_s"]])
+    assert logged.pop("other/accuracy") == [(1, 0.5), (2, 0.75)]
+    assert_same(logged, expected)  # steps 1 to 4 once each, the second run's values (its own tokens/s)
+    assert (log_dir / "notes.txt").read_text() == "mine\n"
 
 
 def test_an_unknown_tracker_parameter_is_refused_before_any_model(tmp_path, no_models):

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import distillzoo as dz
-from distillzoo.trainer import train
+from distillzoo import train
 from helpers import assert_trained_alike, train_killed_at_checkpoint, write_jsonl
 
 
@@ -106,7 +106,7 @@ def test_sigkill_then_resume_auto_reaches_the_uninterrupted_weights(tmp_path):
     (lambda c: c["train"].update(parallel="zero3"), r"train.parallel: 'zero3' is not one of \['ddp', 'fsdp'\]"),
 ])
 def test_bad_config_fails_before_any_model_is_loaded(tmp_path, monkeypatch, change, message):
-    import distillzoo.causal_lm as causal_lm  # where models are built
+    import distillzoo.models.causal_lm as causal_lm  # where models are built
 
     def no_models(*args, **kwargs):
         raise AssertionError("a model was built before the config was checked")

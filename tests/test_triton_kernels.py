@@ -214,7 +214,7 @@ def test_autotuned_tiles_fit_the_vocab_and_the_interpreter_takes_one(monkeypatch
     kernel = divergence_kernel()
     configs = kernel._configs()
     [fixed] = kernel._prune(configs, {"V": QWEN_VOCAB})
-    assert fixed.kwargs["BLOCK"] == 4096 and fixed.num_warps == 8  # as the kernels ran before autotuning
+    assert fixed.kwargs["BLOCK"] == 4096 and fixed.num_warps == 8  # the interpreter's one configuration
     monkeypatch.setattr(kernel, "interpreting", lambda: False)
     assert kernel._prune(configs, {"V": QWEN_VOCAB}) == configs
     narrow = kernel._prune(configs, {"V": 700})

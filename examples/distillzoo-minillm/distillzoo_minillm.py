@@ -38,10 +38,6 @@ from __future__ import annotations
 import torch
 
 import distillzoo as dz
-from distillzoo.algorithm import instruction_batches
-from distillzoo.causal_lm import require_model
-from distillzoo.data import IGNORE_INDEX
-from distillzoo.generation import Sampling, student_samples
 from distillzoo.kernels import token_logprobs
 
 
@@ -83,28 +79,28 @@ class MiniLLM(dz.Algorithm):
     }
     progress_metrics = ("rkl", "reward")
 
-    def roles(self, cfg):
+    def roles(self, spec):
         return {"teacher": True}
 
-    def check(self, cfg, where):
+    def check(self, spec, where):
         if self.objective.name != "rkl" or self.objective.temperature != 1.0:
             raise dz.ConfigError(f"{where}: objective: algorithm 'minillm' minimises the sequence-level reverse KL at "
                                  "temperature 1; set objective: {name: rkl}")
-        require_model(cfg, "teacher", "algorithm 'minillm'", where)
-        if cfg.train.parallel == "fsdp":
+        dz.require_model(spec, "teacher", "algorithm 'minillm'", where)
+        if spec.train.parallel == "fsdp":
             raise dz.ConfigError(f"{where}: train.parallel: minillm samples from the whole student; use ddp")
         self.per_token = dz.objective("rkl", reduction="none")
 
     def micro_batches(self, run, examples, step, size):
-        sampling = Sampling(self.max_new_tokens, temperature=1.0, seed=run.seed * 1_000_003 + step)
+        sampling = dz.Sampling(self.max_new_tokens, temperature=1.0, seed=run.seed * 1_000_003 + step)
         mix = (run.teacher, self.teacher_mix) if self.teacher_mix else None
-        samples = student_samples(run.student, run.tokenizer, examples, sampling, mix=mix)
-        return instruction_batches(samples, size, run.tokenizer.pad_id, run.device)
+        samples = dz.student_samples(run.student, run.tokenizer, examples, sampling, mix=mix)
+        return dz.instruction_batches(samples, size, run.tokenizer.pad_id, run.device)
 
     def loss(self, models, batch):
         x = batch.inputs
         targets = x["targets"]
-        mask = targets != IGNORE_INDEX
+        mask = targets != dz.IGNORE_INDEX
         hs, ws = models.hidden(models.student, x["input_ids"], x["attention_mask"]), models.head(models.student)
         with torch.no_grad():
             ht, wt = models.hidden(models.teacher, x["input_ids"], x["attention_mask"]), models.head(models.teacher)

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import distillzoo as dz
-from distillzoo.trainer import train
 from distillzoo_minillm import MiniLLM, future_rewards, importance_weights
 
 
@@ -47,7 +46,7 @@ def config(tmp_path, objective="rkl", **algorithm):
 
 
 def test_trains_by_name(tmp_path):
-    result = train(dz.load_config(config(tmp_path)))
+    result = dz.train(dz.load_config(config(tmp_path)))
     rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) and r["rkl"] > 0 for r in rows)
     assert all(0 < r["weight"] for r in rows)  # per-token importance weights, averaged
@@ -55,4 +54,4 @@ def test_trains_by_name(tmp_path):
 
 def test_refuses_an_objective_it_does_not_minimise(tmp_path):
     with pytest.raises(dz.ConfigError, match="algorithm 'minillm' minimises the sequence-level reverse KL"):
-        train(dz.load_config(config(tmp_path, "fkl")))
+        dz.train(dz.load_config(config(tmp_path, "fkl")))

@@ -1,0 +1,7 @@
+"""The teacher side, offline: answers from a model (generate), the top-k teacher cache, the reference
+log-prob cache, sample scoring and filtering, held-out evaluation, and the torchrun helpers that split
+their work over ranks and merge their outputs.
+
+May import: distillzoo.config, distillzoo.objectives, distillzoo.models, distillzoo.data, distillzoo.hooks,
+distillzoo.kernels, distillzoo.errors, distillzoo.atomic.
+"""

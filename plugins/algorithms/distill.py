@@ -1,0 +1,163 @@
+"""``distill``: logit-level distillation, off- and on-policy.
+
+The objective (fkl, jsd, a mixture, ...) on the next-token distributions of teacher
+and student along the data's replies, from a live teacher or a top-k teacher cache.
+With ``on_policy`` (GKD's λ, Agarwal et al. 2024) a step replaces each example's
+last reply with the student's own sample and trains on that, teacher included::
+
+    algorithm: {name: distill, on_policy: 0.5, max_new_tokens: 64, temperature: 1.0}
+
+Which steps sample depends only on the seed and the step number, so every rank
+agrees and a resumed run repeats the choice; each sample is seeded by the seed,
+the step and its sample id. Each micro-batch's loss is summed over its tokens and
+the loop divides by the step's global count.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distillzoo.data.records import IGNORE_INDEX
+from distillzoo.data.tokenizer import load_tokenizer
+from distillzoo.errors import ConfigError, DataError, DistillzooError, NonFiniteError
+from distillzoo.hooks.hookspecs import hookimpl
+from distillzoo.models.causal_lm import lm_head_weight, model_vocab
+from distillzoo.models.generation import sample_seed, step_sampling, student_samples
+from distillzoo.objectives.mixture import Mixture
+from distillzoo.training.algorithm import Algorithm, StepLoss, instruction_batches
+
+
+def on_policy_step(seed: int, step: int, probability: float) -> bool:
+    """Whether step ``step`` trains on student samples: the same on every rank, and after a resume."""
+    return torch.rand((), generator=torch.Generator().manual_seed(sample_seed(seed, f"on-policy:{step}"))) < probability
+
+
+class Distill(Algorithm):
+    name = "distill"
+    summary = ("logit-level KD: the objective on teacher and student next-token distributions along the data's "
+               "replies (live teacher or top-k cache); on_policy mixes in the student's own samples (GKD)")
+    paper = {"title": "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes",
+             "authors": "Agarwal, Vieillard, Zhou, Stanczyk, Ramos, Geist, Bachem", "year": 2024,
+             "url": "https://arxiv.org/abs/2306.13649"}
+    params = {
+        "on_policy": {"type": "float", "default": 0.0, "range": "[0, 1]",
+                      "doc": "GKD's lambda: the probability per step that the student samples the replies it is "
+                             "trained on (0: off-policy, the data's replies only)"},
+        "max_new_tokens": {"type": "int", "default": 64, "range": "[1, inf)",
+                           "doc": "with on_policy: the longest student sample"},
+        "temperature": {"type": "float", "default": 1.0, "range": "[0, inf)",
+                        "doc": "with on_policy: the student's sampling temperature (0: greedy)"},
+    }
+    objective_kinds = ("logit",)
+    records = "instruction"
+    cache = None
+
+    def reads(self, spec):
+        return {"teacher"}  # a model or a cache; a teacher named for a ce run reports eval/kl_teacher_student
+
+    def _cache_given(self, spec) -> bool:
+        return spec.teacher is not None and spec.teacher.cache is not None
+
+    def roles(self, spec):
+        if self._cache_given(spec):
+            return {}
+        needed = bool(self.objective.needs_teacher)
+        # a teacher named for a ce run is loaded only to report eval/kl_teacher_student
+        return {"teacher": needed} if needed or (spec.data is not None and spec.data.eval is not None) else {}
+
+    def check(self, spec, where):
+        if self.on_policy and self._cache_given(spec):
+            raise ConfigError(f"{where}: algorithm.on_policy: a teacher cache covers the data's responses only; the "
+                              "student's own samples need a live teacher (teacher.path or teacher.tiny)")
+        teacher = spec.teacher
+        sources = [] if teacher is None else [key for key in ("path", "tiny", "cache")
+                                              if getattr(teacher, key) is not None]
+        if self.objective.needs_teacher and len(sources) != 1:
+            raise ConfigError(f"{where}: teacher: the objective needs a teacher; give one of teacher.path, teacher.tiny "
+                              f"or teacher.cache{f' (got {sources})' if sources else ''}")
+        if self._cache_given(spec):
+            self.cache = _open_teacher_cache(spec, self.objective, where)
+            vocab = model_vocab(spec.student)  # from its config: checked again on the built head in prepare
+            if vocab is not None:
+                self.cache.check(f"{where}: teacher.cache", vocab_size=vocab)
+
+    def prepare(self, run):
+        if self.cache is not None:
+            self.cache.check(f"{run.where}: teacher.cache", vocab_size=lm_head_weight(run.student).shape[0])
+
+    def micro_batches(self, run, examples, step, size):
+        if self.on_policy and on_policy_step(run.seed, step, self.on_policy):
+            sampling = step_sampling(self.max_new_tokens, self.temperature, run.seed, step)
+            examples = run.call(lambda models: student_samples(models.student, run.tokenizer, examples, sampling))
+        batches = instruction_batches(examples, size, run.tokenizer.pad_id, run.device)
+        if self.cache is not None:
+            from distillzoo.teacher.cache import token_fingerprint
+
+            for start, b in zip(range(0, len(examples), size), batches):
+                fingerprints = [token_fingerprint(ex) for ex in examples[start:start + size]]
+                b.inputs["sparse"] = self.cache.sparse_teacher(_sample_ids(b.inputs["ids"], run.where),
+                                                               b.inputs["targets"], fingerprints)
+        return batches
+
+    def loss(self, models, batch):
+        x = batch.inputs
+        hs = models.hidden(models.student, x["input_ids"], x["attention_mask"])
+        ws = models.head(models.student)
+        teacher, wt = x.get("sparse"), None
+        if teacher is None and self.objective.needs_teacher:
+            with torch.no_grad():
+                teacher = models.hidden(models.teacher, x["input_ids"], x["attention_mask"])
+                wt = models.head(models.teacher)
+        try:
+            value = self.objective.from_hidden(hs, ws, teacher, wt, x["targets"])
+        except NonFiniteError as e:  # name the sample the row belongs to, and where the teacher came from
+            source = f"the teacher cache {self.cache.path}" if self.cache is not None else "the teacher model"
+            raise NonFiniteError(f"{source}, {_row_of(e.row, x)}: {e}", e.row) from None
+        # a mixture's per-term losses are means over the micro-batch's tokens; the loop wants sums
+        terms = getattr(self.objective, "term_losses", {})
+        return StepLoss(value, {f"loss/{name}": v * batch.count for name, v in terms.items()})
+
+
+def _row_of(row: int | None, inputs: dict) -> str:
+    """'sample ID, scored token N' for a row of the flattened ``[B, T-1]`` targets of a micro-batch."""
+    if row is None:
+        return "a batch"
+    targets = inputs["targets"]
+    b, t = divmod(row, targets.shape[1])
+    n = int((targets[b, :t] != IGNORE_INDEX).sum())
+    return f"sample {inputs['ids'][b]!r}, scored token {n} (position {t + 1})"
+
+
+def _open_teacher_cache(spec, objective, where: str):
+    """The teacher cache, refused unless its manifest agrees with the config (k, tokenizer, temperature)."""
+    from distillzoo.teacher.cache import TeacherCache
+
+    try:
+        cache = TeacherCache(spec.teacher.cache)
+    except DistillzooError as e:
+        raise ConfigError(f"{where}: teacher.cache: {e}") from None
+    terms = objective.terms if isinstance(objective, Mixture) else [objective]
+    dense_only = [t.name for t in terms if t.needs_teacher and not t.accepts_sparse_teacher]
+    if dense_only:
+        raise ConfigError(f"{where}: teacher.cache: {', '.join(dense_only)} cannot take a top-k (sparse) teacher; a "
+                          "cache works with the objectives that accept one (fkl, rkl, jsd, skl, srkl, tvd)")
+    temperatures = {float(t.temperature) for t in terms if getattr(t, "needs_teacher", False)}
+    if len(temperatures) > 1:
+        raise ConfigError(f"{where}: objectives: a teacher cache holds one temperature; the terms use "
+                          f"{sorted(temperatures)}")
+    tokenizer = load_tokenizer(spec.data.tokenizer if spec.data is not None else None).name
+    cache.check(f"{where}: teacher.cache", k=spec.teacher.top_k, tokenizer=tokenizer,
+                temperature=temperatures.pop() if temperatures else None)
+    return cache
+
+
+def _sample_ids(ids: list, where: str) -> list:
+    if any(i is None for i in ids):
+        raise DataError(f"{where}: teacher.cache: an example has no sample id (a data directory from an older "
+                        "distillzoo prepare? prepare it again); the cache is read by id")
+    return ids
+
+
+@hookimpl
+def register_algorithms(register):
+    register(Distill)

@@ -1,0 +1,156 @@
+"""Built-in divergences between teacher (p) and student (q) next-token distributions.
+
+The divergences are :class:`~distillzoo.objectives.logit.PointwiseDivergence` subclasses: each
+states its elementwise term ``f(log p_v, log q_v)`` and ``df/d(log q_v)``; the base
+class sums over the vocab in chunks, applies temperature, masking, vocab
+truncation and reduction, and handles sparse (top-k) teachers. Terms with zero
+mass on the weighting side are 0 (``0 * log 0 = 0``), never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from distillzoo.objectives.logit import PointwiseDivergence
+from distillzoo.hooks.hookspecs import hookimpl
+from distillzoo.kernels import columns
+
+
+def kl_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """Elementwise a (log a - log b), 0 where a = 0."""
+    a = log_a.exp()
+    return torch.where(a > 0, a * (log_a - log_b), 0.0)
+
+
+def kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """KL(a || b) = sum_v a_v (log a_v - log b_v) per row, with 0 where a_v = 0."""
+    return kl_terms(log_a, log_b).sum(-1)
+
+
+def log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+    """log(w a + (1 - w) b) elementwise, from log a and log b, for 0 <= w < 1."""
+    log_w = math.log(weight_a) if weight_a > 0 else -math.inf
+    return torch.logaddexp(log_a + log_w, log_b + math.log1p(-weight_a))
+
+
+class ForwardKL(PointwiseDivergence):
+    """Forward KL, KL(p || q) = sum_v p_v (log p_v - log q_v): mean-seeking.
+
+    The true KL (teacher entropy included), so a student equal to the teacher
+    scores exactly 0.
+    """
+
+    name = "fkl"
+    triton_kind = "fkl"
+
+    def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+        p = log_p.exp()
+        return torch.where(p > 0, p * (log_p - log_q), 0.0), -p
+
+    columns_buffers = 2  # the student's logits and the teacher's (the rest are block temporaries)
+
+    def columns_terms(self, student: Tensor, teacher: Tensor, want_grad: bool):
+        return columns.forward_kl(student, teacher, self.temperature, want_grad)
+
+
+class ReverseKL(PointwiseDivergence):
+    """Reverse KL, KL(q || p) = sum_v q_v (log q_v - log p_v): mode-seeking (MiniLLM).
+
+    Infinite where the teacher has no mass (log p = -inf) but the student has some.
+    """
+
+    name = "rkl"
+    triton_kind = "rkl"
+
+    def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+        q = log_q.exp()
+        ratio = torch.where(q > 0, log_q - log_p, 0.0)
+        return q * ratio, q * (ratio + 1)
+
+
+class JensenShannon(PointwiseDivergence):
+    """Generalised JSD (GKD): beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q.
+
+    beta is strictly inside (0, 1): jsd / beta tends to fkl as beta -> 0 and
+    jsd / (1 - beta) to rkl as beta -> 1, with no special-cased endpoints.
+    d/dlog q = (1 - beta) q (log q - log m): the terms through m cancel.
+    """
+
+    name = "jsd"
+    triton_kind = "jsd"
+    triton_weight = "beta"
+
+    def __init__(self, *, beta: float = 0.5, **common) -> None:
+        super().__init__(**common)
+        self.beta = float(beta)
+
+    def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+        beta = self.beta
+        log_m = log_mixture(log_p, log_q, beta)
+        student_side = kl_terms(log_q, log_m)
+        return beta * kl_terms(log_p, log_m) + (1 - beta) * student_side, (1 - beta) * student_side
+
+
+class _Skewed(PointwiseDivergence):
+    """A DistiLLM skew divergence: its mixture weight alpha in [0, 1)."""
+
+    triton_weight = "alpha"
+
+    def __init__(self, *, alpha: float = 0.1, **common) -> None:
+        super().__init__(**common)
+        self.alpha = float(alpha)
+
+
+class SkewKL(_Skewed):
+    """DistiLLM skew KL: KL(p || alpha p + (1 - alpha) q); alpha = 0 is forward KL."""
+
+    name = "skl"
+    triton_kind = "skl"
+
+    def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+        alpha = self.alpha
+        log_m = log_mixture(log_p, log_q, alpha)
+        p = log_p.exp()
+        value = torch.where(p > 0, p * (log_p - log_m), 0.0)
+        # d/dlog q of -p log m = -p (1 - alpha) q / m
+        return value, torch.where(p > 0, -(1 - alpha) * p * (log_q - log_m).exp(), 0.0)
+
+
+class SkewReverseKL(_Skewed):
+    """DistiLLM skew reverse KL: KL(q || (1 - alpha) p + alpha q); alpha = 0 is reverse KL."""
+
+    name = "srkl"
+    triton_kind = "srkl"
+
+    def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+        alpha = self.alpha
+        log_m = log_mixture(log_q, log_p, alpha)
+        q = log_q.exp()
+        ratio = torch.where(q > 0, log_q - log_m, 0.0)
+        # d/dlog q of q (log q - log m) = q (log q - log m) + q - q * alpha q / m
+        return q * ratio, q * (ratio + 1 - alpha * ratio.exp())
+
+
+class TotalVariation(PointwiseDivergence):
+    """Total variation distance, 1/2 sum_v |p_v - q_v| (subgradient 0 where p = q)."""
+
+    name = "tvd"
+    triton_kind = "tvd"
+
+    def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+        p, q = log_p.exp(), log_q.exp()
+        diff = q - p
+        return 0.5 * diff.abs(), 0.5 * torch.sign(diff) * q
+
+
+@hookimpl
+def register_objectives(register):
+    register(ForwardKL)
+    register(ReverseKL)
+    register(JensenShannon)
+    register(SkewKL)
+    register(SkewReverseKL)
+    register(TotalVariation)
