@@ -65,7 +65,7 @@ def sparse(k=32, vocab=151_936):
 
 
 def from_hidden(n=64, hs=64, ht=96, vocab=151_936):
-    """fp32 fused head (this machine's backend) against float64 through the reference backend."""
+    """fp32 fused head (the device's backend: on CPU the column path) against float64 by the reference backend."""
     from common import forced_backend  # bench/common.py: the script's own directory is on sys.path
     from distillzoo.kernels.token_logprob import token_logprobs
 

@@ -1,4 +1,4 @@
-"""Shared bench machinery: device, peak memory, and this machine's own limits measured in the same run."""
+"""Shared bench machinery: device, peak memory, and the device's own limits (copy bandwidth, matmul time) measured in the same run."""
 
 import contextlib
 import os

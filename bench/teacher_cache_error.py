@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 import distillzoo as dz
-from distillzoo.base import SparseTeacher
-from distillzoo.causal_lm import final_hidden, lm_head_weight, load_causal_lm
-from distillzoo.shards import ConversationDataset, collate_sft
-from distillzoo.teacher_cache import DTYPES, teacher_topk
-from distillzoo.tokenizer import load_tokenizer
+from distillzoo.objectives.sparse import SparseTeacher
+from distillzoo.models.causal_lm import final_hidden, lm_head_weight, load_causal_lm
+from distillzoo.data.shards import ConversationDataset, collate_sft
+from distillzoo.teacher.cache import DTYPES, teacher_topk
+from distillzoo.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

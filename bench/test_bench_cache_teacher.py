@@ -33,7 +33,7 @@ DATA = Path(__file__).resolve().parent.parent / "data" / "quickstart" / "train.j
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    from distillzoo.causal_lm import tiny_qwen2
+    from distillzoo.models.causal_lm import tiny_qwen2
 
     root = tmp_path_factory.mktemp("cache-bench")
     records, hidden, layers = SHAPE

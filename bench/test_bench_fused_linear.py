@@ -1,6 +1,6 @@
 """Fused-linear distillation (fkl, forward + backward) against the naive path and the peers.
 
-    pytest bench/ --benchmark-only --benchmark-json bench/results/<machine>.json
+    pytest bench/test_bench_fused_linear.py --benchmark-only --benchmark-json bench/results/<machine>-<what>.json
 
 Providers: ``naive-torch`` materialises both models' [N, V] logits;
 ``distillzoo-torch`` and ``distillzoo-triton`` are ``from_hidden`` with

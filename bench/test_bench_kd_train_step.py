@@ -8,7 +8,7 @@ built from configs; the batch is ``B`` rows of ``T`` token ids, the first quarte
 of each row a prompt (not scored).
 
 * ``distillzoo-train-step``: the ``distill`` algorithm's micro-batch and loss inside
-  :class:`distillzoo.algorithm.Models`, as ``distillzoo train``'s loop calls them
+  :class:`distillzoo.training.algorithm.Models`, as ``distillzoo train``'s loop calls them
   (decoder hidden states and the fused ``from_hidden`` head: no ``[B, T, V]``
   logits), then the loop's normalisation, clipping and optimiser step.
 * ``trl-gkd``: TRL's ``GKDTrainer`` (``trl.experimental.gkd``; 1.16 measured) with ``lmbda=0`` (off-policy, no
@@ -34,11 +34,11 @@ import torch
 
 import distillzoo as dz
 from common import CUDA, DEVICE, PeakMemory, device_name, sync
-from distillzoo.algorithm import Models, Run
-from distillzoo.causal_lm import tiny_qwen2
-from distillzoo.data import IGNORE_INDEX
-from distillzoo.shards import collate_sft
-from distillzoo.trainer import build_algorithm
+from distillzoo.training.algorithm import Models, Run
+from distillzoo.models.causal_lm import tiny_qwen2
+from distillzoo.data.records import IGNORE_INDEX
+from distillzoo.data.shards import collate_sft
+from distillzoo.training.spec import build_algorithm
 
 # (rows, tokens per row, student hidden, teacher hidden, layers)
 SHAPES = ([(8, 1024, 896, 1536, 4), (8, 2048, 896, 1536, 4)] if CUDA

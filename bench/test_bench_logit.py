@@ -7,7 +7,7 @@ log_softmax of both, which its API takes) and ``LigerJSD`` (jsd), where installe
 
 The limit of SPEC section 4 for a logit-level kernel is memory traffic: read z_s
 and z_t once, write dz_s once. extra_info records those minimal bytes over the
-time, as a fraction of this machine's copy bandwidth measured in the same run.
+time, as a fraction of the device's copy bandwidth measured in the same run.
 """
 
 import importlib.util

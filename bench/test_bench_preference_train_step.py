@@ -8,7 +8,7 @@ Qwen2-architecture policy with the real vocab (151,936).
 * ``naive-torch``: the model's logits ``[2B, T, V]``, fp32 ``log_softmax``, gather,
   dpo written out; the way a hand-written loop does it.
 * ``distillzoo-train-step``: the ``preference`` algorithm's micro-batches and loss
-  inside :class:`distillzoo.algorithm.Models`, as the loop calls them (decoder hidden
+  inside :class:`distillzoo.training.algorithm.Models`, as the loop calls them (decoder hidden
   states + the fused token log-prob op; no ``[2B, T, V]`` tensor), then the loop's
   normalisation, clipping and optimiser step.
 
@@ -24,10 +24,11 @@ import torch
 
 import distillzoo as dz
 from common import CUDA, DEVICE, PeakMemory, device_name, sync
-from distillzoo.algorithm import Models, Run
-from distillzoo.causal_lm import tiny_qwen2
-from distillzoo.data import IGNORE_INDEX, PreferenceExample, collate_preference
-from distillzoo.trainer import build_algorithm
+from distillzoo.training.algorithm import Models, Run
+from distillzoo.models.causal_lm import tiny_qwen2
+from distillzoo.data.records import IGNORE_INDEX
+from distillzoo.data.pairs import PreferenceExample, collate_preference
+from distillzoo.training.spec import build_algorithm
 
 # (pairs, tokens per row, hidden, layers): CUDA at Qwen2.5-0.5B's width; CPU small enough for 2 cores.
 SHAPES = [(8, 1024, 896, 4)] if CUDA else [(2, 256, 64, 2)]

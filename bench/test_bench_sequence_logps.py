@@ -14,8 +14,9 @@ import torch
 
 import distillzoo as dz
 from common import CUDA, DEVICE, DTYPE, PeakMemory, device_name, sync
-from distillzoo.causal_lm import tiny_qwen2
-from distillzoo.data import IGNORE_INDEX, PreferenceBatch
+from distillzoo.models.causal_lm import tiny_qwen2
+from distillzoo.data.records import IGNORE_INDEX
+from distillzoo.data.pairs import PreferenceBatch
 
 # (pairs, tokens per row, hidden, layers): CUDA at Qwen2.5-0.5B's width; CPU small enough for 2 cores.
 SHAPES = [(8, 1024, 896, 2)] if CUDA else [(2, 256, 64, 2)]
