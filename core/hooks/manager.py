@@ -206,6 +206,15 @@ def collect(pm: PluginManager, hook_name: str, check: Callable[..., tuple[str, A
     return found
 
 
+def class_name(cls: type, what: str, package: str) -> str:
+    """The ``name`` a registered class declares: lower-case letters, digits and underscores, or a PluginError."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise PluginError(f"{what} class {cls.__qualname__} (package {package!r}) needs a lower-case `name`, "
+                          f"got {name!r}")
+    return name
+
+
 def lookup(specs: dict, what: str, name: str, where: str | None):
     """``specs[name]``, or an UnknownNameError listing the names and a "did you mean"."""
     if name not in specs:
@@ -254,10 +263,7 @@ def algorithm_registrations(pm: PluginManager, problems: list[dict] | None = Non
         if not (isinstance(cls, type) and all(callable(getattr(cls, m, None)) for m in ALGORITHM_METHODS)):
             raise PluginError(f"plugin {plugin!r} (package {package!r}) registered {cls!r} as an algorithm; "
                               "it must be a distillzoo.Algorithm subclass")
-        name = cls.name
-        if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-            raise PluginError(f"algorithm class {cls.__qualname__} (package {package!r}) needs a lower-case "
-                              f"`name`, got {name!r}")
+        name = class_name(cls, "algorithm", package)
         where = f"algorithm {name!r} (package {package!r})"
         if cls.records not in hookspecs.RECORDS:
             raise PluginError(f"{where}: records {cls.records!r} is not one of {list(hookspecs.RECORDS)}")

@@ -8,13 +8,12 @@ only place objectives are built from names.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Sequence
 
 from distillzoo.errors import DistillzooError, ParameterError, PluginError
 from distillzoo.hooks.catalogue import ObjectiveSpec, build_spec, load_registry_yaml
-from distillzoo.hooks.manager import (BUILTIN_PACKAGE, PluginManager, Registration, collect, get_plugin_manager,
-                                     lookup)
+from distillzoo.hooks.manager import (BUILTIN_PACKAGE, PluginManager, Registration, class_name, collect,
+                                     get_plugin_manager, lookup)
 
 
 def objective_specs(pm: PluginManager | None = None, problems: list[dict] | None = None) -> dict[str, ObjectiveSpec]:
@@ -36,10 +35,7 @@ def objective_registrations(pm: PluginManager | None = None, problems: list[dict
         if not (isinstance(cls, type) and issubclass(cls, Objective)):
             raise PluginError(f"plugin {plugin!r} (package {package!r}) registered {cls!r}, which is not a "
                               "distillzoo.Objective subclass")
-        name = cls.name
-        if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-            raise PluginError(f"objective class {cls.__qualname__} (package {package!r}) needs a lower-case `name`, "
-                              f"got {name!r}")
+        name = class_name(cls, "objective", package)
         if entry is None:
             if package != BUILTIN_PACKAGE:
                 raise PluginError(f"objective {name!r} from package {package!r} has no catalogue entry: call "
