@@ -315,10 +315,11 @@ def meta_model(mcfg, what: str = "model"):
         return None
 
 
-def parameter_count(mcfg) -> int | None:
+def parameter_count(mcfg, model=None) -> int | None:
     """How many parameters the model a section names has, counted on the meta device (no weights are
-    read or allocated); None when its config cannot be read (loading it reports why)."""
-    model = meta_model(mcfg)
+    read or allocated; ``model``: its :func:`meta_model`, when built already); None when its config cannot
+    be read (loading it reports why)."""
+    model = meta_model(mcfg) if model is None else model
     return None if model is None else sum(p.numel() for p in model.parameters())  # tied weights once, as saved
 
 

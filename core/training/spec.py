@@ -56,7 +56,6 @@ RESUME = ("auto", "never")
 class StreamSpec:
     """One data stream as the run reads it: where its records are, what they hold, how it mixes."""
 
-    key: str  #: its config key, ``data.streams[0]`` or ``data.eval``
     name: str
     path: Path
     kind: str  #: jsonl, json, parquet, arrow, datasets (records) or prepared (token shards)
@@ -103,10 +102,6 @@ class RunSpec:
 
     def __getitem__(self, role: str):
         return getattr(self, role)
-
-    @property
-    def cfg(self) -> DictConfig:
-        return self.config
 
 
 def sections(cfg: DictConfig, where: str = "<config>") -> RunSpec:
@@ -198,8 +193,9 @@ def resolve(cfg: DictConfig, where: str = "<config>", *, construct_callbacks: bo
                               "fsdp under torchrun")
     _check_values(cfg, where)
     t = spec.train
+    meta = meta_model(student, "student")  # its config on the meta device: module names and size, no weights
     if student.lora is not None:
-        modules = lora.module_names(meta_model(student, "student"))
+        modules = lora.module_names(meta)
         spec.lora = lora.check(student.lora, f"{where}: student.lora", ties_head(student), modules)
         if t.parallel == "fsdp":
             raise ConfigError(f"{where}: train.parallel: a LoRA student trains under ddp (its adapters are small; "
@@ -216,7 +212,7 @@ def resolve(cfg: DictConfig, where: str = "<config>", *, construct_callbacks: bo
     check_writable(spec.output_dir, where)
     if check_resume:
         RunDir(spec.output_dir, 0, where).check_resumable(cfg, spec.resume)  # what resuming would refuse, read only
-    n_params = parameter_count(student)
+    n_params = parameter_count(student, meta)
     if n_params is not None and int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes
         check_space(spec.output_dir, n_params, bool(t.checkpoint_every), where)
     spec.callbacks = build_callbacks(cfg, where, construct=construct_callbacks)
@@ -272,7 +268,7 @@ def _stream(stream: StreamConfig, key: str, algorithm, inferred_from, where: str
                           f"{'evaluates' if held_out else 'trains'} on {wanted} records ({formats})")
     if not held_out and stream.repeat is None and stream.weight is None:
         raise ConfigError(f"{where}: {key}: give a repeat count or a weight")
-    return StreamSpec(key, stream.name, path, found, stream.format, None if stream.columns is None else
+    return StreamSpec(stream.name, path, found, stream.format, None if stream.columns is None else
                       dict(stream.columns), records, stream.repeat, stream.weight)
 
 
