@@ -95,6 +95,11 @@ class TrainConfig:
     max_grad_norm: Optional[float] = _doc("gradient clipping norm (null: none)", 1.0)
     log_every: int = _doc("steps between metrics.jsonl records (0: none)", 10)
     eval_every: int = _doc("steps between held-out evaluations of data.eval (0: none)", 0)
+    eval_answers: Optional[Dict[str, Any]] = _doc(
+        "at each held-out evaluation, also the student's own answers to data.eval's prompts, scored against the "
+        "references (eval/rouge_l, eval/exact_match, eval/length_ratio): {samples: 1, temperature: 0.0, top_p: 1.0, "
+        "max_new_tokens: null, seed: 0}, the keys of distillzoo eval's decoding (null: teacher-forced metrics only)",
+        None)
     checkpoint_every: int = _doc("steps between checkpoints (0: none)", 0)
     progress: bool = _doc("a progress bar on the terminal", True)
     precision: str = _doc("auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16", "auto")

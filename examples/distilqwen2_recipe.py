@@ -32,7 +32,7 @@ from pathlib import Path
 
 import distillzoo as dz
 from distillzoo.models.causal_lm import load_causal_lm
-from distillzoo.teacher.evaluation import exact_match
+from distillzoo.teacher.evaluation import Decoding, evaluate, read_split
 from distillzoo.teacher.generate import generate_from_config
 from distillzoo.teacher.scoring import filter_records, read_scores, score_from_config
 from distillzoo.data.tokenizer import load_tokenizer
@@ -55,7 +55,11 @@ def config(name: str, overrides: list[str], extra: list[str]):
 
 
 def held_out(path: Path, tokenizer, eval_path) -> dict:
-    return exact_match(load_causal_lm(str(path)), tokenizer, eval_path, "chat", system=None, max_new_tokens=16)
+    """Greedy exact match, overall and by task, with no teacher-forced metric."""
+    scores = evaluate(load_causal_lm(str(path)), tokenizer, read_split(eval_path, "chat", tokenizer, system=None),
+                      system=None, decoding=Decoding(max_new_tokens=16), forced=False)
+    summary = scores.summary()
+    return {"exact_match": summary["exact_match"], "by_task": {k: v["exact_match"] for k, v in summary["by_task"].items()}}
 
 
 def main(argv: list[str] | None = None) -> dict:

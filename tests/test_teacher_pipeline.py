@@ -8,8 +8,7 @@ import yaml
 import distillzoo as dz
 from distillzoo.models.causal_lm import load_causal_lm
 from distillzoo.cli import main
-from distillzoo.teacher.evaluation import exact_match, response_nll
-from distillzoo.data.shards import ConversationDataset
+from distillzoo.teacher.evaluation import Decoding, evaluate, read_split
 from distillzoo.teacher.cache import TeacherCache
 from distillzoo import train
 
@@ -54,6 +53,6 @@ def test_generate_cache_train_evaluate(tmp_path, tok):
     # 4. evaluate the distilled student on the held-out split
     student = load_causal_lm(str(result.output_dir / "final"))
     held_out = ROOT / "data" / "quickstart" / "eval.jsonl"
-    em = exact_match(student, tok, held_out, system=None, max_new_tokens=4)
-    nll = response_nll(student, ConversationDataset(held_out, "chat", tok, system=None), tok.pad_id)
-    assert em["n"] == 340 and 0 <= em["exact_match"] <= 1 and 0 < nll < 20
+    scores = evaluate(student, tok, read_split(held_out, "chat", tok, system=None), system=None,
+                      decoding=Decoding(max_new_tokens=4))
+    assert len(scores.ids) == 340 and 0 <= scores.mean("exact_match") <= 1 and 0 < scores.mean("nll") < 20

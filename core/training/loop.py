@@ -199,8 +199,16 @@ def evaluate(step_of, algorithm, run: Run, dataset, batch_size: int) -> dict:
     for b in algorithm.eval_batches(run, examples, batch_size):
         _accumulate(sums, step_of(b, evaluate=True).metrics)
         count += b.count
+    out = {f"eval/{k}": float(v) / max(count, 1.0) for k, v in sums.items()}
+    if run.spec.eval_decoding is not None:  # train.eval_answers: the student's own answers, scored
+        from distillzoo.teacher.evaluation import evaluate as score_answers
+
+        scores = run.call(lambda m: score_answers(m.student, run.tokenizer, run.spec.eval_prompts,
+                                                  decoding=run.spec.eval_decoding, system=run.spec.data.system,
+                                                  batch_size=batch_size, forced=False))
+        out.update({f"eval/{k}": scores.mean(k) for k in scores.sums})
     models.student.train(was_training)
-    return {f"eval/{k}": float(v) / max(count, 1.0) for k, v in sums.items()}
+    return out
 
 
 def _accumulate(sums: dict, values: dict) -> None:

@@ -99,6 +99,9 @@ class RunSpec:
     #: the streams' datasets, tokenized (in the order of ``streams``), and the held-out one
     datasets: list = field(default_factory=list)
     eval_dataset: Any = None
+    #: ``train.eval_answers`` checked, and data.eval's prompts and references it scores (read with the data)
+    eval_decoding: Any = None
+    eval_prompts: list | None = None
 
     def __getitem__(self, role: str):
         return getattr(self, role)
@@ -193,6 +196,8 @@ def resolve(cfg: DictConfig, where: str = "<config>", *, construct_callbacks: bo
                               "fsdp under torchrun")
     _check_values(cfg, where)
     t = spec.train
+    if t.eval_answers is not None:
+        spec.eval_decoding = _eval_decoding(t.eval_answers, spec, algorithm, where)
     meta = meta_model(student, "student")  # its config on the meta device: module names and size, no weights
     if student.lora is not None:
         modules = lora.module_names(meta)
@@ -230,6 +235,36 @@ def read(spec: RunSpec) -> None:
     MixedStreams([Stream(s.name, d, s.repeat, s.weight) for s, d in zip(spec.streams, spec.datasets)],
                  seed=spec.seed, samples_per_epoch=spec.data.samples_per_epoch)  # its rules, checked once here
     spec.eval_dataset = None if spec.eval_stream is None else _dataset(spec.eval_stream, spec)
+    if spec.eval_decoding is not None:
+        from distillzoo.teacher.evaluation import read_split
+
+        e = spec.eval_stream
+        spec.eval_prompts = read_split(e.path, e.format, spec.tokenizer, system=spec.data.system,
+                                       max_length=spec.data.max_length, columns=e.columns)
+
+
+def _eval_decoding(raw: dict, spec: RunSpec, algorithm, where: str):
+    """``train.eval_answers`` as a :class:`~distillzoo.teacher.evaluation.Decoding`, on instruction records."""
+    from dataclasses import fields
+
+    from distillzoo.teacher.evaluation import Decoding
+
+    key = "train.eval_answers"
+    e = spec.eval_stream
+    if e is None or e.records != "instruction" or e.kind == "prepared":
+        raise ConfigError(f"{where}: {key}: the student's answers are scored against data.eval's references; give "
+                          "data.eval as instruction records (chat, alpaca, dolly, ...; not a prepared directory)")
+    known = [f.name for f in fields(Decoding)]
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: {key}: unknown key(s) {unknown}; it takes {known}")
+    if not spec.train.eval_every:
+        raise ConfigError(f"{where}: {key}: the answers are drawn at each held-out evaluation, and "
+                          "train.eval_every is 0 (none); set train.eval_every")
+    try:
+        return Decoding(**dict(raw))
+    except DistillzooError as err:
+        raise ConfigError(f"{where}: {key}: {str(err).removeprefix('decoding: ')}") from None
 
 
 def _stream(stream: StreamConfig, key: str, algorithm, inferred_from, where: str) -> StreamSpec:
