@@ -8,6 +8,7 @@
       data: {streams: [{name: tasks, path: data/quickstart/train.jsonl, format: chat, repeat: 1}], max_length: 64}
       train: {steps: 200, batch_size: 16, lr: 3.0e-3, warmup_steps: 10, log_every: 10, eval_every: 50}
     held_out: {path: data/quickstart/eval.jsonl, format: chat}     # what the report is on
+    decoding: {samples: 1, temperature: 0.0}                       # how the judged answers are drawn
     validation: {path: data/val.jsonl, format: chat}               # what a learning-rate grid is tuned on
     entrants:
       - {name: fkl, objective: {name: fkl}}
@@ -28,24 +29,42 @@ Fair by construction:
   ``train.eval_every`` steps; a quarter of the run when the base gives none);
 * an entrant with more than one learning rate trains each on the first seed and
   keeps the one with the lowest validation NLL; the report is on the held-out split;
-* the held-out metrics are no entrant's own objective alone: greedy exact match
-  (overall and per task, where records have a ``task`` field), NLL per response
-  token, and forward KL, reverse KL and TVD from the teacher, each per response
-  token over the full vocab (one fused pass for the four).
+* the held-out metrics are no entrant's own objective alone (:mod:`distillzoo.compare.judge`):
+  ROUGE-L, exact match and length of each student's answers (drawn as the config's
+  ``decoding`` says: one greedy answer per prompt by default), NLL per response token, and
+  top-1 agreement, forward KL, reverse KL and TVD against the teacher, teacher-forced on the
+  references; overall, per task and per language, and prompt by prompt.
 
 Each run is the ``distillzoo train`` loop in a child forked from a fork server (one
 process that imported torch, transformers and the plugins once; see
 :mod:`distillzoo.compare.forkserver`), under ``output_dir/runs/ENTRANT/seedS-lrLR`` (its own
 metrics.jsonl and checkpoints), so its wall time and peak resident memory are its
-own and a run that crashes takes no other with it. The same child then judges the
-run. A run with a final student and a ``cost.json`` is not trained again, and one
-with its splits in ``result.json`` is not judged again, so rerunning an interrupted
-comparison finishes it and gives the same report. (A run stopped between its final
-save and its cost is trained again from scratch, so that its cost is measured.)
-Written to ``output_dir``: results.csv and results.json (one row per run),
-report.md (mean ± std over seeds, ranks, which entrants are within each other's
-spread in exact match and NLL, exact match per task; then wall time, tokens/s and
-peak memory), curves.png and bars.png.
+own and a run that crashes takes no other with it (``LR`` as
+:func:`~distillzoo.compare.plan.lr_name` writes it: ``0.003``, ``1e-05``, and never one name
+for two rates). The same child then judges the run.
+
+A rerun reuses what is done, and only what was done under this config:
+
+* each run directory holds ``definition.json`` (its train config, resolved, and its sha256;
+  see :mod:`distillzoo.compare.plan`), written when the run starts. Before anything trains,
+  a run directory of another definition (``train.steps: 4 -> 8``), or of none (an older
+  layout), is refused naming it and the keys that differ: give the new config a new
+  output_dir, or delete that run directory to retrain it. Nothing is deleted for you. A new
+  entrant, seed or rate is a new run directory;
+* a run with its definition, a final student and a ``cost.json`` is not trained again (a run
+  stopped between its final save and its cost is trained again from scratch, so that its
+  cost is measured; one stopped mid-way resumes from its checkpoint);
+* ``result.json`` holds ``{SPLIT: {...metrics, "split": {path, format, columns, sha256}}}``:
+  each judgement with the content key of the split it judged (the sha256 of the file, or of
+  the files under a directory) and the decoding. A split whose key differs from the split's now (another
+  file, or the same file edited) is judged again; judging is derived data.
+
+So rerunning an interrupted comparison finishes it and gives the same report.
+Written to ``output_dir``: results.csv and results.json (one row per run, and the summary),
+report.md (:mod:`distillzoo.compare.report`: means with 95% paired bootstrap intervals,
+pairwise sign-flip tests with Holm's correction, ranks with ties, what the table supports in
+words, the seed spread, per task and language; then wall time, tokens/s and peak memory),
+curves.png and bars.png.
 """
 
 from __future__ import annotations
@@ -58,7 +77,8 @@ import yaml
 
 from distillzoo.atomic import write_text_atomically
 from distillzoo.compare.forkserver import ForkServer
-from distillzoo.compare.plan import Entrant, Plan, load_plan, run_config, run_dir
+from distillzoo.compare.plan import (Entrant, Plan, check_runs, load_plan, lr_name, run_config, run_definition,
+                                     run_dir, split_key)
 from distillzoo.compare.report import machine, report, summarise, write_csv, write_plots
 from distillzoo.config import load_config
 from distillzoo.errors import DistillzooError
@@ -71,7 +91,7 @@ def warm() -> None:
     """Import the trainer, the judge and every plugin, and load the tokenizer (in the fork server)."""
     import transformers.models.qwen2.modeling_qwen2  # noqa: F401  (the tiny and Qwen models' code)
 
-    from distillzoo.teacher import evaluation  # noqa: F401
+    from distillzoo.compare import judge  # noqa: F401  (and through it the evaluation and ROUGE-L)
     from distillzoo.training import loop  # noqa: F401
     from distillzoo.hooks.manager import algorithm_specs, components
     from distillzoo.objectives.registry import objective_specs
@@ -88,9 +108,10 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def run_child(directory: str, train: bool, splits: dict[str, dict]) -> None:
+def run_child(directory: str, train: bool, splits: dict[str, dict], decoding: dict | None = None) -> None:
     """In a forked child: train the run ``directory/compare_run.yaml`` describes (if ``train``), then
-    judge its final student on each of ``splits`` ({name: {path, format}}), adding to result.json.
+    judge its final student on each of ``splits`` ({name: {path, format}}), adding to result.json each
+    judgement with the key (:func:`~distillzoo.compare.plan.split_key`) of the content it judged.
 
     The cost (wall time of training, mean tokens/s, the process's peak RSS) is written to
     cost.json as soon as training ends, before the judge loads anything.
@@ -115,91 +136,87 @@ def run_child(directory: str, train: bool, splits: dict[str, dict]) -> None:
                 "resumed": resumed}  # a resumed run's wall time is its last attempt's
         write_text_atomically(directory / "cost.json", json.dumps(cost) + "\n")
     if splits:
-        judge = Judge(cfg)
+        from distillzoo.compare.judge import Judge
+        from distillzoo.teacher.evaluation import Decoding
+
+        judge = Judge(cfg, Decoding(**(decoding or {})))
         done = _read_json(directory / "result.json") or {}
         for name, split in splits.items():
-            done[name] = judge(directory / "final", split)
+            key = {**split_key(split, name), "decoding": decoding or {}}  # the bytes the judge is about to read
+            done[name] = {**judge(directory / "final", split), "split": key}
             write_text_atomically(directory / "result.json", json.dumps(done, indent=1) + "\n")
 
 
-class Judge:
-    """The held-out (and validation) metrics of a trained student, against the run's teacher."""
-
-    def __init__(self, cfg) -> None:
-        from distillzoo.models.causal_lm import model_from_config
-        from distillzoo.data.tokenizer import load_tokenizer
-
-        self.tokenizer, self.system = load_tokenizer(cfg.data.tokenizer), cfg.data.system  # as the run tokenizes
-        self.teacher = model_from_config(cfg.teacher, "teacher").eval()
-
-    def __call__(self, student_dir: Path, split: dict) -> dict:
-        """Greedy exact match (overall, and per task where records have one), then NLL and forward KL,
-        reverse KL and TVD per response token in one fused pass."""
-        from distillzoo.models.causal_lm import load_causal_lm
-        from distillzoo.teacher.evaluation import exact_match, instruction_records, response_divergences
-        from distillzoo.data.shards import ConversationDataset
-
-        student = load_causal_lm(str(student_dir))
-        # answers longer than every reference are wrong anyway: one token more shows where each stops
-        columns = split.get("columns")
-        longest = max(len(self.tokenizer.encode(reply)) for _, _, reply, _ in
-                      instruction_records(split["path"], split["format"], columns))
-        em = exact_match(student, self.tokenizer, split["path"], split["format"], system=self.system,
-                         max_new_tokens=longest + 1, columns=columns)
-        result = {"exact_match": em["exact_match"],
-                  **{f"exact_match/{task}": v for task, v in em.get("by_task", {}).items()}}
-        data = ConversationDataset(split["path"], split["format"], self.tokenizer, system=self.system, columns=columns)
-        measured = response_divergences(self.teacher, student, data, self.tokenizer.pad_id, ("ce", "fkl", "rkl", "tvd"))
-        result.update(nll=measured.pop("ce"), **measured)
-        return result
+def _judged(done: dict, keys: dict[str, dict]) -> dict:
+    """The judgements of ``done`` (a result.json) of the splits as they are now (their key is in ``keys``)."""
+    return {s: result for s, result in done.items()
+            if isinstance(result, dict) and s in keys and result.get("split") == keys[s]}
 
 
 def _result(plan: Plan, server: ForkServer, entrant: Entrant, seed: int, lr: float, splits: tuple[str, ...],
-            say) -> dict:
+            keys: dict[str, dict], say) -> dict:
     """One run's row: trained if it has no final student and cost yet, judged on the ``splits`` its
-    result.json lacks, both in one forked child."""
+    result.json has no judgement of under their current ``keys`` (:func:`split_key`), both in one forked
+    child. :func:`check_runs` has made sure the directory holds no run of another definition."""
     directory = run_dir(plan, entrant, seed, lr)
     finished = (directory / "final").is_dir()
     cost = _read_json(directory / "cost.json") if finished else None
     if cost is None:
         directory.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(directory / "definition.json",
+                              json.dumps(run_definition(plan, entrant, seed, lr), indent=1) + "\n")
         (directory / "result.json").unlink(missing_ok=True)  # it judged a student this run replaces
         cfg = run_config(plan, entrant, seed, lr)
         if finished:
             cfg["resume"] = "never"  # trained, but stopped before its cost was written: measure it again
         write_text_atomically(directory / "compare_run.yaml", yaml.safe_dump(cfg, sort_keys=False))
-        say(f"train {entrant.name} seed {seed} lr {lr:g}")
-    done = _read_json(directory / "result.json") or {}
+        say(f"train {entrant.name} seed {seed} lr {lr_name(lr)}")
+    done = _judged(_read_json(directory / "result.json") or {}, keys)
     todo = {s: plan.held_out if s == "held_out" else plan.validation for s in splits if s not in done}
     if cost is None or todo:
         log = directory / ("train.log" if cost is None else "judge.log")
         code = server.run("distillzoo.compare.runner:run_child", {"directory": str(directory), "train": cost is None,
-                                                           "splits": todo}, log)
+                                                           "splits": todo, "decoding": plan.decoding}, log)
         if code != 0:
             tail = log.read_text(encoding="utf-8", errors="replace")[-2000:]
             raise DistillzooError(f"compare: run {directory} failed (exit {code}); its log ends:\n{tail}")
-        cost, done = _read_json(directory / "cost.json"), _read_json(directory / "result.json")
+        cost, done = _read_json(directory / "cost.json"), _judged(_read_json(directory / "result.json") or {}, keys)
+        changed = [plan.held_out["path"] if s == "held_out" else plan.validation["path"] for s in todo if s not in done]
+        if changed:  # judged, but on other bytes than the ones this comparison keyed (and keyed the others by)
+            raise DistillzooError(f"compare: {changed[0]} changed while the comparison ran (run {directory} judged "
+                                  "other content than the other runs); run compare again to judge every run on it")
     return {"entrant": entrant.name, "seed": seed, "lr": lr, **cost,
-            **{f"{s}/{k}": v for s in done for k, v in done[s].items()}}
+            **{f"{s}/{k}": v for s in done for k, v in done[s].items() if k != "split"}}
 
 
 def compare(path: str | Path, say=print) -> dict:
     """Run (or finish) the comparison ``path`` describes; writes and returns the results."""
     plan = load_plan(path)
+    check_runs(plan)  # no run of another config is reused (or touched), before anything trains
+    # what every judgement of this comparison is keyed by: the splits' content now
+    keys = {"held_out": {**split_key(plan.held_out, f"{plan.where}: held_out"), "decoding": plan.decoding}}
+    if any(len(e.lrs) > 1 for e in plan.entrants):
+        keys["validation"] = {**split_key(plan.validation, f"{plan.where}: validation"), "decoding": plan.decoding}
     plan.out.mkdir(parents=True, exist_ok=True)
     rows, chosen = [], {}
     with ForkServer(PRELOAD) as server:  # started by the first run that needs training or judging
         for e in plan.entrants:
             if len(e.lrs) > 1:  # tuned on the first seed, on the validation split
-                tuning = [_result(plan, server, e, plan.seeds[0], lr, ("validation",), say) for lr in e.lrs]
+                tuning = [_result(plan, server, e, plan.seeds[0], lr, ("validation",), keys, say) for lr in e.lrs]
                 chosen[e.name] = min(tuning, key=lambda r: r["validation/nll"])["lr"]
                 rows += [{**r, "tuning": True} for r in tuning if r["lr"] != chosen[e.name]]
             else:
                 chosen[e.name] = e.lrs[0]
             for seed in plan.seeds:
-                rows.append({**_result(plan, server, e, seed, chosen[e.name], ("held_out",), say), "tuning": False})
-    results = {"config": str(path), "output_dir": str(plan.out), "seeds": plan.seeds, "chosen_lr": chosen, "runs": rows,
-               "summary": summarise(rows, [e.name for e in plan.entrants]), "machine": machine()}
+                rows.append({**_result(plan, server, e, seed, chosen[e.name], ("held_out",), keys, say),
+                             "tuning": False})
+    from distillzoo.teacher.evaluation import Decoding
+
+    summary = summarise(rows, [e.name for e in plan.entrants])  # from every run's per-prompt scores
+    rows = [{k: v for k, v in r.items() if not k.endswith("/prompts")} for r in rows]  # those stay in result.json
+    results = {"config": str(path), "output_dir": str(plan.out), "seeds": plan.seeds, "chosen_lr": chosen,
+               "held_out": keys["held_out"], "decoding": Decoding(**plan.decoding).words, "runs": rows,
+               "summary": summary, "machine": machine()}
     write_text_atomically(plan.out / "results.json", json.dumps(results, indent=1) + "\n")
     write_csv(plan.out / "results.csv", rows)
     write_text_atomically(plan.out / "report.md", report(plan, results))
