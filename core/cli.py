@@ -1,4 +1,4 @@
-"""The ``distillzoo`` command line: list, algorithms, show, plugins, config, check, train, generate,
+"""The ``distillzoo`` command line: list, algorithms, show, plugins, config, check, train, eval, generate,
 cache-teacher, score, filter, compare, plot, prepare, reference-cache."""
 
 from __future__ import annotations
@@ -255,6 +255,45 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from distillzoo.atomic import write_text_atomically
+    from distillzoo.errors import ConfigError
+
+    if args.data is None and not args.lm_eval:
+        raise ConfigError("give --data FILE (held-out instruction records with reference answers), --lm-eval TASKS, "
+                          "or both")
+    report: dict = {}
+    if args.data is not None:
+        from distillzoo.data.tokenizer import QWEN_DEFAULT_SYSTEM
+        from distillzoo.teacher.evaluation import Decoding, evaluate_model, table
+
+        decoding = Decoding(args.samples, args.temperature, args.top_p, args.max_new_tokens, args.seed)
+        summary, scores = evaluate_model(args.student, args.data, args.format, teacher=args.teacher, decoding=decoding,
+                                         system=None if args.no_system else QWEN_DEFAULT_SYSTEM, max_length=args.max_length,
+                                         columns=_columns(args), tokenizer=args.tokenizer, batch_size=args.batch_size,
+                                         device=args.device)
+        print(f"{args.student} on {args.data}: {summary['n']} prompts, {decoding.words}"
+              + (f", teacher {args.teacher}" if args.teacher else ""))
+        print(table(summary))
+        report["held_out"] = {**summary, "prompts": scores.to_json()}
+    if args.lm_eval:
+        from distillzoo.teacher.lm_eval import run_lm_eval
+
+        tasks = [t for t in args.lm_eval.split(",") if t]
+        results = run_lm_eval(args.student, tasks, tasks_dir=args.lm_eval_tasks, limit=args.lm_eval_limit,
+                              batch_size=args.batch_size, device=args.device, tokenizer=args.tokenizer)
+        for task, metrics in results.get("results", results).items():
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+            print(f"lm-eval {task}: {shown}")
+        report["lm_eval"] = results
+    if args.out:
+        write_text_atomically(Path(args.out), json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        print(f"written to {args.out}")
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from distillzoo.config import load_config
     from distillzoo.teacher.generate import generate_from_config
@@ -347,6 +386,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("eval", help="score a saved student on held-out instruction records (ROUGE-L, exact match, "
+                                    "NLL, teacher agreement, per task and language) and/or lm-eval tasks")
+    p.add_argument("student", help="a saved model directory (a train run's final/)")
+    p.add_argument("--data", default=None, help="held-out records with reference answers (JSONL, JSON, Parquet, Arrow, "
+                                                "a datasets directory)")
+    p.add_argument("--format", default="chat", help="their data format (default chat; dolly, alpaca, ...)")
+    _add_columns(p)
+    p.add_argument("--teacher", default=None, help="a teacher model directory: adds top-1 agreement, KL and TVD "
+                                                   "teacher-forced on the references")
+    p.add_argument("--samples", type=int, default=1, help="answers per prompt (default 1; the papers sample several)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); the papers sample at 1.0")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="the sampling seed (each prompt's draws depend on it and the id)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="the longest answer (default: one token more "
+                                                                    "than the longest reference)")
+    p.add_argument("--max-length", type=int, default=None, help="as the run's data.max_length: the teacher-forced "
+                                                                "metrics read the references cut there")
+    p.add_argument("--no-system", action="store_true", help="as data.system: null in training")
+    p.add_argument("--tokenizer", default=None, help="local tokenizer directory (default: the embedded Qwen vocabulary)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--lm-eval", default=None, metavar="TASKS", help="comma-separated lm-evaluation-harness tasks to "
+                                                                    "run on the student (needs distillzoo[lm-eval])")
+    p.add_argument("--lm-eval-tasks", default=None, metavar="DIR", help="a directory of local lm-eval task YAMLs "
+                                                                        "(nothing is fetched from a hub)")
+    p.add_argument("--lm-eval-limit", type=int, default=None, help="at most this many examples per lm-eval task")
+    p.add_argument("--out", default=None, help="a JSON file: the summary and every prompt's scores and answers")
+    p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("generate", help="answer a dataset's prompts with the teacher or student (or both, as "
                                         "preference pairs) as the config's generate section says; resumable")
     p.add_argument("config")

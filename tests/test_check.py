@@ -157,7 +157,10 @@ def fixtures(tmp_path: Path) -> dict[str, str]:
     shutil.copy(ROOT / "data/quickstart/eval.jsonl", records)
     pairs = tmp_path / "pairs.jsonl"
     shutil.copy(ROOT / "data/quickstart/eval_pairs.jsonl", pairs)
-    return {"model": str(model), "records": str(records), "pairs": str(pairs), "out": str(tmp_path / "out")}
+    dolly = write_jsonl(tmp_path / "dolly.jsonl", [{"instruction": f"Say {i}.", "context": "", "response": str(i)}
+                                                   for i in range(4)])
+    return {"model": str(model), "records": str(records), "pairs": str(pairs), "dolly": str(dolly),
+            "out": str(tmp_path / "out")}
 
 
 BUNDLED = {  # each config with overrides for what it reads from runs/ (see fixtures)
@@ -171,13 +174,16 @@ BUNDLED = {  # each config with overrides for what it reads from runs/ (see fixt
                                          "generate.out={out}/pairs.jsonl"],
     "configs/distilqwen2/6_dpkd.yaml": ["teacher.path={model}", "student.path={model}", "data.streams.0.path={pairs}",
                                         "output_dir={out}/dpkd"],
+    "configs/dolly_protocol/teacher_sft.yaml": ["student.path={model}", "data.streams.0.path={dolly}",
+                                                "data.eval.path={dolly}", "output_dir={out}/dolly-teacher"],
 }
 
 
 def test_every_bundled_config_passes_check(tmp_path, capsys, monkeypatch):
     found = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")) \
         + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "examples").rglob("*.yaml"))
-    assert set(found) == set(BUNDLED) | {"configs/compare_quickstart.yaml"}  # every one of them is covered
+    comparisons = {"configs/compare_quickstart.yaml", "configs/dolly_protocol/compare.yaml"}  # tests/test_dolly_protocol.py
+    assert set(found) == set(BUNDLED) | comparisons  # every one of them is covered
     paths = fixtures(tmp_path)
     monkeypatch.chdir(ROOT)  # their data paths are the repository's
     for name, overrides in BUNDLED.items():

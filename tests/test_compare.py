@@ -39,17 +39,24 @@ def test_two_copies_of_one_objective_give_identical_numbers_and_a_rerun_skips_fi
     results = compare(path, say=lambda line: None)
     runs = {(r["entrant"], r["seed"]): r for r in results["runs"]}
     assert sorted(runs) == [("fkl-a", 0), ("fkl-a", 1), ("fkl-b", 0), ("fkl-b", 1)]
-    measured = [k for k in runs["fkl-a", 0] if k.startswith("held_out/")]
-    assert sorted(measured) == sorted(f"held_out/{m}" for m in ("exact_match", "nll", "fkl", "rkl", "tvd"))
+    measured = [k for k in runs["fkl-a", 0] if k.startswith("held_out/") and "/" not in k.removeprefix("held_out/")]
+    assert sorted(measured) == sorted(f"held_out/{m}" for m in ("rouge_l", "exact_match", "nll", "top1_agreement",
+                                                                 "fkl", "rkl", "tvd", "length_ratio"))
     for seed in (0, 1):  # the comparison adds no noise: one objective twice is one result twice
         assert [runs["fkl-a", seed][k] for k in measured] == [runs["fkl-b", seed][k] for k in measured]
     assert runs["fkl-a", 0]["held_out/nll"] != runs["fkl-a", 1]["held_out/nll"]  # the seeds do differ
     summary = results["summary"]
-    assert summary["fkl-a"]["held_out/nll"] == summary["fkl-b"]["held_out/nll"]
-    assert summary["fkl-a"]["within_spread"] == ["fkl-b"]  # equal means: never told apart
+    assert summary["entrants"]["fkl-a"]["nll"] == summary["entrants"]["fkl-b"]["nll"]
+    nll = summary["entrants"]["fkl-a"]["nll"]
+    assert nll["mean"] == pytest.approx((runs["fkl-a", 0]["held_out/nll"] + runs["fkl-a", 1]["held_out/nll"]) / 2)
+    assert nll["lo"] <= nll["mean"] <= nll["hi"]
+    pair = summary["pairs"]["nll"][0]  # equal runs: no difference, p = 1, never told apart, tied ranks
+    assert (pair["diff"], pair["p"], pair["significant"]) == (0.0, 1.0, False)
+    assert summary["ranks"]["nll"] == {"fkl-a": 1, "fkl-b": 1}
     out = tmp_path / "cmp"
     report = (out / "report.md").read_text()
-    assert "| fkl-a |" in report and "| fkl-b |" in report and "± " in report
+    assert "| fkl-a |" in report and "| fkl-b |" in report and "| 1= |" in report
+    assert "no pair of entrants differs significantly" in report
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 4 and float(rows[0]["held_out/nll"]) == pytest.approx(runs[rows[0]["entrant"], 0]["held_out/nll"])
     assert all(float(r["wall_s"]) > 0 and float(r["peak_rss_mib"]) > 50 and float(r["tokens_per_s"]) > 0 for r in rows)
@@ -121,8 +128,9 @@ def test_exact_match_is_reported_per_task_and_the_tasks_add_up_to_the_whole(tmp_
     raw["held_out"]["path"] = str(write_jsonl(tmp_path / "tasks.jsonl", held))
     path.write_text(yaml.safe_dump(raw))
     run = compare(path, say=lambda line: None)["runs"][0]
-    by_task = {k.rpartition("/")[2]: v for k, v in run.items() if k.startswith("held_out/exact_match/")}
+    by_task = {k.rpartition("=")[2]: v for k, v in run.items() if k.startswith("held_out/exact_match/task=")}
     assert sorted(by_task) == ["other", "plus-one"]
     assert run["held_out/exact_match"] == pytest.approx((by_task["other"] * 3 + by_task["plus-one"] * 3) / 6)
     report = (tmp_path / "cmp" / "report.md").read_text()
-    assert "## Exact match per task" in report and "| ce | " in report.split("## Exact match per task")[1]
+    section = report.split("## exact match per task and language")[1]
+    assert "task=other" in section and "| ce | " in section
