@@ -17,7 +17,8 @@ def test_quickstart_trains_three_models_and_prints_their_held_out_scores(tmp_pat
     rows = {}
     for name in ("teacher (ce)", "student, distilled (fkl)", "student, ce only"):
         line = next(line for line in done.stdout.splitlines() if line.startswith(name))
-        params, em, nll, kl = re.match(r".{26}\s+([\d.]+)M\s+([\d.]+)%\s+([\d.]+)\s+([\d.]+)", line).groups()
+        params, _, em, nll, _, kl = re.match(r".{26}\s+([\d.]+)M\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)\s+([\d.]+)%"
+                                             r"\s+([\d.]+)", line).groups()
         rows[name] = float(params), float(em), float(nll), float(kl)
     assert rows["teacher (ce)"][3] == 0.0 and rows["student, ce only"][3] > 0
     assert rows["teacher (ce)"][0] > rows["student, distilled (fkl)"][0] == rows["student, ce only"][0]
@@ -30,7 +31,7 @@ def test_quickstart_trains_three_models_and_prints_their_held_out_scores(tmp_pat
     written = json.loads((tmp_path / "results.json").read_text())["models"]
     for name, (params, em, nll, kl) in rows.items():  # the file holds what the table printed
         assert (round(written[name]["exact_match"] * 100, 1), round(written[name]["nll"], 3),
-                round(written[name]["kl"], 3)) == (em, nll, kl)
+                round(written[name]["fkl"], 3)) == (em, nll, kl)
         assert round(written[name]["params"] / 1e6, 1) == params
         assert next(l for l in done.stdout.splitlines() if l.startswith(name)) in (tmp_path / "results.md").read_text()
     assert "Warning" not in done.stdout + done.stderr, "library warnings in the quickstart's output"

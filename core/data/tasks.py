@@ -16,7 +16,9 @@ number-word tasks whole numbers are held out, so the model must compose
 ``write_task_files(out_dir)`` writes ``train.jsonl`` and ``eval.jsonl`` in the
 chat format (``{"id", "messages"}``), and ``pairs.jsonl`` and ``eval_pairs.jsonl``,
 preference records of each split's prompts (the correct reply chosen, a wrong one of
-the same form rejected);
+the same form rejected), and ``transfer.jsonl``, the first 600 training records: the
+quickstart's students learn from these alone, as a student distils from a transfer set
+far smaller than its teacher's data;
 the repository ships the files it writes with the default arguments under
 ``data/quickstart/`` (a test checks they match).
 """
@@ -35,6 +37,9 @@ TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eight
 ZH_DIGITS = "零一二三四五六七八九"
 
 TASKS = ("add", "reverse", "sort", "words")
+#: the transfer set's size: the training records a student distils from (the tasks take turns, so 150 of each),
+#: while its teacher learnt from all of them
+TRANSFER = 600
 LANGUAGES = ("en", "zh")
 
 PROMPTS = {
@@ -149,19 +154,20 @@ def preference_pairs(records: list[dict], n: int = 2000) -> list[dict]:
     return pairs
 
 
-def write_task_files(out_dir: str | Path, **kwargs) -> tuple[Path, Path, Path, Path]:
-    """Write ``train.jsonl`` and ``eval.jsonl`` (chat format), and ``pairs.jsonl`` and ``eval_pairs.jsonl``
-    (preference format, of each split) under ``out_dir``; returns their paths."""
+def write_task_files(out_dir: str | Path, **kwargs) -> tuple[Path, Path, Path, Path, Path]:
+    """Write ``train.jsonl`` and ``eval.jsonl`` (chat format), ``pairs.jsonl`` and ``eval_pairs.jsonl``
+    (preference format, of each split), and ``transfer.jsonl`` (the first :data:`TRANSFER` training records)
+    under ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, evals = generate_tasks(**kwargs)
     paths = []
     for name, records in (("train", train), ("eval", evals), ("pairs", preference_pairs(train)),
-                          ("eval_pairs", preference_pairs(evals))):
+                          ("eval_pairs", preference_pairs(evals)), ("transfer", train[:TRANSFER])):
         path = out / f"{name}.jsonl"
         write_text_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         paths.append(path)
-    return paths[0], paths[1], paths[2], paths[3]
+    return paths[0], paths[1], paths[2], paths[3], paths[4]
 
 
 if __name__ == "__main__":  # python -m distillzoo.data.tasks [OUT_DIR]
