@@ -102,7 +102,10 @@ def main(argv: list[str] | None = None) -> dict:
     closed = {}
     for metric in ("nll", "top1_agreement", "rouge_l", "exact_match"):
         arrays = [scores[n].sums[metric][None] for n in models]
-        share, lo, hi = gap_closed(arrays[1], arrays[2], arrays[0], scores["teacher (ce)"].weights(metric))
+        try:
+            share, lo, hi = gap_closed(arrays[1], arrays[2], arrays[0], scores["teacher (ce)"].weights(metric))
+        except dz.DistillzooError:  # the teacher scores no better than the ce-only student: no gap
+            continue
         closed[metric] = {"share": share, "lo": lo, "hi": hi}
     lines = ["", "Of the gap between the ce-only student and the teacher, distillation (fkl) closed (95% paired "
              "bootstrap interval over the prompts):"]
