@@ -118,14 +118,18 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     write_text_atomically(path, buffer.getvalue())
 
 
+def _scale(metric: str) -> tuple[int, int]:
+    """``(scale, digits)`` a metric is shown with: shares in % to 0.1, the others to 0.001."""
+    return (100, 1) if METRICS[metric].share else (1, 3)
+
+
 def _cell(entry: dict, metric: str) -> str:
-    scale, digits, unit = (100, 1, "") if METRICS[metric].share else (1, 3, "")
-    return (f"{entry['mean'] * scale:.{digits}f} [{entry['lo'] * scale:.{digits}f}, {entry['hi'] * scale:.{digits}f}]"
-            f"{unit}")
+    scale, digits = _scale(metric)
+    return f"{entry['mean'] * scale:.{digits}f} [{entry['lo'] * scale:.{digits}f}, {entry['hi'] * scale:.{digits}f}]"
 
 
 def _diff(row: dict, metric: str) -> str:
-    scale, digits = (100, 1) if METRICS[metric].share else (1, 3)
+    scale, digits = _scale(metric)
     return f"{row['diff'] * scale:+.{digits}f} [{row['lo'] * scale:+.{digits}f}, {row['hi'] * scale:+.{digits}f}]"
 
 
@@ -197,7 +201,7 @@ def report(plan: Plan, results: dict) -> str:
               "| entrant | " + " | ".join(METRICS[m].label for m in shown) + " |", "|---|" + "---|" * len(shown)]
     for name in order:
         lines.append(f"| {name} | " + " | ".join(
-            f"{entrants[name][m]['seed_std'] * (100 if METRICS[m].share else 1):.{1 if METRICS[m].share else 3}f}"
+            f"{entrants[name][m]['seed_std'] * _scale(m)[0]:.{_scale(m)[1]}f}"
             for m in shown) + " |")
     lines.append("")
     groups = sorted({g for n in order for g in entrants[n]["groups"]})
@@ -271,7 +275,7 @@ def write_plots(plan: Plan, results: dict) -> None:
     plt.close(fig)
 
     entrants = results["summary"]["entrants"]
-    panels = [(m, METRICS[m].label, 100 if METRICS[m].share else 1) for m in ("rouge_l", "exact_match", "nll", "fkl")
+    panels = [(m, METRICS[m].label, _scale(m)[0]) for m in ("rouge_l", "exact_match", "nll", "fkl")
               if m in entrants[names[0]]]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.8), squeeze=False)
     for ax, (key, label, scale) in zip(axes[0], panels):
