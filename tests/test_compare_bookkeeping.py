@@ -110,7 +110,9 @@ def test_the_run_directory_holds_its_definition_and_its_judgement_is_keyed_by_th
     assert stored["config"]["train"]["warmup_steps"] == 0  # resolved: the defaults are part of it
     judged = json.loads((RUN / "result.json").read_text())["held_out"]
     assert judged["split"] == {"path": "held.jsonl", "format": "chat", "columns": None,
-                               "sha256": hashlib.sha256(Path("held.jsonl").read_bytes()).hexdigest()}
+                               "sha256": hashlib.sha256(Path("held.jsonl").read_bytes()).hexdigest(),
+                               "decoding": {"samples": 1, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": None,
+                                            "seed": 0}}  # how the answers were drawn is part of the key
     assert "held_out/split" not in work["runs"][0]  # the key is bookkeeping, not a metric
 
 
