@@ -9,7 +9,7 @@ held-out evaluation of each model:
 
 1. the teacher learns the tasks with ``ce`` from all 6,000 training records
    (configs/quickstart_teacher.yaml);
-2. the student is distilled from it with ``fkl`` on a transfer set of 600 of them
+2. the student is distilled from it with ``fkl`` on a transfer set of 200 of them
    (configs/quickstart.yaml);
 3. the same student, same transfer set, same steps, with ``ce`` only
    (configs/quickstart.yaml objective.name=ce).

@@ -64,7 +64,7 @@ def test_every_answer_follows_from_its_prompt_and_splits_share_no_prompt():
 def test_generation_is_deterministic_and_the_bundled_files_are_its_output(tmp_path):
     train, eval_path, pairs, eval_pairs, transfer = write_task_files(tmp_path)
     assert transfer.read_bytes() == (BUNDLED / "transfer.jsonl").read_bytes()
-    assert transfer.read_text(encoding="utf-8").splitlines() == train.read_text(encoding="utf-8").splitlines()[:600]
+    assert transfer.read_text(encoding="utf-8").splitlines() == train.read_text(encoding="utf-8").splitlines()[:200]
     assert train.read_bytes() == (BUNDLED / "train.jsonl").read_bytes()
     assert eval_path.read_bytes() == (BUNDLED / "eval.jsonl").read_bytes()
     assert pairs.read_bytes() == (BUNDLED / "pairs.jsonl").read_bytes()

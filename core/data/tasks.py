@@ -16,7 +16,7 @@ number-word tasks whole numbers are held out, so the model must compose
 ``write_task_files(out_dir)`` writes ``train.jsonl`` and ``eval.jsonl`` in the
 chat format (``{"id", "messages"}``), and ``pairs.jsonl`` and ``eval_pairs.jsonl``,
 preference records of each split's prompts (the correct reply chosen, a wrong one of
-the same form rejected), and ``transfer.jsonl``, the first 600 training records: the
+the same form rejected), and ``transfer.jsonl``, the first 200 training records: the
 quickstart's students learn from these alone, as a student distils from a transfer set
 far smaller than its teacher's data;
 the repository ships the files it writes with the default arguments under
@@ -37,9 +37,9 @@ TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eight
 ZH_DIGITS = "零一二三四五六七八九"
 
 TASKS = ("add", "reverse", "sort", "words")
-#: the transfer set's size: the training records a student distils from (the tasks take turns, so 150 of each),
+#: the transfer set's size: the training records a student distils from (the tasks take turns, so 50 of each),
 #: while its teacher learnt from all of them
-TRANSFER = 600
+TRANSFER = 200
 LANGUAGES = ("en", "zh")
 
 PROMPTS = {
