@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+import distillzoo as dz
+
 from helpers import install_into, run_installed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,3 +123,30 @@ def test_a_comparison_names_it_like_a_built_in_and_tunes_its_learning_rate(insta
     best = min(renyi, key=lambda r: r["validation/nll"])  # tuned on validation ...
     assert results["chosen_lr"]["renyi"] == best["lr"] and not best["tuning"] and "held_out/nll" in best
     assert [r for r in renyi if r["tuning"]][0].get("held_out/nll") is None  # ... reported on held-out only
+
+
+@pytest.mark.slow
+def test_the_default_comparison_resolves_every_entrant_with_the_plugin_installed(installed, tmp_path):
+    """configs/compare_quickstart.yaml names the plugin's renyi beside the built-ins; with the package installed
+    every entrant's train config resolves as train would check it (no model is loaded)."""
+    import yaml
+
+    from distillzoo.compare.plan import load_plan
+    from distillzoo.models.causal_lm import tiny_qwen2
+
+    raw = yaml.safe_load((ROOT / "configs/compare_quickstart.yaml").read_text(encoding="utf-8"))
+    tiny_qwen2(hidden_size=32, num_layers=1, tie_word_embeddings=True).save_pretrained(tmp_path / "teacher")
+    raw["base"]["teacher"]["path"] = str(tmp_path / "teacher")
+    raw["output_dir"] = str(tmp_path / "compare")
+    (tmp_path / "compare.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    probe = ("import os, sys\nos.chdir(sys.argv[2])\nfrom distillzoo.compare.plan import load_plan\n"
+             "plan = load_plan(sys.argv[1])\n"
+             "print(([(e.name, [o['name'] for o in e.terms.get('objectives') or [e.terms['objective']]]) "
+             "for e in plan.entrants], plan.seeds))\n")
+    (tmp_path / "probe.py").write_text(probe, encoding="utf-8")
+    out = run([str(tmp_path / "probe.py"), str(tmp_path / "compare.yaml"), str(ROOT)], tmp_path, installed)
+    assert out.strip() == str(([("ce", ["ce"]), ("fkl", ["fkl"]), ("rkl", ["rkl"]), ("jsd", ["jsd"]),
+                                ("skl", ["skl"]), ("ce+fkl", ["ce", "fkl"]), ("renyi", ["renyi"])], [0, 1, 2]))
+    with pytest.raises(dz.ConfigError) as refused:  # without the package, the entrant is refused by name
+        load_plan(tmp_path / "compare.yaml")
+    assert "entrant 'renyi'" in str(refused.value) and "unknown objective 'renyi'" in str(refused.value)
