@@ -1,5 +1,5 @@
 """The ``distillzoo`` command line: list, algorithms, show, plugins, config, check, train, eval, generate,
-cache-teacher, score, filter, compare, plot, prepare, reference-cache."""
+cache-teacher, score, filter, compare, plot, prepare, reference-cache, serve."""
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ import sys
 import textwrap
 from typing import Sequence
 
-from distillzoo.errors import DistillzooError
+from distillzoo.errors import ConfigError, DistillzooError
 
 
 def _columns(args: argparse.Namespace) -> dict | None:
     """``--column FIELD=COLUMN`` (repeatable): the format's field FIELD is the dataset's column COLUMN."""
-    from distillzoo.errors import ConfigError
 
     columns = {}
     for item in args.column or []:
@@ -207,9 +206,7 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
         dataset, name = TokenShards(args.data[0]), args.data[0]
     else:
         if args.format is None:
-            print("distillzoo cache-teacher: error: --format is needed for records (JSONL, Parquet, a datasets "
-                  "directory, ...)", file=sys.stderr)
-            return 2
+            raise ConfigError("--format is needed for records (JSONL, Parquet, a datasets directory, ...)")
         dataset = ConversationDataset(args.data, args.format, tokenizer, max_length=args.max_length,
                                       system=None if args.no_system else QWEN_DEFAULT_SYSTEM, columns=_columns(args))
         name = ",".join(args.data)
@@ -227,6 +224,11 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
     print(f"cached the top-{args.k} of {args.model} for {len(cache)} samples, {tokens} response tokens, "
           f"{size / max(tokens, 1):.0f} bytes per token, in {args.out}")
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from distillzoo.teacher.server import serve
+    return serve(args.model, **{k: v for k, v in vars(args).items() if k not in ("model", "command", "func")})
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -259,7 +261,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from distillzoo.atomic import write_text_atomically
-    from distillzoo.errors import ConfigError
 
     if args.data is None and not args.lm_eval:
         raise ConfigError("give --data FILE (held-out instruction records with reference answers), --lm-eval TASKS, "
@@ -481,6 +482,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_placement(p)
     p.set_defaults(func=_cmd_cache_teacher)
+    p = sub.add_parser("serve", help="serve a model over the OpenAI-compatible API a served teacher reads")
+    p.add_argument("model", help="local transformers model directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this host only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one, printed)")
+    p.add_argument("--allow-remote", action="store_true", help="allow a --host other than this host's loopback")
+    p.add_argument("--served-model-name", default=None, help="the name /v1/models gives (default: the directory)")
+    p.add_argument("--max-logprobs", type=int, default=64, help="the most prompt_logprobs a request may ask for")
+    p.add_argument("--tokenizer", default=None, help="local tokenizer directory (default: the embedded Qwen vocabulary)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1")
+    p.set_defaults(func=_cmd_serve)
     p = sub.add_parser("reference-cache", help="score preference data under a frozen reference/teacher model once, "
                                                "into a side file that dpo/dpkd training reads instead of the model")
     p.add_argument("model", help="local transformers model directory")

@@ -46,7 +46,12 @@ class ModelConfig:
         "hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, tie_word_embeddings (true), seed", None)
     cache: Optional[str] = _doc("teacher: a `distillzoo cache-teacher` directory; reference: a `distillzoo "
                                 "reference-cache` file, read instead of running the model", None)
-    top_k: Optional[int] = _doc("with cache: the k the run expects (the cache's manifest must agree)", None)
+    top_k: Optional[int] = _doc("with cache: the k the run expects (the cache's manifest must agree); with server: "
+                                "the log-probs per token asked of the server (its --max-logprobs bounds it)", None)
+    server: Optional[str] = _doc("teacher: the base URL of an OpenAI-compatible server that scores the replies with "
+                                 "vLLM's prompt_logprobs (vllm serve, distillzoo serve), read instead of a model",
+                                 None)
+    model: Optional[str] = _doc("with server: the served model's name, checked against its /v1/models", None)
     lora: Optional[Dict[str, Any]] = _doc(
         "the student only: LoRA adapters instead of full training, {r, alpha, dropout, target_modules, train_head} "
         "(target_modules: names, a regular expression or all-linear, as peft takes them)", None)

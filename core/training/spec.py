@@ -158,6 +158,11 @@ def resolve(cfg: DictConfig, where: str = "<config>", *, construct_callbacks: bo
     algorithm, inferred_from = build_algorithm(cfg, where)
     spec = sections(cfg, where)
     spec.objective, spec.algorithm = algorithm.objective, algorithm
+    for role in ROLES:
+        section = spec[role]
+        if section is not None and section.server is not None and role not in getattr(algorithm, "served_roles", ()):
+            raise ConfigError(f"{where}: {role}.server: algorithm {algorithm.name!r} does not read a served {role}; "
+                              f"give {role}.path or {role}.tiny (a served teacher: algorithm distill)")
     student = spec.student
     if student is None or (student.path is None) == (student.tiny is None):
         raise ConfigError(f"{where}: student: give exactly one of student.path (a local model directory) or student.tiny")
@@ -173,7 +178,7 @@ def resolve(cfg: DictConfig, where: str = "<config>", *, construct_callbacks: bo
             require_model(spec, role, f"algorithm {algorithm.name!r}", where)
     for role in ROLES:
         section = spec[role]
-        if section is not None and (model_given(section) or section.cache is not None) \
+        if section is not None and (model_given(section) or section.cache is not None or section.server is not None) \
                 and role not in algorithm.reads(spec):
             raise ConfigError(f"{where}: {role}: algorithm {algorithm.name!r} does not use a {role}; remove the "
                               "section (nothing would read it)")

@@ -1,7 +1,8 @@
 """``distill``: logit-level distillation, off- and on-policy.
 
 The objective (fkl, jsd, a mixture, ...) on the next-token distributions of teacher
-and student along the data's replies, from a live teacher or a top-k teacher cache.
+and student along the data's replies, from a live teacher, a top-k teacher cache, or a teacher server's top-k
+(``teacher: {server: URL, model: NAME, top_k: K}``, :mod:`distillzoo.teacher.served`).
 With ``on_policy`` (GKD's λ, Agarwal et al. 2024) a step replaces each example's
 last reply with the student's own sample and trains on that, teacher included::
 
@@ -50,7 +51,10 @@ class Distill(Algorithm):
     }
     objective_kinds = ("logit",)
     records = "instruction"
+    #: the roles it can read from a teacher server
+    served_roles = ("teacher",)
     cache = None
+    served = None
 
     def reads(self, spec):
         return {"teacher"}  # a model or a cache; a teacher named for a ce run reports eval/kl_teacher_student
@@ -59,7 +63,7 @@ class Distill(Algorithm):
         return spec.teacher is not None and spec.teacher.cache is not None
 
     def roles(self, spec):
-        if self._cache_given(spec):
+        if self._cache_given(spec) or (spec.teacher is not None and spec.teacher.server is not None):
             return {}
         needed = bool(self.objective.needs_teacher)
         # a teacher named for a ce run is loaded only to report eval/kl_teacher_student
@@ -70,11 +74,13 @@ class Distill(Algorithm):
             raise ConfigError(f"{where}: algorithm.on_policy: a teacher cache covers the data's responses only; the "
                               "student's own samples need a live teacher (teacher.path or teacher.tiny)")
         teacher = spec.teacher
-        sources = [] if teacher is None else [key for key in ("path", "tiny", "cache")
+        sources = [] if teacher is None else [key for key in ("path", "tiny", "cache", "server")
                                               if getattr(teacher, key) is not None]
-        if self.objective.needs_teacher and len(sources) != 1:
-            raise ConfigError(f"{where}: teacher: the objective needs a teacher; give one of teacher.path, teacher.tiny "
-                              f"or teacher.cache{f' (got {sources})' if sources else ''}")
+        if (self.objective.needs_teacher or "server" in sources) and len(sources) != 1:
+            raise ConfigError(f"{where}: teacher: the objective needs a teacher; give one of teacher.path, teacher.tiny, "
+                              f"teacher.cache or teacher.server{f' (got {sources})' if sources else ''}")
+        if "server" in sources:
+            self.served = _served_teacher(spec, self.objective, where)
         if self._cache_given(spec):
             self.cache = _open_teacher_cache(spec, self.objective, where)
             vocab = model_vocab(spec.student)  # from its config: checked again on the built head in prepare
@@ -82,6 +88,10 @@ class Distill(Algorithm):
                 self.cache.check(f"{where}: teacher.cache", vocab_size=vocab)
 
     def prepare(self, run):
+        if self.served is not None:
+            from distillzoo.teacher.served import check_served
+
+            check_served(self.served, run.tokenizer, f"{run.where}: teacher.server")
         if self.cache is not None:
             self.cache.check(f"{run.where}: teacher.cache", vocab_size=lm_head_weight(run.student).shape[0])
 
@@ -97,6 +107,10 @@ class Distill(Algorithm):
                 fingerprints = [token_fingerprint(ex) for ex in examples[start:start + size]]
                 b.inputs["sparse"] = self.cache.sparse_teacher(_sample_ids(b.inputs["ids"], run.where),
                                                                b.inputs["targets"], fingerprints)
+        if self.served is not None:
+            for b in batches:
+                b.inputs["sparse"] = self.served.sparse_teacher(b.inputs["input_ids"], b.inputs["attention_mask"],
+                                                                b.inputs["targets"], b.inputs["ids"])
         return batches
 
     def loss(self, models, batch):
@@ -111,7 +125,8 @@ class Distill(Algorithm):
         try:
             value = self.objective.from_hidden(hs, ws, teacher, wt, x["targets"])
         except NonFiniteError as e:  # name the sample the row belongs to, and where the teacher came from
-            source = f"the teacher cache {self.cache.path}" if self.cache is not None else "the teacher model"
+            source = f"the teacher cache {self.cache.path}" if self.cache is not None else \
+                f"the teacher server {self.served.url}" if self.served is not None else "the teacher model"
             raise NonFiniteError(f"{source}, {_row_of(e.row, x)}: {e}", e.row) from None
         # a mixture's per-term losses are means over the micro-batch's tokens; the loop wants sums
         terms = getattr(self.objective, "term_losses", {})
@@ -149,6 +164,27 @@ def _open_teacher_cache(spec, objective, where: str):
     cache.check(f"{where}: teacher.cache", k=spec.teacher.top_k, tokenizer=tokenizer,
                 temperature=temperatures.pop() if temperatures else None)
     return cache
+
+
+def _served_teacher(spec, objective, where: str):
+    """The teacher server's client, refused unless the objective can read its raw top-k log-probs."""
+    from distillzoo.teacher.served import ServedTeacher
+
+    teacher = spec.teacher
+    terms = objective.terms if isinstance(objective, Mixture) else [objective]
+    dense_only = [t.name for t in terms if t.needs_teacher and not t.accepts_sparse_teacher]
+    if dense_only:
+        raise ConfigError(f"{where}: teacher.server: {', '.join(dense_only)} cannot take a top-k (sparse) teacher; a "
+                          "served teacher works with the objectives that accept one (fkl, rkl, jsd, skl, srkl, tvd)")
+    hot = sorted({float(t.temperature) for t in terms if t.needs_teacher and float(t.temperature) != 1.0})
+    if hot:
+        raise ConfigError(f"{where}: objective temperature {hot[0]}: a server's prompt_logprobs are of the raw logits "
+                          "(temperature 1), and a top-k cannot be re-tempered without the whole vocabulary; use "
+                          "temperature 1 with teacher.server, or a teacher model or cache")
+    if teacher.top_k is None or teacher.top_k < 1:
+        raise ConfigError(f"{where}: teacher.top_k: give the log-probs per token to ask of teacher.server (an integer "
+                          f">= 1, at most the server's --max-logprobs), got {teacher.top_k!r}")
+    return ServedTeacher(teacher.server, teacher.model, top_k=teacher.top_k)
 
 
 def _sample_ids(ids: list, where: str) -> list:

@@ -1,0 +1,199 @@
+"""A teacher served by an inference engine, through the OpenAI-compatible API that vLLM, SGLang and
+``distillzoo serve`` speak.
+
+:class:`ServedTeacher` scores token-id sequences with ``POST /v1/completions`` (``prompt`` a list
+of token-id lists, ``max_tokens: 1``, ``prompt_logprobs: k``) and turns each position's entries
+into the sparse top-k teacher the objectives take: the ``k`` entries of rank 1 to ``k`` (the
+prompt's own token, which the server adds when it falls outside them, is dropped), and the tail
+``log(1 - sum(exp(top-k log-probs)))`` of the server's full-softmax values, never a renormalised
+top-k. The log-probs are the server's raw ones (vLLM's default ``--logprobs-mode raw_logprobs``),
+at temperature 1.
+
+At most ``max_in_flight`` requests are in flight (a thread pool); a request that meets a 429, a
+5xx, a refused connection or a time-out is retried with exponential backoff, and one that still
+fails raises :class:`ServerError` naming the URL, the status, the response body and the sample
+ids. A response that does not hold one whole ``prompt_logprobs`` list per sequence is refused:
+never a silently partial teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import torch
+
+from distillzoo.data.records import IGNORE_INDEX
+from distillzoo.errors import DistillzooError
+from distillzoo.objectives.sparse import SparseTeacher
+
+#: the statuses worth a retry: rate limiting and the server's own failures
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+
+
+class ServerError(DistillzooError):
+    """A teacher server that could not be used: unreachable, refusing, or answering something else."""
+
+
+class ServedTeacher:
+    """A client of one served model. ``sequences_per_request`` sequences go in each scoring request."""
+
+    def __init__(self, url: str, model: str | None = None, *, top_k: int, max_in_flight: int = 4,
+                 timeout_s: float = 120.0, retries: int = 4, backoff_s: float = 0.5,
+                 sequences_per_request: int = 8) -> None:
+        if not 1 <= top_k:
+            raise ServerError(f"top_k must be >= 1, got {top_k}")
+        self.url, self.model, self.top_k = url.rstrip("/"), model, top_k
+        self.max_in_flight, self.timeout_s, self.retries, self.backoff_s = max_in_flight, timeout_s, retries, backoff_s
+        self.sequences_per_request = sequences_per_request
+
+    # ------------------------------------------------------------------------------------------ HTTP
+    def _request(self, path: str, body: dict | None, sample_ids: Sequence[str] = ()) -> dict:
+        url = self.url + path
+        data = None if body is None else json.dumps(body).encode()
+        what = f" (samples {', '.join(map(str, sample_ids[:8]))}{', ...' if len(sample_ids) > 8 else ''})" \
+            if sample_ids else ""
+        for attempt in range(self.retries + 1):
+            request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as e:
+                status, text = e.code, e.read().decode("utf-8", "replace")[:500]
+                if status not in RETRY_STATUSES or attempt == self.retries:
+                    raise ServerError(f"teacher server {url}: HTTP {status}{what} after {attempt + 1} attempt(s): "
+                                      f"{text}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                if attempt == self.retries:
+                    reason = getattr(e, "reason", e)
+                    raise ServerError(f"teacher server {url}: no answer{what} after {attempt + 1} attempt(s): "
+                                      f"{reason}") from None
+            except json.JSONDecodeError as e:
+                raise ServerError(f"teacher server {url}: the response is not JSON{what}: {e}") from None
+            time.sleep(min(self.backoff_s * 2 ** attempt, 30.0))
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------------------------------ checks
+    def served_models(self) -> list[dict]:
+        """``/v1/models``: what the server serves; refused unless it serves ``model`` (when one is named)."""
+        found = self._request("/v1/models", None).get("data") or []
+        names = [m.get("id") for m in found]
+        if self.model is not None and self.model not in names:
+            raise ServerError(f"teacher server {self.url} serves {names}, not {self.model!r} (teacher.model)")
+        if self.model is None and len(names) == 1:
+            self.model = names[0]
+        return found
+
+    def check_tokenizer(self, expected: Sequence[int], text: str) -> None:
+        """Refuse a server whose tokenizer gives other ids than ``expected`` for ``text`` (``/tokenize``),
+        naming the first token where they differ."""
+        got = self._request("/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": False})
+        tokens = list(got.get("tokens") or [])
+        if tokens != list(expected):
+            at = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), min(len(tokens), len(expected)))
+            raise ServerError(f"teacher server {self.url} tokenizes differently from this run's tokenizer: on the probe "
+                              f"{text!r}, token {at} is {tokens[at] if at < len(tokens) else 'missing'} there and "
+                              f"{expected[at] if at < len(expected) else 'missing'} here; serve the teacher with the "
+                              "tokenizer the run uses")
+
+    # ------------------------------------------------------------------------------------------ scoring
+    def topk(self, sequences: Sequence[Sequence[int]], sample_ids: Sequence[str]
+             ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per sequence of ``L`` ids: ``(ids [L-1, k] int64, logprobs [L-1, k] fp32, tail [L-1] fp32)``, row ``i``
+        the distribution of token ``i + 1`` given the tokens up to ``i``."""
+        chunks = [range(s, min(s + self.sequences_per_request, len(sequences)))
+                  for s in range(0, len(sequences), self.sequences_per_request)]
+
+        def score(chunk: range):
+            ids = [str(sample_ids[i]) for i in chunk]
+            body = {"model": self.model, "prompt": [list(map(int, sequences[i])) for i in chunk], "max_tokens": 1,
+                    "temperature": 0.0, "prompt_logprobs": self.top_k}
+            choices = self._request("/v1/completions", body, ids).get("choices") or []
+            if len(choices) != len(chunk):
+                raise ServerError(f"teacher server {self.url}: {len(choices)} choices for {len(chunk)} prompts "
+                                  f"(samples {', '.join(ids)})")
+            choices = sorted(choices, key=lambda c: c.get("index", 0))
+            return [self._parse(c.get("prompt_logprobs"), sequences[i], ids[n]) for n, (i, c) in
+                    enumerate(zip(chunk, choices))]
+
+        with ThreadPoolExecutor(max_workers=max(1, self.max_in_flight)) as pool:
+            return [row for rows in pool.map(score, chunks) for row in rows]
+
+    def _parse(self, entries, sequence: Sequence[int], sample_id: str):
+        if not isinstance(entries, list) or len(entries) != len(sequence):
+            got = len(entries) if isinstance(entries, list) else type(entries).__name__
+            raise ServerError(f"teacher server {self.url}: sample {sample_id!r}: prompt_logprobs has {got} entries for "
+                              f"{len(sequence)} tokens (is the server vLLM with prompt_logprobs, or distillzoo serve?)")
+        k = self.top_k
+        ids = torch.empty(len(sequence) - 1, k, dtype=torch.long)
+        logprobs = torch.empty(len(sequence) - 1, k, dtype=torch.float64)
+        for position, entry in enumerate(entries[1:]):
+            ranked = sorted(((v["rank"], -v["logprob"], int(t)) for t, v in (entry or {}).items()
+                             if v.get("rank") is not None and v["rank"] <= k))[:k]
+            if len(ranked) < k:
+                raise ServerError(f"teacher server {self.url}: sample {sample_id!r}, token {position + 1}: "
+                                  f"{len(ranked)} log-probs of rank <= {k}; the server's --max-logprobs must be at "
+                                  f"least teacher.top_k ({k})")
+            ids[position] = torch.tensor([t for _, _, t in ranked])
+            logprobs[position] = torch.tensor([-v for _, v, _ in ranked], dtype=torch.float64)
+        mass = logprobs.exp().sum(-1)
+        tail = torch.where(mass < 1, torch.log1p(-mass.clamp(max=1.0)), torch.tensor(-math.inf, dtype=torch.float64))
+        return ids, logprobs.float(), tail.float()
+
+    def sparse_teacher(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
+                       sample_ids: Sequence) -> SparseTeacher:
+        """A ``[B, T-1, k]`` SparseTeacher of a right-padded batch, its rows filled at the valid ``targets``."""
+        lengths = attention_mask.sum(-1).tolist()
+        sequences = [input_ids[row, :n].tolist() for row, n in enumerate(lengths)]
+        rows = self.topk(sequences, [str(i) for i in sample_ids])
+        shape = (*targets.shape, self.top_k)
+        ids = torch.arange(self.top_k).expand(shape).clone()  # rows never scored hold a valid uniform top-k
+        logprobs = torch.full(shape, -math.log(self.top_k))
+        tail = torch.full(targets.shape, -math.inf)
+        valid = (targets != IGNORE_INDEX).cpu()
+        for row, (top_ids, top_logprobs, top_tail) in enumerate(rows):
+            positions = valid[row].nonzero().flatten()
+            ids[row, positions] = top_ids[positions]
+            logprobs[row, positions] = top_logprobs[positions]
+            tail[row, positions] = top_tail[positions]
+        device = targets.device
+        return SparseTeacher(ids.to(device), logprobs.to(device), tail.to(device))
+
+
+def split_specials(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` with its control strings (``<|im_start|>``, ...) read as the control tokens, as a
+    transformers tokenizer (and so vLLM's ``/tokenize``) reads them."""
+    ids: list[int] = []
+    rest = text
+    while rest:
+        hits = [(rest.find(s), s) for s in tokenizer.special if s in rest]
+        if not hits:
+            return ids + tokenizer.encode(rest)
+        at, special = min(hits)
+        ids += tokenizer.encode(rest[:at]) + [tokenizer.special[special]]
+        rest = rest[at + len(special):]
+    return ids
+
+
+#: the text a server's tokenizer must encode as the run's does: English, Chinese and ChatML's control tokens
+PROBE = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nTranslate: 今天天气很好。" \
+        "<|im_end|>\n<|im_start|>assistant\nThe weather is nice today.<|im_end|>\n"
+
+
+def check_served(teacher: ServedTeacher, tokenizer, where: str) -> None:
+    """Refuse a server that does not serve ``teacher.model`` or tokenizes :data:`PROBE` otherwise than ``tokenizer``
+    (the control strings read as control tokens, as a transformers tokenizer reads them)."""
+    from distillzoo.errors import ConfigError
+
+    expected = split_specials(tokenizer, PROBE)
+    try:
+        teacher.served_models()
+        teacher.check_tokenizer(expected, PROBE)
+    except ServerError as e:
+        raise ConfigError(f"{where}: {e}") from None
