@@ -336,3 +336,18 @@ def test_on_policy_the_server_scores_the_student_s_own_samples(tmp_path):
     assert len(seen) == 8 and not any(tuple(s) in data for s in seen)  # 2 steps x 4 samples, none the data's reply
     losses = [json.loads(line)["loss"] for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(0 < x < 50 for x in losses)
+
+
+def test_the_server_generates_what_the_in_process_decoder_generates(model, served):
+    from distillzoo.models.generation import Sampling, decode
+
+    _, url = served
+    tok = load_tokenizer()
+    prompt = tok.encode_prompt([{"role": "user", "content": "2 + 3 = ?"}], system=None)
+    client = ServedTeacher(url, top_k=1)
+    greedy = client._request("/v1/completions", {"prompt": [prompt], "max_tokens": 5, "temperature": 0})
+    assert greedy["choices"][0]["token_ids"] == decode(model, tok, [prompt], Sampling(5, 0.0))[0][0]
+    sampled = client._request("/v1/completions", {"prompt": prompt, "max_tokens": 5, "n": 3, "seed": 7})
+    want = decode(model, tok, [prompt] * 3, Sampling(5, 1.0, seed=7), ids=["0:0", "0:1", "0:2"])
+    assert [c["token_ids"] for c in sampled["choices"]] == [tokens for tokens, _ in want]
+    assert len({tuple(c["token_ids"]) for c in sampled["choices"]}) > 1  # n samples, not one copied
