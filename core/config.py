@@ -52,6 +52,8 @@ class ModelConfig:
                                  "vLLM's prompt_logprobs (vllm serve, distillzoo serve), read instead of a model",
                                  None)
     model: Optional[str] = _doc("with server: the served model's name, checked against its /v1/models", None)
+    api: str = _doc("with server: how it scores, openai (vLLM's prompt_logprobs on /v1/completions: vllm serve, "
+                    "distillzoo serve) or sglang (SGLang's /generate with input_top_logprobs)", "openai")
     lora: Optional[Dict[str, Any]] = _doc(
         "the student only: LoRA adapters instead of full training, {r, alpha, dropout, target_modules, train_head} "
         "(target_modules: names, a regular expression or all-linear, as peft takes them)", None)

@@ -14,7 +14,7 @@ from distillzoo.data.tokenizer import ChatTokenizer, load_tokenizer
 from distillzoo.models.causal_lm import final_hidden, lm_head_weight, tiny_qwen2
 from distillzoo.teacher.cache import teacher_topk
 from distillzoo.teacher.served import ServedTeacher, ServerError
-from distillzoo.teacher.served import split_specials
+from distillzoo.teacher.served import split_specials, top_k_rows
 from distillzoo.teacher.server import TeacherServer
 
 VOCAB = 151_936
@@ -188,7 +188,7 @@ def test_a_response_short_of_a_position_is_refused_not_padded(served):
     entries = client._request("/v1/completions", {"prompt": [[1, 2, 3, 4]], "max_tokens": 1,
                                                   "prompt_logprobs": 2})["choices"][0]["prompt_logprobs"]
     with pytest.raises(ServerError, match=r"sample 'x': prompt_logprobs has 3 entries for 4 tokens"):
-        client._parse(entries[:3], [1, 2, 3, 4], "x")
+        top_k_rows(entries[:3], 4, 2, "sample 'x'")
     assert json.dumps(entries)  # what the server answers is plain JSON
 
 

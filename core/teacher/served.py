@@ -34,6 +34,10 @@ from distillzoo.objectives.sparse import SparseTeacher
 
 #: the statuses worth a retry: rate limiting and the server's own failures
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+#: the scoring APIs: vLLM's ``prompt_logprobs`` on ``/v1/completions`` (vLLM, ``distillzoo serve``), SGLang's ``/generate``
+APIS = ("openai", "sglang")
+#: how far above 1 the top-k's probability mass may sum before a position is refused (the server's rounding)
+MASS_TOLERANCE = 1e-4
 
 
 class ServerError(DistillzooError):
@@ -45,9 +49,12 @@ class ServedTeacher:
 
     def __init__(self, url: str, model: str | None = None, *, top_k: int, max_in_flight: int = 4,
                  timeout_s: float = 120.0, retries: int = 4, backoff_s: float = 0.5,
-                 sequences_per_request: int = 8) -> None:
+                 sequences_per_request: int = 8, api: str = "openai") -> None:
         if not 1 <= top_k:
             raise ServerError(f"top_k must be >= 1, got {top_k}")
+        if api not in APIS:
+            raise ServerError(f"api {api!r} is not one of {list(APIS)}")
+        self.api = api
         self.url, self.model, self.top_k = url.rstrip("/"), model, top_k
         self.max_in_flight, self.timeout_s, self.retries, self.backoff_s = max_in_flight, timeout_s, retries, backoff_s
         self.sequences_per_request = sequences_per_request
@@ -93,7 +100,16 @@ class ServedTeacher:
     def check_tokenizer(self, expected: Sequence[int], text: str) -> None:
         """Refuse a server whose tokenizer gives other ids than ``expected`` for ``text`` (``/tokenize``),
         naming the first token where they differ."""
-        got = self._request("/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": False})
+        try:
+            got = self._request("/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": False})
+        except ServerError as e:
+            if self.api == "sglang" and " HTTP 404" in str(e):
+                import warnings
+
+                warnings.warn(f"teacher server {self.url} has no /tokenize, so its tokenizer is not checked against "
+                              "the run's; serve the teacher with the tokenizer the run uses", stacklevel=2)
+                return
+            raise
         tokens = list(got.get("tokens") or [])
         if tokens != list(expected):
             at = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), min(len(tokens), len(expected)))
@@ -112,39 +128,27 @@ class ServedTeacher:
 
         def score(chunk: range):
             ids = [str(sample_ids[i]) for i in chunk]
-            body = {"model": self.model, "prompt": [list(map(int, sequences[i])) for i in chunk], "max_tokens": 1,
-                    "temperature": 0.0, "prompt_logprobs": self.top_k}
-            choices = self._request("/v1/completions", body, ids).get("choices") or []
-            if len(choices) != len(chunk):
-                raise ServerError(f"teacher server {self.url}: {len(choices)} choices for {len(chunk)} prompts "
+            prompts = [list(map(int, sequences[i])) for i in chunk]
+            if self.api == "sglang":  # SGLang's native endpoint: per position the top k as [logprob, id, text]
+                body = {"input_ids": prompts, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
+                        "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": self.top_k}
+                answer = self._request("/generate", body, ids)
+                answers = answer if isinstance(answer, list) else [answer]
+                entries = [sglang_entries((a or {}).get("meta_info") or {}) for a in answers]
+            else:
+                body = {"model": self.model, "prompt": prompts, "max_tokens": 1, "temperature": 0.0,
+                        "prompt_logprobs": self.top_k}
+                choices = sorted(self._request("/v1/completions", body, ids).get("choices") or [],
+                                 key=lambda c: c.get("index", 0))
+                entries = [c.get("prompt_logprobs") for c in choices]
+            if len(entries) != len(chunk):
+                raise ServerError(f"teacher server {self.url}: {len(entries)} answers for {len(chunk)} prompts "
                                   f"(samples {', '.join(ids)})")
-            choices = sorted(choices, key=lambda c: c.get("index", 0))
-            return [self._parse(c.get("prompt_logprobs"), sequences[i], ids[n]) for n, (i, c) in
-                    enumerate(zip(chunk, choices))]
+            return [top_k_rows(e, len(p), self.top_k, f"teacher server {self.url}: sample {n!r}")
+                    for e, p, n in zip(entries, prompts, ids)]
 
         with ThreadPoolExecutor(max_workers=max(1, self.max_in_flight)) as pool:
             return [row for rows in pool.map(score, chunks) for row in rows]
-
-    def _parse(self, entries, sequence: Sequence[int], sample_id: str):
-        if not isinstance(entries, list) or len(entries) != len(sequence):
-            got = len(entries) if isinstance(entries, list) else type(entries).__name__
-            raise ServerError(f"teacher server {self.url}: sample {sample_id!r}: prompt_logprobs has {got} entries for "
-                              f"{len(sequence)} tokens (is the server vLLM with prompt_logprobs, or distillzoo serve?)")
-        k = self.top_k
-        ids = torch.empty(len(sequence) - 1, k, dtype=torch.long)
-        logprobs = torch.empty(len(sequence) - 1, k, dtype=torch.float64)
-        for position, entry in enumerate(entries[1:]):
-            ranked = sorted(((v["rank"], -v["logprob"], int(t)) for t, v in (entry or {}).items()
-                             if v.get("rank") is not None and v["rank"] <= k))[:k]
-            if len(ranked) < k:
-                raise ServerError(f"teacher server {self.url}: sample {sample_id!r}, token {position + 1}: "
-                                  f"{len(ranked)} log-probs of rank <= {k}; the server's --max-logprobs must be at "
-                                  f"least teacher.top_k ({k})")
-            ids[position] = torch.tensor([t for _, _, t in ranked])
-            logprobs[position] = torch.tensor([-v for _, v, _ in ranked], dtype=torch.float64)
-        mass = logprobs.exp().sum(-1)
-        tail = torch.where(mass < 1, torch.log1p(-mass.clamp(max=1.0)), torch.tensor(-math.inf, dtype=torch.float64))
-        return ids, logprobs.float(), tail.float()
 
     def sparse_teacher(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
                        sample_ids: Sequence) -> SparseTeacher:
@@ -164,6 +168,58 @@ class ServedTeacher:
             tail[row, positions] = top_tail[positions]
         device = targets.device
         return SparseTeacher(ids.to(device), logprobs.to(device), tail.to(device))
+
+
+def top_k_rows(entries, length: int, k: int, where: str):
+    """``(ids [L-1, k] int64, logprobs [L-1, k] fp32, tail [L-1] fp32)`` from a ``prompt_logprobs`` list of a
+    sequence of ``length`` tokens, in vLLM's format: entry 0 null, entry ``i`` mapping token ids (strings) to
+    ``{logprob, rank, ...}`` for the top k of token ``i``'s distribution, and the prompt's own token with its true
+    rank wherever it falls outside them (dropped here). Refused, naming ``where`` and the token: a list of another
+    length, fewer than ``k`` entries of rank <= k, a log-prob that is NaN or above 0, a top k whose probability mass
+    exceeds 1 by more than :data:`MASS_TOLERANCE`."""
+    if not isinstance(entries, list) or len(entries) != length:
+        got = len(entries) if isinstance(entries, list) else type(entries).__name__
+        raise ServerError(f"{where}: prompt_logprobs has {got} entries for {length} tokens (is the server vLLM with "
+                          "prompt_logprobs, or distillzoo serve?)")
+    ids = torch.empty(length - 1, k, dtype=torch.long)
+    logprobs = torch.empty(length - 1, k, dtype=torch.float64)
+    for position, entry in enumerate(entries[1:]):
+        try:
+            ranked = sorted((int(v["rank"]), -float(v["logprob"]), int(t)) for t, v in (entry or {}).items()
+                            if v.get("rank") is not None and int(v["rank"]) <= k)[:k]
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise ServerError(f"{where}, token {position + 1}: an entry that is not {{token id: {{logprob, rank}}}}: "
+                              f"{type(e).__name__}: {e}") from None
+        if len(ranked) < k:
+            raise ServerError(f"{where}, token {position + 1}: {len(ranked)} log-probs of rank <= {k}; the server's "
+                              f"--max-logprobs must be at least teacher.top_k ({k})")
+        values = [-v for _, v, _ in ranked]
+        bad = next((v for v in values if math.isnan(v) or v > MASS_TOLERANCE), None)
+        if bad is not None:
+            raise ServerError(f"{where}, token {position + 1}: log-prob {bad} is not a log-probability (NaN or above 0)")
+        ids[position] = torch.tensor([t for _, _, t in ranked])
+        logprobs[position] = torch.tensor(values, dtype=torch.float64)
+    mass = logprobs.exp().sum(-1)
+    if length > 1 and float(mass.max()) > 1 + MASS_TOLERANCE:
+        at = int(mass.argmax())
+        raise ServerError(f"{where}, token {at + 1}: the top {k} probabilities sum to {float(mass[at]):.6f}, above 1; "
+                          "the server's log-probs are not of one softmax (a processed or tempered mode?)")
+    tail = torch.where(mass < 1, torch.log1p(-mass.clamp(max=1.0)), torch.tensor(-math.inf, dtype=torch.float64))
+    return ids, logprobs.clamp(max=0.0).float(), tail.float()
+
+
+def sglang_entries(meta_info: dict) -> list | None:
+    """SGLang's ``meta_info`` (``input_top_logprobs``: per prompt token null or ``[[logprob, id, text], ...]``
+    best first) as vLLM's ``prompt_logprobs`` list, each entry's rank its place in the list."""
+    top = meta_info.get("input_top_logprobs")
+    if not isinstance(top, list):
+        return None  # refused by top_k_rows, naming the sample
+    try:
+        return [None if not position else {str(int(item[1])): {"logprob": item[0], "rank": rank + 1}
+                                           for rank, item in enumerate(position)} for position in top]
+    except (TypeError, ValueError, IndexError) as e:
+        raise ServerError(f"SGLang's input_top_logprobs holds an entry that is not [[logprob, token id, text], ...]: "
+                          f"{type(e).__name__}: {e}") from None
 
 
 def split_specials(tokenizer, text: str) -> list[int]:

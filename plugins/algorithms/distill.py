@@ -168,7 +168,7 @@ def _open_teacher_cache(spec, objective, where: str):
 
 def _served_teacher(spec, objective, where: str):
     """The teacher server's client, refused unless the objective can read its raw top-k log-probs."""
-    from distillzoo.teacher.served import ServedTeacher
+    from distillzoo.teacher.served import APIS, ServedTeacher
 
     teacher = spec.teacher
     terms = objective.terms if isinstance(objective, Mixture) else [objective]
@@ -184,7 +184,9 @@ def _served_teacher(spec, objective, where: str):
     if teacher.top_k is None or teacher.top_k < 1:
         raise ConfigError(f"{where}: teacher.top_k: give the log-probs per token to ask of teacher.server (an integer "
                           f">= 1, at most the server's --max-logprobs), got {teacher.top_k!r}")
-    return ServedTeacher(teacher.server, teacher.model, top_k=teacher.top_k)
+    if teacher.api not in APIS:
+        raise ConfigError(f"{where}: teacher.api: {teacher.api!r} is not one of {list(APIS)}")
+    return ServedTeacher(teacher.server, teacher.model, top_k=teacher.top_k, api=teacher.api)
 
 
 def _sample_ids(ids: list, where: str) -> list:
