@@ -346,8 +346,23 @@ def cache_teacher(data, name):
     return f"{e['samples']:,} records, {e['response_tokens']:,} response tokens.\n\n{table(header, rows)}"
 
 
+def served_teacher(data, name):
+    """Seconds per KD step per teacher provider, and the share of the served teacher's time that prefetch hides."""
+    steps = {b["extra_info"]["provider"]: b["extra_info"]["s_per_step"] for b in data["benchmarks"]}
+    floor = steps["cache"]
+    rows = [[provider, f"{seconds * 1000:.0f}", f"{seconds / floor:.2f}x"] for provider, seconds in steps.items()]
+    hidden = (steps["served"] - steps["served-prefetch"]) / (steps["served"] - floor)
+    e = data["benchmarks"][0]["extra_info"]
+    return (f"Shape (records, student hidden, teacher hidden, teacher layers, batch, steps): {tuple(e['shape'])}; "
+            f"top-{e['top_k']}; one torch thread in the training process and one in the server.\n\n"
+            f"{table(['teacher', 'ms per step', 'against the cache'], rows)}\n\n"
+            f"The served teacher adds {(steps['served'] - floor) * 1000:.0f} ms to a step without prefetch and "
+            f"{(steps['served-prefetch'] - floor) * 1000:.0f} ms with it: prefetch hides {hidden:.0%} of the "
+            "teacher's time.")
+
+
 VIEWS = {"providers": providers, "cpu-goals": cpu_goals, "gpu-goals": gpu_goals, "scaling": scaling,
-         "cache-teacher": cache_teacher}
+         "cache-teacher": cache_teacher, "served-teacher": served_teacher}
 
 
 def region(args):

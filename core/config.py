@@ -52,6 +52,8 @@ class ModelConfig:
                                  "vLLM's prompt_logprobs (vllm serve, distillzoo serve), read instead of a model",
                                  None)
     model: Optional[str] = _doc("with server: the served model's name, checked against its /v1/models", None)
+    prefetch: int = _doc("with server: the steps ahead whose top-k is fetched while the student computes (0: "
+                         "fetched when the step needs it); never changes which examples a step draws", 1)
     api: str = _doc("with server: how it scores, openai (vLLM's prompt_logprobs on /v1/completions: vllm serve, "
                     "distillzoo serve) or sglang (SGLang's /generate with input_top_logprobs)", "openai")
     lora: Optional[Dict[str, Any]] = _doc(

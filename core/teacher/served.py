@@ -23,7 +23,7 @@ import math
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
 import torch
@@ -55,6 +55,7 @@ class ServedTeacher:
         if api not in APIS:
             raise ServerError(f"api {api!r} is not one of {list(APIS)}")
         self.api = api
+        self._background: ThreadPoolExecutor | None = None
         self.url, self.model, self.top_k = url.rstrip("/"), model, top_k
         self.max_in_flight, self.timeout_s, self.retries, self.backoff_s = max_in_flight, timeout_s, retries, backoff_s
         self.sequences_per_request = sequences_per_request
@@ -119,10 +120,13 @@ class ServedTeacher:
                               "tokenizer the run uses")
 
     # ------------------------------------------------------------------------------------------ scoring
-    def topk(self, sequences: Sequence[Sequence[int]], sample_ids: Sequence[str]
+    def topk(self, sequences: Sequence[Sequence[int]], sample_ids: Sequence[str], starts: Sequence[int] | None = None
              ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per sequence of ``L`` ids: ``(ids [L-1, k] int64, logprobs [L-1, k] fp32, tail [L-1] fp32)``, row ``i``
-        the distribution of token ``i + 1`` given the tokens up to ``i``."""
+        the distribution of token ``i + 1`` given the tokens up to ``i``. ``starts[i]``: the first token of sequence
+        ``i`` whose distribution is needed (its reply's first token); the rows before it are placeholders, and the
+        server is asked to skip them (``prompt_logprobs_start``, which ``distillzoo serve`` reads and vLLM ignores)."""
+        starts = [1] * len(sequences) if starts is None else [max(int(s), 1) for s in starts]
         chunks = [range(s, min(s + self.sequences_per_request, len(sequences)))
                   for s in range(0, len(sequences), self.sequences_per_request)]
 
@@ -138,24 +142,39 @@ class ServedTeacher:
             else:
                 body = {"model": self.model, "prompt": prompts, "max_tokens": 1, "temperature": 0.0,
                         "prompt_logprobs": self.top_k}
+                if any(starts[i] > 1 for i in chunk):
+                    body["prompt_logprobs_start"] = [starts[i] for i in chunk]
                 choices = sorted(self._request("/v1/completions", body, ids).get("choices") or [],
                                  key=lambda c: c.get("index", 0))
                 entries = [c.get("prompt_logprobs") for c in choices]
             if len(entries) != len(chunk):
                 raise ServerError(f"teacher server {self.url}: {len(entries)} answers for {len(chunk)} prompts "
                                   f"(samples {', '.join(ids)})")
-            return [top_k_rows(e, len(p), self.top_k, f"teacher server {self.url}: sample {n!r}")
-                    for e, p, n in zip(entries, prompts, ids)]
+            return [top_k_rows(e, len(p), self.top_k, f"teacher server {self.url}: sample {n!r}", starts[i])
+                    for e, p, n, i in zip(entries, prompts, ids, chunk)]
 
         with ThreadPoolExecutor(max_workers=max(1, self.max_in_flight)) as pool:
             return [row for rows in pool.map(score, chunks) for row in rows]
 
+    def submit(self, sequences: Sequence[Sequence[int]], sample_ids: Sequence[str],
+               starts: Sequence[int] | None = None) -> Future:
+        """:meth:`topk` in the background (one batch at a time, in the order submitted): what a prefetch of the
+        steps ahead asks while the student computes the current one."""
+        if self._background is None:
+            self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distillzoo-teacher-prefetch")
+        return self._background.submit(self.topk, [list(map(int, s)) for s in sequences], list(sample_ids),
+                                       None if starts is None else list(starts))
+
     def sparse_teacher(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
-                       sample_ids: Sequence) -> SparseTeacher:
-        """A ``[B, T-1, k]`` SparseTeacher of a right-padded batch, its rows filled at the valid ``targets``."""
-        lengths = attention_mask.sum(-1).tolist()
-        sequences = [input_ids[row, :n].tolist() for row, n in enumerate(lengths)]
-        rows = self.topk(sequences, [str(i) for i in sample_ids])
+                       sample_ids: Sequence, rows: list | None = None) -> SparseTeacher:
+        """A ``[B, T-1, k]`` SparseTeacher of a right-padded batch, its rows filled at the valid ``targets``: from
+        ``rows`` (what :meth:`topk` returned for the batch's sequences) or scored now."""
+        if rows is None:
+            lengths = attention_mask.sum(-1).tolist()
+            valid = (targets != IGNORE_INDEX).cpu()
+            starts = [int(v.nonzero()[0]) + 1 if v.any() else n for v, n in zip(valid, lengths)]
+            rows = self.topk([input_ids[row, :n].tolist() for row, n in enumerate(lengths)],
+                             [str(i) for i in sample_ids], starts)
         shape = (*targets.shape, self.top_k)
         ids = torch.arange(self.top_k).expand(shape).clone()  # rows never scored hold a valid uniform top-k
         logprobs = torch.full(shape, -math.log(self.top_k))
@@ -170,20 +189,23 @@ class ServedTeacher:
         return SparseTeacher(ids.to(device), logprobs.to(device), tail.to(device))
 
 
-def top_k_rows(entries, length: int, k: int, where: str):
+def top_k_rows(entries, length: int, k: int, where: str, start: int = 1):
     """``(ids [L-1, k] int64, logprobs [L-1, k] fp32, tail [L-1] fp32)`` from a ``prompt_logprobs`` list of a
     sequence of ``length`` tokens, in vLLM's format: entry 0 null, entry ``i`` mapping token ids (strings) to
     ``{logprob, rank, ...}`` for the top k of token ``i``'s distribution, and the prompt's own token with its true
     rank wherever it falls outside them (dropped here). Refused, naming ``where`` and the token: a list of another
     length, fewer than ``k`` entries of rank <= k, a log-prob that is NaN or above 0, a top k whose probability mass
-    exceeds 1 by more than :data:`MASS_TOLERANCE`."""
+    exceeds 1 by more than :data:`MASS_TOLERANCE`. Entries before ``start`` may be null (not asked for): their rows
+    are placeholders, a uniform top k with an empty tail, which no loss reads."""
     if not isinstance(entries, list) or len(entries) != length:
         got = len(entries) if isinstance(entries, list) else type(entries).__name__
         raise ServerError(f"{where}: prompt_logprobs has {got} entries for {length} tokens (is the server vLLM with "
                           "prompt_logprobs, or distillzoo serve?)")
-    ids = torch.empty(length - 1, k, dtype=torch.long)
-    logprobs = torch.empty(length - 1, k, dtype=torch.float64)
+    ids = torch.arange(k).repeat(max(length - 1, 0), 1)
+    logprobs = torch.full((max(length - 1, 0), k), -math.log(k), dtype=torch.float64)
     for position, entry in enumerate(entries[1:]):
+        if entry is None and position + 1 < start:
+            continue
         try:
             ranked = sorted((int(v["rank"]), -float(v["logprob"]), int(t)) for t, v in (entry or {}).items()
                             if v.get("rank") is not None and int(v["rank"]) <= k)[:k]

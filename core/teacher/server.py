@@ -11,7 +11,9 @@ Endpoints:
   - scoring, vLLM's extension: ``prompt_logprobs: k`` gives each choice a ``prompt_logprobs`` list
     whose first entry is null and whose entry ``i`` maps token ids (as strings) to ``{logprob,
     rank, decoded_token}`` for the top ``k`` of the distribution of token ``i`` given the tokens
-    before it, plus the prompt's own token ``i`` wherever it falls outside them. The log-probs are
+    before it, plus the prompt's own token ``i`` wherever it falls outside them (distillzoo's extension
+    ``prompt_logprobs_start: s``, an integer or one per prompt, leaves the entries before ``s`` null
+    and skips their computation; vLLM ignores it and fills them). The log-probs are
     of the full softmax of the raw logits (vLLM's default ``raw_logprobs``): the request's
     ``temperature`` applies to sampling, never to them. Each choice holds the one greedy token after
     its prompt (what ``max_tokens: 1`` asks of vLLM), not a longer generation;
@@ -55,6 +57,7 @@ class RequestError(Exception):
 class _Job:
     sequences: list[list[int]]
     k: int
+    starts: list[int]
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: BaseException | None = None
@@ -71,6 +74,7 @@ class TeacherServer:
         self.device = self.weight.device
         self.max_logprobs, self.max_batch_tokens, self.max_model_len = max_logprobs, max_batch_tokens, max_model_len
         self.jobs: queue.Queue[_Job] = queue.Queue()
+        self._texts: dict[int, str] = {}  # decoded tokens, as each entry names its token
         self.lock = threading.Lock()  # the model runs one batch at a time (scoring batches, generation requests)
         #: forward passes run and sequences scored (what the batching test reads)
         self.passes = 0
@@ -79,10 +83,10 @@ class TeacherServer:
         self._worker.start()
 
     # ------------------------------------------------------------------------------------------ scoring
-    def score(self, sequences: list[list[int]], k: int) -> list[list[dict | None]]:
-        """Each sequence's ``prompt_logprobs`` (see the module docstring), computed in a batch with whatever
-        other requests are waiting."""
-        job = _Job(sequences, k)
+    def score(self, sequences: list[list[int]], k: int, starts: list[int] | None = None) -> list[tuple]:
+        """Each sequence's ``(prompt_logprobs, the greedy token after it)`` (see the module docstring), entries
+        before ``starts[i]`` null; computed in a batch with whatever other requests are waiting."""
+        job = _Job(sequences, k, starts or [1] * len(sequences))
         self.jobs.put(job)
         job.done.wait()
         if job.error is not None:
@@ -102,7 +106,8 @@ class TeacherServer:
                 tokens += sum(len(s) for s in job.sequences)
             try:
                 rows = self._score_batch([s for job in jobs for s in job.sequences],
-                                         [job.k for job in jobs for _ in job.sequences])
+                                         [job.k for job in jobs for _ in job.sequences],
+                                         [start for job in jobs for start in job.starts])
                 start = 0
                 for job in jobs:
                     job.result = rows[start:start + len(job.sequences)]
@@ -114,11 +119,13 @@ class TeacherServer:
                 job.done.set()
 
     @torch.no_grad()
-    def _score_batch(self, sequences: list[list[int]], ks: list[int]) -> list[tuple[list[dict | None], int]]:
+    def _score_batch(self, sequences: list[list[int]], ks: list[int], starts: list[int] | None = None
+                     ) -> list[tuple[list[dict | None], int]]:
         """``(prompt_logprobs, the greedy next token)`` per sequence, longest first in padded passes of at most
         ``max_batch_tokens`` tokens."""
         results: dict[int, tuple[list[dict | None], int]] = {}
         batch: list[int] = []
+        starts = starts or [1] * len(sequences)
 
         def flush() -> None:
             width = max(len(sequences[i]) for i in batch)
@@ -131,8 +138,9 @@ class TeacherServer:
                 hidden = final_hidden(self.model, ids.to(self.device), mask.to(self.device))
                 self.passes += 1
                 self.scored += len(batch)
-                for row, i in enumerate(batch):
-                    results[i] = self._entries(hidden[row, :len(sequences[i])], sequences[i], ks[i])
+                results.update(self._entries([hidden[row, :len(sequences[i])] for row, i in enumerate(batch)],
+                                             [sequences[i] for i in batch], [ks[i] for i in batch],
+                                             [starts[i] for i in batch], batch))
             batch.clear()
 
         for i in sorted(range(len(sequences)), key=lambda i: -len(sequences[i])):
@@ -143,27 +151,53 @@ class TeacherServer:
             flush()
         return [results[i] for i in range(len(sequences))]
 
-    def _entries(self, hidden: torch.Tensor, sequence: list[int], k: int) -> tuple[list[dict | None], int]:
-        """One sequence's ``prompt_logprobs`` from its ``[L, H]`` hidden states, and the greedy token after it."""
-        entries: list[dict | None] = [None]
+    def _entries(self, hidden: list[torch.Tensor], sequences: list[list[int]], ks: list[int], starts: list[int],
+                 keys: list[int]) -> dict[int, tuple[list[dict | None], int]]:
+        """``{key: (prompt_logprobs, the greedy token after it)}`` of sequences from their ``[L, H]`` hidden states,
+        the entries before each start null. The rows of all sequences go through the head together, 256 at a time
+        (one read of its weight, however many sequences): log-probs are logits less their logsumexp over the
+        vocabulary, and a prompt token outside the top k gets its rank by a count over its row only."""
+        starts = [min(max(start, 1), len(sequence)) for start, sequence in zip(starts, sequences)]
+        rows, owners = [], []  # (sequence, position): position L-1 is the token after the prompt
+        for n, (h, sequence, start) in enumerate(zip(hidden, sequences, starts)):
+            positions = list(range(start - 1, len(sequence) - 1)) + [len(sequence) - 1]
+            rows.append(h[positions])
+            owners += [(n, position) for position in positions]
+        hidden_rows = torch.cat(rows).float()
         weight = self.weight.float()
-        next_token = int((hidden[-1].float() @ weight.T).argmax())
-        for start in range(0, hidden.shape[0] - 1, 256):
-            stop = min(start + 256, hidden.shape[0] - 1)
-            logp = torch.log_softmax(hidden[start:stop].float() @ weight.T, dim=-1)
-            top = logp.topk(k, dim=-1)
-            actual = torch.tensor(sequence[start + 1:stop + 1], device=logp.device)
-            actual_logp = logp.gather(-1, actual[:, None])[:, 0]
-            actual_rank = (logp > actual_logp[:, None]).sum(-1) + 1
-            for row, (ids, values) in enumerate(zip(top.indices.tolist(), top.values.tolist())):
-                entry = {str(t): {"logprob": v, "rank": r + 1, "decoded_token": self.tokenizer.decode([t])}
-                         for r, (t, v) in enumerate(zip(ids, values))}
-                token = int(actual[row])
+        k_max = max(ks)
+        entries: list[list[dict | None]] = [[None] * start for start in starts]
+        next_tokens = [0] * len(sequences)
+        for lo in range(0, len(owners), 256):
+            part = owners[lo:lo + 256]
+            logits = hidden_rows[lo:lo + 256] @ weight.T
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            top = logits.topk(k_max, dim=-1)
+            top_ids, top_logp = top.indices.tolist(), (top.values - lse).tolist()
+            actual = torch.tensor([sequences[n][min(t + 1, len(sequences[n]) - 1)] for n, t in part],
+                                  device=logits.device)
+            actual_logit = logits.gather(-1, actual[:, None])
+            actual_logp = (actual_logit - lse)[:, 0].tolist()
+            for row, (n, position) in enumerate(part):
+                if position == len(sequences[n]) - 1:
+                    next_tokens[n] = top_ids[row][0]
+                    continue
+                k = ks[n]
+                entry = {str(t): {"logprob": v, "rank": r + 1, "decoded_token": self._decoded(t)}
+                         for r, (t, v) in enumerate(zip(top_ids[row][:k], top_logp[row][:k]))}
+                token = sequences[n][position + 1]
                 if str(token) not in entry:
-                    entry[str(token)] = {"logprob": float(actual_logp[row]), "rank": max(int(actual_rank[row]), k + 1),
-                                         "decoded_token": self.tokenizer.decode([token])}
-                entries.append(entry)
-        return entries, next_token
+                    rank = int((logits[row] > actual_logit[row]).sum()) + 1
+                    entry[str(token)] = {"logprob": actual_logp[row], "rank": max(rank, k + 1),
+                                         "decoded_token": self._decoded(token)}
+                entries[n].append(entry)
+        return {key: (e, t) for key, e, t in zip(keys, entries, next_tokens)}
+
+    def _decoded(self, token: int) -> str:
+        text = self._texts.get(token)
+        if text is None:
+            text = self._texts[token] = self.tokenizer.decode([token])
+        return text
 
     # ------------------------------------------------------------------------------------------ requests
     def completions(self, body: dict) -> dict:
@@ -179,7 +213,13 @@ class TeacherServer:
             if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= self.max_logprobs:
                 raise RequestError(f"prompt_logprobs must be an integer in [0, {self.max_logprobs}] (the server's "
                                    f"--max-logprobs), got {k!r}")
-            scored = self.score(prompts, max(k, 1))
+            starts = body.get("prompt_logprobs_start", 1)
+            starts = [starts] * len(prompts) if isinstance(starts, int) and not isinstance(starts, bool) else starts
+            if not isinstance(starts, list) or len(starts) != len(prompts) or \
+                    not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in starts):
+                raise RequestError(f"prompt_logprobs_start must be an integer >= 1 or one per prompt, got "
+                                   f"{body.get('prompt_logprobs_start')!r}")
+            scored = self.score(prompts, max(k, 1), starts)
             choices = [{"index": i, "text": self.tokenizer.decode([token]), "token_ids": [token],
                         "finish_reason": "length", "logprobs": None, "prompt_logprobs": entries,
                         "prompt_token_ids": prompts[i]} for i, (entries, token) in enumerate(scored)]

@@ -100,6 +100,9 @@ class Run:
     call: Callable[[Callable], Any] | None = None
     #: the resolved run spec (set by the loop)
     spec: Any = None
+    #: ``peek(ahead)``: this rank's examples of the ``ahead``-th next step, the data order left as it is (set by
+    #: the loop; what a prefetch of the teacher reads)
+    peek: Callable[[int], list] | None = None
 
     @property
     def seed(self) -> int:

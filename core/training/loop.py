@@ -106,6 +106,7 @@ def _loop(spec: RunSpec, run_dir: RunDir) -> TrainResult:
     step_of = parallel.wrap(models, distributed, fsdp)
     trainable = [p for p in student.parameters() if p.requires_grad]  # a LoRA student: its adapters
     run.call = lambda fn: step_of(call=fn)  # the models used as the loss uses them: inside the wrapper's forward
+    run.peek = lambda ahead: streams.peek(per_rank, ahead)
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay, fused=not fsdp)
     step = 0
     resumed = run_dir.start(spec.config, spec.resume)  # the newest intact checkpoint of this same run, or a fresh start

@@ -135,6 +135,17 @@ class MixedStreams:
                 out.append(self.streams[int(stream)].dataset[int(index)])
         return out
 
+    def peek(self, n: int, ahead: int = 1) -> list:
+        """What the ``ahead``-th next :meth:`take` of ``n`` will return, leaving the state as it is (what a prefetch
+        reads: it never changes which examples a step draws, so a resumed run draws the same)."""
+        state = (self.epoch, self.position)
+        try:
+            for _ in range(ahead - 1):
+                self.take(n)
+            return self.take(n)
+        finally:
+            self.epoch, self.position = state
+
     def _order(self) -> np.ndarray:
         if getattr(self, "_cached", (None,))[0] != self.epoch:
             self._cached = (self.epoch, self.epoch_order(self.epoch))

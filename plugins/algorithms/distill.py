@@ -56,6 +56,10 @@ class Distill(Algorithm):
     cache = None
     served = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pending: dict = {}  # step -> (sequences, future of the server's top-k), fetched ahead
+
     def reads(self, spec):
         return {"teacher"}  # a model or a cache; a teacher named for a ce run reports eval/kl_teacher_student
 
@@ -96,7 +100,8 @@ class Distill(Algorithm):
             self.cache.check(f"{run.where}: teacher.cache", vocab_size=lm_head_weight(run.student).shape[0])
 
     def micro_batches(self, run, examples, step, size):
-        if self.on_policy and on_policy_step(run.seed, step, self.on_policy):
+        sampled = bool(self.on_policy) and on_policy_step(run.seed, step, self.on_policy)
+        if sampled:
             sampling = step_sampling(self.max_new_tokens, self.temperature, run.seed, step)
             examples = run.call(lambda models: student_samples(models.student, run.tokenizer, examples, sampling))
         batches = instruction_batches(examples, size, run.tokenizer.pad_id, run.device)
@@ -108,10 +113,39 @@ class Distill(Algorithm):
                 b.inputs["sparse"] = self.cache.sparse_teacher(_sample_ids(b.inputs["ids"], run.where),
                                                                b.inputs["targets"], fingerprints)
         if self.served is not None:
-            for b in batches:
+            rows = self._served_rows(run, examples, step)
+            for start, b in zip(range(0, len(examples), size), batches):
                 b.inputs["sparse"] = self.served.sparse_teacher(b.inputs["input_ids"], b.inputs["attention_mask"],
-                                                                b.inputs["targets"], b.inputs["ids"])
+                                                                b.inputs["targets"], b.inputs["ids"],
+                                                                rows[start:start + size])
         return batches
+
+    def _served_rows(self, run, examples, step):
+        """The server's top-k of this step's sequences, fetched ahead when ``teacher.prefetch`` > 0: before the
+        wait for this step, the next steps' off-policy examples (read with ``run.peek``, the data order untouched)
+        are queued behind it, so the server scores step t+1 while the student computes step t."""
+        sequences = [ex["input_ids"].tolist() for ex in examples]
+        pending = self.pending.pop(step, None)
+        for old in [s for s in self.pending if s < step]:
+            self.pending.pop(old)
+        if pending is None or pending[0] != sequences:  # not fetched ahead (the first step, a resume, a sample)
+            pending = (sequences, self._submit(examples, sequences))
+        depth = int(run.spec.teacher.prefetch or 0) if run.peek is not None else 0
+        for ahead in range(1, depth + 1):
+            later = step + ahead
+            if later >= run.spec.train.steps or later in self.pending or \
+                    (self.on_policy and on_policy_step(run.seed, later, self.on_policy)):
+                continue  # a step the student samples for is scored when its samples exist
+            upcoming = run.peek(ahead)
+            later_sequences = [ex["input_ids"].tolist() for ex in upcoming]
+            self.pending[later] = (later_sequences, self._submit(upcoming, later_sequences))
+        return pending[1].result()
+
+    def _submit(self, examples, sequences):
+        """Ask the server for the examples' top-k from each one's first reply token on (the loss reads no other)."""
+        starts = [int(ex["loss_mask"].nonzero()[0]) if bool(ex["loss_mask"].any()) else len(seq)
+                  for ex, seq in zip(examples, sequences)]
+        return self.served.submit(sequences, [str(ex.get("id")) for ex in examples], starts)
 
     def loss(self, models, batch):
         x = batch.inputs
@@ -184,6 +218,9 @@ def _served_teacher(spec, objective, where: str):
     if teacher.top_k is None or teacher.top_k < 1:
         raise ConfigError(f"{where}: teacher.top_k: give the log-probs per token to ask of teacher.server (an integer "
                           f">= 1, at most the server's --max-logprobs), got {teacher.top_k!r}")
+    if not isinstance(teacher.prefetch, int) or teacher.prefetch < 0:
+        raise ConfigError(f"{where}: teacher.prefetch: the steps fetched ahead must be an integer >= 0, got "
+                          f"{teacher.prefetch!r}")
     if teacher.api not in APIS:
         raise ConfigError(f"{where}: teacher.api: {teacher.api!r} is not one of {list(APIS)}")
     return ServedTeacher(teacher.server, teacher.model, top_k=teacher.top_k, api=teacher.api)
