@@ -53,3 +53,7 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return " Did you mean 'x'?" for the closest choice, or "" if none is close."""
     close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""
+
+
+class ServerError(DistillzooError):
+    """A teacher server that could not be used: unreachable, refusing, or answering something else."""

@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 
 from distillzoo.data.records import IGNORE_INDEX
-from distillzoo.errors import DistillzooError
+from distillzoo.errors import ServerError
 from distillzoo.objectives.sparse import SparseTeacher
 
 #: the statuses worth a retry: rate limiting and the server's own failures
@@ -38,10 +38,6 @@ RETRY_STATUSES = (429, 500, 502, 503, 504)
 APIS = ("openai", "sglang")
 #: how far above 1 the top-k's probability mass may sum before a position is refused (the server's rounding)
 MASS_TOLERANCE = 1e-4
-
-
-class ServerError(DistillzooError):
-    """A teacher server that could not be used: unreachable, refusing, or answering something else."""
 
 
 class ServedTeacher:

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from distillzoo.errors import NonFiniteError
+from distillzoo.errors import NonFiniteError, ServerError
 from distillzoo.models.causal_lm import model_from_config, model_given
 from distillzoo.training import checkpoint, lora, parallel
 from distillzoo.training.algorithm import Models, Run
@@ -129,7 +129,12 @@ def _loop(spec: RunSpec, run_dir: RunDir) -> TrainResult:
         started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, t)
-        batches = algorithm.micro_batches(run, streams.take(per_rank), step, micro)
+        try:
+            batches = algorithm.micro_batches(run, streams.take(per_rank), step, micro)
+        except ServerError as e:  # the teacher server gave up after its retries: say what is safe on disk
+            raise ServerError(f"{spec.where}: step {step + 1}: {e}. The student was not updated at this step and "
+                              f"nothing more is saved ({_newest(run_dir)}); once the server answers again, rerun "
+                              "with resume: auto") from None
         counts = parallel.all_reduce(torch.tensor([float(sum(b.count for b in batches)),
                                                    float(sum(b.tokens for b in batches))], dtype=torch.float64),
                                      distributed)
@@ -223,12 +228,14 @@ def _refuse_non_finite(loss: float, norm: float, step: int, batches: list, run_d
     if math.isfinite(loss) and math.isfinite(norm):
         return
     ids = [i for b in batches for i in (b.inputs.get("ids") or getattr(b.inputs.get("batch"), "ids", None) or [])]
-    newest = run_dir.checkpoints()
     raise NonFiniteError(f"{where}: step {step}: the loss is {loss} and the gradient norm {norm}; the student was not "
-                         "updated and nothing more is saved ("
-                         + (f"the newest checkpoint, {newest[0]}, is intact" if newest else "no checkpoint yet")
-                         + f"). This step's samples on this rank: {ids[:8]}{' ...' if len(ids) > 8 else ''}. A "
+                         f"updated and nothing more is saved ({_newest(run_dir)}). This step's samples on this rank: {ids[:8]}{' ...' if len(ids) > 8 else ''}. A "
                          "diverging student (lower train.lr) or non-finite data are the usual causes")
+
+
+def _newest(run_dir: RunDir) -> str:
+    newest = run_dir.checkpoints()
+    return f"the newest checkpoint, {newest[0]}, is intact" if newest else "no checkpoint yet"
 
 
 def _progress(record: dict, algorithm) -> dict:
