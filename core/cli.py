@@ -173,57 +173,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_reference_cache(args: argparse.Namespace) -> int:
-    from distillzoo.models.causal_lm import load_causal_lm
-    from distillzoo.data.pairs import PreferenceDataset
-    from distillzoo.teacher.launch import Launch
-    from distillzoo.teacher.reference_cache import write_reference_cache
-    from distillzoo.data.tokenizer import load_tokenizer
-
-    data = PreferenceDataset(args.data, load_tokenizer(args.tokenizer), max_length=args.max_length,
-                             max_prompt_length=args.max_prompt_length, columns=_columns(args))
-    launch = Launch.from_env()
-    model = load_causal_lm(args.model, dtype=args.dtype, device=launch.device(args.device), max_memory=args.max_memory,
-                           gpus=launch.gpus())
-    cache = write_reference_cache(args.out, model, data, batch_size=args.batch_size, model_name=args.model,
-                                  launch=launch)
-    if launch.main:
-        print(f"wrote reference log-probs of {len(cache)} pairs under {args.model} to {args.out}")
-    return 0
+    from distillzoo.teacher.commands import reference_cache
+    return reference_cache(args, _columns(args))
 
 
 def _cmd_cache_teacher(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from distillzoo.models.causal_lm import load_causal_lm
-    from distillzoo.teacher.launch import Launch
-    from distillzoo.data.shards import ConversationDataset, TokenShards
-    from distillzoo.data.tables import kind
-    from distillzoo.teacher.cache import write_teacher_cache
-    from distillzoo.data.tokenizer import QWEN_DEFAULT_SYSTEM, load_tokenizer
-
-    tokenizer = load_tokenizer(args.tokenizer)
-    if len(args.data) == 1 and kind(args.data[0]) == "prepared":
-        dataset, name = TokenShards(args.data[0]), args.data[0]
-    else:
-        if args.format is None:
-            raise ConfigError("--format is needed for records (JSONL, Parquet, a datasets directory, ...)")
-        dataset = ConversationDataset(args.data, args.format, tokenizer, max_length=args.max_length,
-                                      system=None if args.no_system else QWEN_DEFAULT_SYSTEM, columns=_columns(args))
-        name = ",".join(args.data)
-    launch = Launch.from_env()
-    model = load_causal_lm(args.model, dtype=args.model_dtype, device=launch.device(args.device),
-                           max_memory=args.max_memory, gpus=launch.gpus())
-    cache = write_teacher_cache(args.out, model, dataset, k=args.k, temperature=args.temperature, dtype=args.dtype,
-                                teacher_name=args.model, tokenizer_name=tokenizer.name, pad_id=tokenizer.pad_id,
-                                data_name=name, batch_size=args.batch_size, shard_size=args.shard_size, launch=launch,
-                                progress=not args.no_progress)
-    if not launch.main:
-        return 0
-    tokens = sum(int(s.offsets[-1]) for s in cache.shards)
-    size = sum(f.stat().st_size for f in Path(args.out).rglob("*.bin"))
-    print(f"cached the top-{args.k} of {args.model} for {len(cache)} samples, {tokens} response tokens, "
-          f"{size / max(tokens, 1):.0f} bytes per token, in {args.out}")
-    return 0
+    from distillzoo.teacher.commands import cache_teacher
+    return cache_teacher(args, _columns(args))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -464,10 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prepare)
     p = sub.add_parser("cache-teacher", help="run a teacher once over instruction data and store its top-k "
                                              "log-probs per response token, keyed by sample id (resumable)")
-    p.add_argument("model", help="local transformers model directory")
+    p.add_argument("model", help="local transformers model directory, or a teacher server's URL (vllm serve, "
+                                 "distillzoo serve; with --served-model, --api, --vocab-size)")
     p.add_argument("data", nargs="+", help="a distillzoo prepare directory, or records with --format (JSONL, JSON, "
                                            "Parquet, Arrow, datasets save_to_disk directories)")
     _add_columns(p)
+    p.add_argument("--served-model", default=None, help="a server's model name (checked against /v1/models)")
+    p.add_argument("--api", default="openai", choices=("openai", "sglang"), help="a server's scoring API (teacher.api)")
+    p.add_argument("--vocab-size", type=int, default=151936, help="a served teacher's head size (default 151936)")
     p.add_argument("--out", required=True, help="the cache directory (a rerun finishes an interrupted one)")
     p.add_argument("--k", type=int, default=32, help="ids kept per token (default 32)")
     p.add_argument("--temperature", type=float, default=1.0, help="the objective's temperature (default 1)")

@@ -363,3 +363,40 @@ def test_the_server_generates_what_the_in_process_decoder_generates(model, serve
     want = decode(model, tok, [prompt] * 3, Sampling(5, 1.0, seed=7), ids=["0:0", "0:1", "0:2"])
     assert [c["token_ids"] for c in sampled["choices"]] == [tokens for tokens, _ in want]
     assert len({tuple(c["token_ids"]) for c in sampled["choices"]}) > 1  # n samples, not one copied
+
+
+def test_cache_teacher_from_a_server_stores_what_it_stores_from_the_model(tmp_path, capsys):
+    import numpy as np
+
+    from distillzoo.cli import main
+
+    teacher = _train_setup(tmp_path)
+    http = TeacherServer(teacher, load_tokenizer(), "t").http()
+    url = _start(http)
+    common = [str(tmp_path / "train.jsonl"), "--format", "chat", "--no-system", "--k", "8", "--dtype", "float32",
+              "--batch-size", "5", "--shard-size", "7", "--no-progress"]
+    try:
+        assert main(["cache-teacher", url, *common, "--served-model", "t", "--out", str(tmp_path / "served")]) == 0
+        assert "cached the top-8 of t for 12 samples" in capsys.readouterr().out
+        assert main(["cache-teacher", url, *common, "--temperature", "2", "--out", str(tmp_path / "hot")]) == 2
+        assert f"a cache from the teacher server {url} needs temperature 1, as a server's log-probs are of the raw " \
+               "logits (got 2.0)" in capsys.readouterr().err
+    finally:
+        http.shutdown()
+    assert main(["cache-teacher", str(tmp_path / "teacher"), *common, "--out", str(tmp_path / "model")]) == 0
+    served, model = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("served", "model"))
+    assert {k: v for k, v in served.items() if k != "teacher"} == {k: v for k, v in model.items() if k != "teacher"}
+    for shard in ("shard-00000", "shard-00001"):
+        a, b = tmp_path / "served" / shard, tmp_path / "model" / shard
+        assert (a / "ids.json").read_text() == (b / "ids.json").read_text()
+        assert np.array_equal(np.load(a / "index.npy"), np.load(b / "index.npy"))
+        assert np.array_equal(np.fromfile(a / "topk_ids.bin", np.int32), np.fromfile(b / "topk_ids.bin", np.int32))
+        logprobs = [np.fromfile(d / "logprobs.bin", np.float32) for d in (a, b)]
+        # the head is scaled 30x, so logits reach the hundreds, where fp32's spacing is 3e-5: the server's padded
+        # batches and the cache's round them differently by up to that much
+        assert np.abs(logprobs[0] - logprobs[1]).max() <= float(np.spacing(np.float32(256)))
+        # this teacher is peaked (its top 8 hold all but 1e-5 to 2e-3 of the mass), so 1 - sum(exp(top-k)) cancels:
+        # the tail's mass is off by at most sum(p_i * |log-prob error|) <= 1e-5, its log by up to a few percent
+        tails = [np.exp(np.fromfile(d / "tail.bin", np.float32).astype(np.float64)) for d in (a, b)]
+        assert np.abs(tails[0] - tails[1]).max() <= 1e-5 and tails[1].max() < 1e-2
+    assert not (tmp_path / "hot").exists() or not any((tmp_path / "hot").glob("shard-*"))

@@ -92,8 +92,11 @@ def _same_manifest(path: Path, manifest: dict) -> None:
 def write_teacher_cache(out_dir: str | Path, teacher, dataset, *, k: int, temperature: float = 1.0,
                         dtype: str = "bfloat16", teacher_name: str, tokenizer_name: str, pad_id: int,
                         data_name: str = "", batch_size: int = 8, shard_size: int = 1024,
-                        progress: bool = True, launch=None) -> "TeacherCache":
+                        progress: bool = True, launch=None, vocab_size: int | None = None) -> "TeacherCache":
     """Cache ``teacher``'s top-k over the response tokens of ``dataset`` (items with ``id``); resumable.
+
+    ``teacher``: a model, or a :class:`~distillzoo.teacher.served.ServedTeacher` whose server's top-k are stored
+    as they come (temperature 1; ``vocab_size``, the teacher head's, goes in the manifest).
 
     Under torchrun (``launch``) rank ``r`` writes every ``world``-th shard, each computed
     as one process computes it, so the cache's bytes do not depend on the number of
@@ -106,8 +109,18 @@ def write_teacher_cache(out_dir: str | Path, teacher, dataset, *, k: int, temper
 
     if dtype not in DTYPES:
         raise ParameterError(f"cache dtype {dtype!r} is not one of {list(DTYPES)}")
-    weight = lm_head_weight(teacher)
-    vocab = weight.shape[0]
+    served = not isinstance(teacher, torch.nn.Module)  # a ServedTeacher: its top-k come from the server
+    if served:
+        wrong = ([f"vocab_size, the teacher head's (got {vocab_size})"] if vocab_size is None else []) + \
+            ([f"temperature 1, as a server's log-probs are of the raw logits (got {temperature})"]
+             if temperature != 1.0 else []) + \
+            ([f"the client's top_k equal to k (got {teacher.top_k} and {k})"] if teacher.top_k != k else [])
+        if wrong:
+            raise ParameterError(f"a cache from the teacher server {teacher.url} needs {'; '.join(wrong)}")
+        weight, vocab = None, int(vocab_size)
+    else:
+        weight = lm_head_weight(teacher)
+        vocab = weight.shape[0]
     if not 1 <= k <= vocab:
         raise ParameterError(f"k={k} must be in [1, {vocab}] (the teacher's vocab)")
     if not (math.isfinite(temperature) and temperature > 0):
@@ -135,7 +148,7 @@ def write_teacher_cache(out_dir: str | Path, teacher, dataset, *, k: int, temper
     launch.barrier()
     _same_manifest(manifest_path, manifest)
     store = DTYPES[dtype]
-    device = next(teacher.parameters()).device
+    device = torch.device("cpu") if served else next(teacher.parameters()).device
     starts = list(range(0, len(ids), shard_size))
     mine = launch.mine(len(starts))
     bar = None
@@ -162,9 +175,13 @@ def write_teacher_cache(out_dir: str | Path, teacher, dataset, *, k: int, temper
             fingerprints += [token_fingerprint(item) for item in items]
             batch = collate_sft(items, pad_id, device)
             targets = batch["targets"]
-            hidden = final_hidden(teacher, batch["input_ids"], batch["attention_mask"])[:, :-1]
             valid = targets != IGNORE_INDEX
-            parts.append(teacher_topk(hidden[valid], weight, k, temperature))
+            if served:
+                sparse = teacher.sparse_teacher(batch["input_ids"], batch["attention_mask"], targets, batch["ids"])
+                parts.append((sparse.ids[valid].to(torch.int32), sparse.logprobs[valid], sparse.tail_logprob[valid]))
+            else:
+                hidden = final_hidden(teacher, batch["input_ids"], batch["attention_mask"])[:, :-1]
+                parts.append(teacher_topk(hidden[valid], weight, k, temperature))
             counts.extend(valid.sum(-1).tolist())
             if bar is not None:
                 bar.update(len(items))

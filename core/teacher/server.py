@@ -156,7 +156,8 @@ class TeacherServer:
         """``{key: (prompt_logprobs, the greedy token after it)}`` of sequences from their ``[L, H]`` hidden states,
         the entries before each start null. The rows of all sequences go through the head together, 256 at a time
         (one read of its weight, however many sequences): log-probs are logits less their logsumexp over the
-        vocabulary, and a prompt token outside the top k gets its rank by a count over its row only."""
+        vocabulary (shifted by the row's maximum), and a prompt token outside the top k gets its rank by a count over its
+        row only."""
         starts = [min(max(start, 1), len(sequence)) for start, sequence in zip(starts, sequences)]
         rows, owners = [], []  # (sequence, position): position L-1 is the token after the prompt
         for n, (h, sequence, start) in enumerate(zip(hidden, sequences, starts)):
@@ -171,13 +172,14 @@ class TeacherServer:
         for lo in range(0, len(owners), 256):
             part = owners[lo:lo + 256]
             logits = hidden_rows[lo:lo + 256] @ weight.T
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             top = logits.topk(k_max, dim=-1)
-            top_ids, top_logp = top.indices.tolist(), (top.values - lse).tolist()
+            peak = top.values[:, :1]  # log-probs as (logit - max) - log(sum(exp(logits - max))), as log_softmax:
+            lse = torch.logsumexp(logits - peak, dim=-1, keepdim=True)  # exact near 0 however large the logits
+            top_ids, top_logp = top.indices.tolist(), ((top.values - peak) - lse).tolist()
             actual = torch.tensor([sequences[n][min(t + 1, len(sequences[n]) - 1)] for n, t in part],
                                   device=logits.device)
             actual_logit = logits.gather(-1, actual[:, None])
-            actual_logp = (actual_logit - lse)[:, 0].tolist()
+            actual_logp = ((actual_logit - peak) - lse)[:, 0].tolist()
             for row, (n, position) in enumerate(part):
                 if position == len(sequences[n]) - 1:
                     next_tokens[n] = top_ids[row][0]
