@@ -48,9 +48,9 @@ class ModelConfig:
                                 "reference-cache` file, read instead of running the model", None)
     top_k: Optional[int] = _doc("with cache: the k the run expects (the cache's manifest must agree); with server: "
                                 "the log-probs per token asked of the server (its --max-logprobs bounds it)", None)
-    server: Optional[str] = _doc("teacher: the base URL of an OpenAI-compatible server that scores the replies with "
-                                 "vLLM's prompt_logprobs (vllm serve, distillzoo serve), read instead of a model",
-                                 None)
+    server: Optional[str] = _doc("the base URL of an OpenAI-compatible server (vllm serve, distillzoo serve) used "
+                                 "instead of a model: train's teacher (top-k by vLLM's prompt_logprobs), and the "
+                                 "answering models of generate", None)
     model: Optional[str] = _doc("with server: the served model's name, checked against its /v1/models", None)
     prefetch: int = _doc("with server: the steps ahead whose top-k is fetched while the student computes (0: "
                          "fetched when the step needs it); never changes which examples a step draws", 1)

@@ -36,7 +36,10 @@ class MFD(Scorer):
         from distillzoo.objectives.registry import objective
 
         hs, ws = batch.head("student")
-        ht, wt = batch.head("teacher")
+        if isinstance(batch.teacher, torch.nn.Module):
+            ht, wt = batch.head("teacher")
+        else:  # a served teacher: its top-k (teacher.top_k) and tail, as distill trains on them
+            ht, wt = batch.teacher.sparse_teacher(batch.input_ids, batch.attention_mask, batch.targets, batch.ids), None
         with torch.no_grad():
             kl = objective("fkl", reduction="none").from_hidden(hs, ws, ht, wt, batch.targets)
         return batch.per_sample_mean(kl)

@@ -136,3 +136,54 @@ def test_filter_keeps_records_whole_when_they_hold_a_line_separator(tmp_path):
     filter_records(data, "chat", {"r0": 0.0, "r1": 2.0, "r2": 1.0}, tmp_path / "out.jsonl", threshold=1.0)
     kept = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").split("\n") if line]
     assert kept == [records[1], records[2]]
+
+
+def direct_sparse_kl(path, tok, teacher, student, k):
+    """Per sample, mean over response tokens of the top-k teacher's KL with its tail bucket, from float64 logits:
+    sum over the top k of p (log p - log q), plus p_tail (log p_tail - log q_tail), each tail 1 - the top k's mass."""
+    out = {}
+    for item in ConversationDataset(path, "chat", tok, system=None):
+        ids = item["input_ids"].long()[None]
+        mask = item["loss_mask"][1:]
+        with torch.no_grad():
+            log_p = torch.log_softmax(teacher(input_ids=ids).logits[0, :-1].double(), -1)[mask]
+            log_q = torch.log_softmax(student(input_ids=ids).logits[0, :-1].double(), -1)[mask]
+        top = log_p.topk(k, -1)
+        p, q = top.values.exp(), log_q.gather(-1, top.indices).exp()
+        p_tail, q_tail = 1 - p.sum(-1), 1 - q.sum(-1)
+        values = (p * (p.log() - q.log())).sum(-1) + torch.where(p_tail > 0, p_tail * (p_tail.log() - q_tail.log()), 0)
+        out[item["id"]] = float(values.mean())
+    return out
+
+
+def test_mfd_reads_a_served_teacher_s_log_probs_and_top_k(sample, tok, tmp_path):
+    import threading
+
+    from distillzoo.teacher.served import ServedTeacher
+    from distillzoo.teacher.scoring import score_from_config
+    from distillzoo.teacher.server import TeacherServer
+
+    teacher, student = models()
+    http = TeacherServer(teacher, tok, "t").http()
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{http.server_address[1]}"
+    try:
+        gaps = score_samples(make_scorer({"name": "mfd"}), sample, "chat", tok, teacher=ServedTeacher(url, "t", top_k=1),
+                             student=student, system=None, batch_size=5)
+        kls = score_samples(make_scorer({"name": "mfd", "metric": "kl"}), sample, "chat", tok,
+                            teacher=ServedTeacher(url, "t", top_k=8), student=student, system=None, batch_size=5)
+        student.save_pretrained(tmp_path / "student")
+        cfg = {"teacher": {"server": url, "model": "t"}, "student": {"path": str(tmp_path / "student")},
+               "data": {"system": None},
+               "score": {"data": str(sample), "format": "chat", "out": str(tmp_path / "scores.jsonl"),
+                         "scorer": {"name": "mfd"}, "progress": False}}
+        from_config = score_from_config(dz.load_config(cfg))
+    finally:
+        http.shutdown()
+    want = direct(sample, tok, teacher, student, "nll_gap")
+    want_kl = direct_sparse_kl(sample, tok, teacher, student, 8)
+    assert gaps.keys() == want.keys() == kls.keys() == from_config.keys() and len(gaps) == 24
+    for key in want:
+        assert gaps[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5)
+        assert from_config[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5)
+        assert kls[key] == pytest.approx(want_kl[key], rel=1e-4, abs=1e-5)

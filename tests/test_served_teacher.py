@@ -400,3 +400,26 @@ def test_cache_teacher_from_a_server_stores_what_it_stores_from_the_model(tmp_pa
         tails = [np.exp(np.fromfile(d / "tail.bin", np.float32).astype(np.float64)) for d in (a, b)]
         assert np.abs(tails[0] - tails[1]).max() <= 1e-5 and tails[1].max() < 1e-2
     assert not (tmp_path / "hot").exists() or not any((tmp_path / "hot").glob("shard-*"))
+
+
+def test_generate_with_a_served_teacher_writes_the_server_s_answers_seeded_per_sample(tmp_path, model, served):
+    import distillzoo as dz
+    from distillzoo.models.generation import Sampling, decode, sample_seed
+    from distillzoo.teacher.generate import generate_from_config, read_prompts
+
+    _train_setup(tmp_path)  # its records' prompts
+    tok = load_tokenizer()
+    _, url = served
+    cfg = {"seed": 3, "teacher": {"server": url, "model": "tiny-teacher"}, "data": {"system": None},
+           "generate": {"prompts": str(tmp_path / "train.jsonl"), "format": "chat", "out": str(tmp_path / "out.jsonl"),
+                        "max_new_tokens": 6, "temperature": 1.0, "batch_size": 5, "progress": False}}
+    report = generate_from_config(dz.load_config(cfg))
+    again = generate_from_config(dz.load_config(cfg))  # a rerun has nothing left to ask
+    assert report["written"] == 12 and again["already_done"] == 12 and again["written"] == 0
+    written = {json.loads(line)["id"]: json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()}
+    # the server decodes each request alone, seeded by the request's seed: here the sample's, from the run's seed
+    for sample_id, messages in read_prompts(tmp_path / "train.jsonl", "chat"):
+        (tokens, reason), = decode(model, tok, [tok.encode_prompt(messages, None)],
+                                   Sampling(6, 1.0, seed=sample_seed(3, sample_id)), ids=["0:0"])
+        assert written[sample_id]["messages"][-1]["content"] == tok.decode(tokens)
+        assert written[sample_id]["finish_reason"] == reason

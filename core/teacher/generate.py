@@ -2,7 +2,10 @@
 
 Answers come from :func:`~distillzoo.models.generation.decode`: each row is sampled
 from its own generator, seeded by the run's seed and the sample's id, so an answer
-does not depend on its batch nor on whether the run was interrupted and resumed.
+does not depend on its batch nor on whether the run was interrupted and resumed. A
+role given as ``server: URL`` answers from that server instead
+(:meth:`~distillzoo.teacher.served.ServedTeacher.generate`: one request per prompt,
+its ``seed`` derived from the run's seed and the sample's id in the same way).
 
 :func:`generate_file` writes one JSONL line per prompt, keyed by the sample id:
 each process appends a batch at a time (flushed and fsynced) to its part of the
@@ -26,7 +29,7 @@ from pathlib import Path
 from distillzoo.data.records import read_records
 from distillzoo.data.tokenizer import QWEN_DEFAULT_SYSTEM, ChatTokenizer
 from distillzoo.errors import DataError, ParameterError
-from distillzoo.models.causal_lm import check_vocab, model_fingerprint, place_model, require_model
+from distillzoo.models.causal_lm import check_vocab, place_model, require_model
 from distillzoo.models.generation import Sampling, decode
 from distillzoo.teacher.launch import Launch
 from distillzoo.teacher.parts import PartedOutput
@@ -76,9 +79,11 @@ def generate_file(models: dict, tokenizer: ChatTokenizer, data: str | Path, form
         raise ParameterError(f"generate mode {mode!r} is not one of {list(names)}")
     if set(models) != set(names[mode]):
         raise ParameterError(f"generate mode {mode!r} needs models {list(names[mode])}, got {sorted(models)}")
+    from distillzoo.teacher.served import identity
+
     launch = launch or Launch()
     output = PartedOutput(out, launch, identity={
-        "mode": mode, "models": {role: model_fingerprint(m) for role, m in models.items()},
+        "mode": mode, "models": {role: identity(m) for role, m in models.items()},
         "sampling": dataclasses.asdict(sampling), "system": system, "data": str(data), "format": format,
         "columns": columns})
     prompts = read_prompts(data, format, columns)
@@ -96,7 +101,8 @@ def generate_file(models: dict, tokenizer: ChatTokenizer, data: str | Path, form
         chunk = batches[b]
         ids = [i for i, _ in chunk]
         tokens = [tokenizer.encode_prompt(m, system) for _, m in chunk]
-        answers = {role: decode(model, tokenizer, tokens, sampling, ids=ids, batch_size=batch_size)
+        answers = {role: model.generate(tokens, sampling, ids, [tokenizer.im_end_id]) if _served(model) else
+                   decode(model, tokenizer, tokens, sampling, ids=ids, batch_size=batch_size)
                    for role, model in models.items()}
         texts = {role: [tokenizer.decode(tokens) for tokens, _ in out] for role, out in answers.items()}
         records = []
@@ -123,6 +129,12 @@ def generate_file(models: dict, tokenizer: ChatTokenizer, data: str | Path, form
             "total": len(prompts)}
 
 
+def _served(model) -> bool:
+    from distillzoo.teacher.served import ServedTeacher
+
+    return isinstance(model, ServedTeacher)
+
+
 MODES = ("responses", "pairs")
 
 
@@ -139,6 +151,10 @@ def validate_generate(cfg, where: str = "<config>") -> None:
     if g.model not in ("teacher", "student"):
         raise ConfigError(f"{where}: generate.model: {g.model!r} is not one of ['teacher', 'student']")
     roles = ("teacher", "student") if g.mode == "pairs" else (g.model,)
+    from distillzoo.teacher.served import served_roles
+
+    served = served_roles(cfg, roles, where)
+    roles = tuple(role for role in roles if role not in served)  # the models loaded here
     for role in roles:
         require_model(cfg, role, f"generate (mode {g.mode})", where)
     from distillzoo.data.tokenizer import load_tokenizer
@@ -169,14 +185,16 @@ def generate_from_config(cfg, where: str = "<config>") -> dict:
     """``distillzoo generate``: validate, load the models the mode needs, answer into ``generate.out`` (under
     torchrun, every rank its share)."""
     from distillzoo.data.tokenizer import load_tokenizer
+    from distillzoo.teacher.served import served_client
 
     validate_generate(cfg, where)
     g = cfg.generate
     launch = Launch.from_env()
     roles = {"chosen": "teacher", "rejected": "student"} if g.mode == "pairs" else {"responses": g.model}
-    models = {key: place_model(cfg[role], role, launch) for key, role in roles.items()}
     data = cfg.data
     tokenizer = load_tokenizer(data.tokenizer if data is not None else None)
+    models = {key: served_client(cfg[role], role, tokenizer, where) if cfg[role].server is not None else
+              place_model(cfg[role], role, launch) for key, role in roles.items()}
     system = data.system if data is not None else QWEN_DEFAULT_SYSTEM
     return generate_file(models, tokenizer, g.prompts, g.format, g.out,
                          Sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, cfg.seed),

@@ -125,18 +125,18 @@ def score_samples(scorer: Scorer, path: str | Path, format: str, tokenizer, *, t
         raise DataError(f"{path}: sample id {duplicate!r} occurs more than once; scores are keyed by id")
     output = None
     if out is not None:
-        from distillzoo.models.causal_lm import model_fingerprint
+        from distillzoo.teacher.served import identity
 
         output = PartedOutput(out, launch, identity={
             "scorer": {"name": scorer.name, **{k: v for k, v in vars(scorer).items() if not k.startswith("_")}},
-            "models": {role: model_fingerprint(m) for role, m in (("teacher", teacher), ("student", student))
+            "models": {role: identity(m) for role, m in (("teacher", teacher), ("student", student))
                        if m is not None},
             "data": str(path), "format": format, "columns": columns, "system": system, "max_length": max_length})
     done = output.done() if output is not None else set()
     todo = [i for i, sample_id in enumerate(dataset.ids) if sample_id not in done]
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
     mine = launch.mine(len(batches))
-    models = [m for m in (teacher, student) if m is not None]
+    models = [m for m in (teacher, student) if isinstance(m, torch.nn.Module)]  # not a served one
     device = next(models[0].parameters()).device if models else torch.device("cpu")
     scores: dict[str, float] = {}
     bar = None
@@ -227,14 +227,26 @@ def filter_records(data: str | Path, format: str, scores: dict[str, float], out:
 
 
 def per_sample_nll(batch: ScoreBatch, role: str) -> torch.Tensor:
-    """``[n_valid]`` per-token NLL of the reference responses under a model (fused)."""
+    """``[n_valid]`` per-token NLL of the reference responses under a model (fused), or a server's log-probs of
+    the responses' own tokens (a role given as ``server: URL``)."""
     from distillzoo.kernels import token_logprobs
 
-    hidden, weight = batch.head(role)
     targets = batch.targets
+    valid = targets != IGNORE_INDEX
+    model = getattr(batch, role)
+    if not isinstance(model, torch.nn.Module):  # a ServedTeacher
+        lengths = batch.attention_mask.sum(-1).tolist()
+        starts = [int(v.nonzero()[0]) + 1 if v.any() else n for v, n in zip(valid.cpu(), lengths)]
+        rows = model.token_logprobs([batch.input_ids[r, :n].tolist() for r, n in enumerate(lengths)], batch.ids,
+                                    starts)
+        logps = torch.full(targets.shape, math.nan)
+        for r, row in enumerate(rows):
+            logps[r, :len(row)] = row
+        return -logps.to(targets.device)[valid]
+    hidden, weight = batch.head(role)
     with torch.no_grad():
         logps = token_logprobs(hidden, weight, targets)
-    return -logps[targets != IGNORE_INDEX]
+    return -logps[valid]
 
 
 def validate_score(cfg, where: str) -> None:
@@ -256,8 +268,11 @@ def validate_score(cfg, where: str) -> None:
         raise ConfigError(f"{where}: score: {e}" if not str(e).startswith(where) else str(e)) from None
     from distillzoo.data.tokenizer import load_tokenizer
 
+    from distillzoo.teacher.served import served_roles
+
     vocab = load_tokenizer(cfg.data.tokenizer if cfg.data is not None else None).vocab_size
-    for role in scorer.needs:
+    served = served_roles(cfg, scorer.needs, where)
+    for role in (r for r in scorer.needs if r not in served):
         require_model(cfg, role, f"scorer {s.scorer.get('name')!r}", where)
         check_vocab(cfg, role, vocab, where)
     if s.out is None:
@@ -275,9 +290,13 @@ def score_from_config(cfg, where: str = "<config>") -> dict[str, float]:
     s = cfg.score
     scorer = make_scorer(dict(s.scorer))
     launch = Launch.from_env()
-    models = {role: place_model(cfg[role], role, launch) for role in scorer.needs}
+    from distillzoo.teacher.served import served_client
+
     data = cfg.data
-    return score_samples(scorer, s.data, s.format, load_tokenizer(data.tokenizer if data is not None else None),
+    tokenizer = load_tokenizer(data.tokenizer if data is not None else None)
+    models = {role: served_client(cfg[role], role, tokenizer, where) if cfg[role].server is not None else
+              place_model(cfg[role], role, launch) for role in scorer.needs}
+    return score_samples(scorer, s.data, s.format, tokenizer,
                          system=data.system if data is not None else QWEN_DEFAULT_SYSTEM,
                          max_length=data.max_length if data is not None else None, batch_size=s.batch_size,
                          progress=s.progress, columns=None if s.columns is None else dict(s.columns), out=s.out,

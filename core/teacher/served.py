@@ -152,6 +152,61 @@ class ServedTeacher:
         with ThreadPoolExecutor(max_workers=max(1, self.max_in_flight)) as pool:
             return [row for rows in pool.map(score, chunks) for row in rows]
 
+    def token_logprobs(self, sequences: Sequence[Sequence[int]], sample_ids: Sequence[str],
+                       starts: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Per sequence of ``L`` ids: ``[L-1]`` fp32, row ``i`` the log-prob of token ``i + 1`` given the tokens up to
+        ``i`` (the prompt's own token, which every ``prompt_logprobs`` entry holds), NaN before ``starts``."""
+        starts = [1] * len(sequences) if starts is None else [max(int(x), 1) for x in starts]
+        body_of = lambda chunk: {"model": self.model, "prompt": [list(map(int, sequences[i])) for i in chunk],  # noqa: E731
+                                 "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 1,
+                                 "prompt_logprobs_start": [starts[i] for i in chunk]}
+
+        def score(chunk: range):
+            ids = [str(sample_ids[i]) for i in chunk]
+            choices = sorted(self._request("/v1/completions", body_of(chunk), ids).get("choices") or [],
+                             key=lambda c: c.get("index", 0))
+            if len(choices) != len(chunk):
+                raise ServerError(f"teacher server {self.url}: {len(choices)} answers for {len(chunk)} prompts "
+                                  f"(samples {', '.join(ids)})")
+            return [own_logprobs(c.get("prompt_logprobs"), sequences[i], starts[i],
+                                 f"teacher server {self.url}: sample {ids[n]!r}")
+                    for n, (i, c) in enumerate(zip(chunk, choices))]
+
+        chunks = [range(s, min(s + self.sequences_per_request, len(sequences)))
+                  for s in range(0, len(sequences), self.sequences_per_request)]
+        with ThreadPoolExecutor(max_workers=max(1, self.max_in_flight)) as pool:
+            return [row for rows in pool.map(score, chunks) for row in rows]
+
+    # ------------------------------------------------------------------------------------------ generation
+    def generate(self, prompts: Sequence[Sequence[int]], sampling, ids: Sequence[str], stop_ids: Sequence[int]
+                 ) -> list[tuple[list[int], str]]:
+        """``(answer token ids, finish reason)`` per prompt, as :func:`distillzoo.models.generation.decode` returns
+        them: one request per prompt (``n: 1``), seeded by the sampling's seed and the prompt's id so that an answer
+        depends on neither its batch nor the requests around it; the answer stops before the first of ``stop_ids``
+        (``<|im_end|>``, ``<|endoftext|>``). Token ids come back as vLLM's ``return_token_ids`` gives them."""
+        from distillzoo.models.generation import sample_seed
+
+        stop = set(map(int, stop_ids))
+
+        def one(n: int):
+            body = {"model": self.model, "prompt": list(map(int, prompts[n])), "n": 1,
+                    "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
+                    "top_p": sampling.top_p, "seed": sample_seed(sampling.seed, str(ids[n])),
+                    "stop_token_ids": sorted(stop), "return_token_ids": True, "skip_special_tokens": False}
+            if sampling.top_k > 0:
+                body["top_k"] = sampling.top_k
+            choices = self._request("/v1/completions", body, [str(ids[n])]).get("choices") or []
+            tokens = choices[0].get("token_ids") if len(choices) == 1 else None
+            if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+                raise ServerError(f"teacher server {self.url}: sample {ids[n]!r}: the answer holds no token_ids (vLLM "
+                                  "returns them with return_token_ids, from 0.10.2 on; distillzoo serve always)")
+            cut = next((i for i, t in enumerate(tokens) if t in stop), None)
+            reason = "stop" if cut is not None or choices[0].get("finish_reason") == "stop" else "length"
+            return tokens[:cut], reason
+
+        with ThreadPoolExecutor(max_workers=max(1, self.max_in_flight)) as pool:
+            return list(pool.map(one, range(len(prompts))))
+
     def submit(self, sequences: Sequence[Sequence[int]], sample_ids: Sequence[str],
                starts: Sequence[int] | None = None) -> Future:
         """:meth:`topk` in the background (one batch at a time, in the order submitted): what a prefetch of the
@@ -226,6 +281,22 @@ def top_k_rows(entries, length: int, k: int, where: str, start: int = 1):
     return ids, logprobs.clamp(max=0.0).float(), tail.float()
 
 
+def own_logprobs(entries, sequence: Sequence[int], start: int, where: str) -> torch.Tensor:
+    """``[L-1]`` log-probs of a sequence's own tokens from its ``prompt_logprobs`` (NaN before ``start``); refused,
+    naming the token, where an entry lacks the token or its log-prob is NaN or above 0."""
+    if not isinstance(entries, list) or len(entries) != len(sequence):
+        got = len(entries) if isinstance(entries, list) else type(entries).__name__
+        raise ServerError(f"{where}: prompt_logprobs has {got} entries for {len(sequence)} tokens")
+    out = torch.full((max(len(sequence) - 1, 0),), math.nan)
+    for position in range(max(start, 1), len(sequence)):
+        value = ((entries[position] or {}).get(str(int(sequence[position]))) or {}).get("logprob")
+        if not isinstance(value, (int, float)) or math.isnan(value) or value > MASS_TOLERANCE:
+            raise ServerError(f"{where}, token {position}: the entry holds no log-prob of the sequence's own token "
+                              f"{int(sequence[position])} (got {value!r})")
+        out[position - 1] = min(float(value), 0.0)
+    return out
+
+
 def sglang_entries(meta_info: dict) -> list | None:
     """SGLang's ``meta_info`` (``input_top_logprobs``: per prompt token null or ``[[logprob, id, text], ...]``
     best first) as vLLM's ``prompt_logprobs`` list, each entry's rank its place in the list."""
@@ -271,3 +342,30 @@ def check_served(teacher: ServedTeacher, tokenizer, where: str) -> None:
         teacher.check_tokenizer(expected, PROBE)
     except ServerError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def served_client(section, role: str, tokenizer, where: str) -> ServedTeacher:
+    """The client of a config section's ``server`` (``model``, ``top_k``, default 1, and ``api`` as given), refused
+    unless the server serves that model and tokenizes as ``tokenizer`` does."""
+    client = ServedTeacher(section.server, section.model, top_k=section.top_k or 1, api=section.api)
+    check_served(client, tokenizer, f"{where}: {role}.server")
+    return client
+
+
+def identity(model) -> str:
+    """What tells one model's outputs from another's in a resumable output: a hash of a model's config and
+    weights, or a server's URL and the name it serves."""
+    from distillzoo.models.causal_lm import model_fingerprint
+
+    return f"served:{model.url}:{model.model}" if isinstance(model, ServedTeacher) else model_fingerprint(model)
+
+
+def served_roles(cfg, roles, where: str) -> tuple[str, ...]:
+    """Which of ``roles`` a config gives as ``server: URL``; a ConfigError where a role gives a server and a model."""
+    from distillzoo.errors import ConfigError
+
+    served = tuple(role for role in roles if cfg[role] is not None and cfg[role].server is not None)
+    for role in served:
+        if cfg[role].path is not None or cfg[role].tiny is not None:
+            raise ConfigError(f"{where}: {role}: give {role}.server or a model ({role}.path, {role}.tiny), not both")
+    return served
