@@ -122,3 +122,30 @@ def matmul_bound(n, hs, ht, v, dtype=DTYPE):
         _cache[key] = total
         del h_s, w_s, h_t, w_t, z
     return _cache[key]
+
+
+def start_server(model_dir, name):
+    """``distillzoo serve MODEL_DIR`` in a child process on a free port of 127.0.0.1, one torch thread, answering:
+    ``(process, url)``. Terminate the process when done."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "distillzoo", "serve", str(model_dir), "--port", str(port),
+                               "--served-model-name", name], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(url + "/v1/models", timeout=1).read()
+            return server, url
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError(f"distillzoo serve exited: {server.stderr.read()}") from None
+            time.sleep(0.1)
+    server.terminate()
+    raise RuntimeError(f"distillzoo serve did not answer at {url} within a minute")

@@ -19,12 +19,9 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -83,12 +80,6 @@ def _cpu() -> str:
     return platform.processor() or platform.machine()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=8)
@@ -98,26 +89,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="write the report (markdown) here")
     args = parser.parse_args(argv)
 
+    from common import start_server
     from distillzoo.models.causal_lm import tiny_qwen2
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "teacher"
         tiny_qwen2(**MODEL).save_pretrained(model_dir)
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        server = subprocess.Popen([sys.executable, "-m", "distillzoo", "serve", str(model_dir), "--port", str(port),
-                                   "--served-model-name", "load"], env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True)
+        server, url = start_server(model_dir, "load")
         try:
-            for _ in range(600):
-                try:
-                    urllib.request.urlopen(url + "/v1/models", timeout=1).read()
-                    break
-                except OSError:
-                    if server.poll() is not None:
-                        raise RuntimeError(server.stderr.read())
-                    time.sleep(0.1)
             ctx = mp.get_context("spawn")
             queue = ctx.Queue()
             procs = [ctx.Process(target=_client, args=(i, url, str(model_dir), args.seconds, args.batch,

@@ -21,29 +21,20 @@ a 2-core machine each has a core; on one core the two would take turns and prefe
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-from common import CUDA, device_name
+from common import CUDA, device_name, start_server
 
 # (records, student hidden, teacher hidden, teacher layers, batch, steps)
 SHAPE = (256, 896, 1536, 28, 16, 12) if CUDA else (256, 64, 384, 4, 8, 8)
 DATA = Path(__file__).resolve().parent.parent / "data" / "quickstart" / "train.jsonl"
 PROVIDERS = ["in-process", "served", "served-prefetch", "cache"]
 TOP_K = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +52,7 @@ def setup(tmp_path_factory):
                            str(root / "data.jsonl"), "--format", "chat", "--no-system", "--k", str(TOP_K), "--dtype",
                            "float32", "--out", str(root / "cache")], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "distillzoo", "serve", str(root / "teacher"), "--port", str(port),
-                               "--served-model-name", "teacher"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(url + "/v1/models", timeout=1).read()
-            break
-        except OSError:
-            if server.poll() is not None:
-                raise RuntimeError(server.stdout.read())
-            time.sleep(0.1)
+    server, url = start_server(root / "teacher", "teacher")
     yield root, url
     server.terminate()
     server.wait(timeout=30)

@@ -32,16 +32,22 @@ def models():
     return teacher, tiny_qwen2(**STUDENT, tie_word_embeddings=True).eval()
 
 
-def direct(path, tok, teacher, student, metric):
-    """Per sample, from full logits one example at a time: mean over response tokens."""
-    out = {}
+def _replies(path, tok, teacher, student):
+    """Per example: ``(example, reply token ids [n, 1], teacher log-probs [n, V], student log-probs [n, V])`` at its
+    reply's positions, float64 from full logits, one example at a time."""
     for item in ConversationDataset(path, "chat", tok, system=None):
         ids = item["input_ids"].long()[None]
         mask = item["loss_mask"][1:]
         with torch.no_grad():
             log_p = torch.log_softmax(teacher(input_ids=ids).logits[0, :-1].double(), -1)[mask]
             log_q = torch.log_softmax(student(input_ids=ids).logits[0, :-1].double(), -1)[mask]
-        y = ids[0, 1:][mask][:, None]
+        yield item, ids[0, 1:][mask][:, None], log_p, log_q
+
+
+def direct(path, tok, teacher, student, metric):
+    """Per sample, from full logits one example at a time: mean over response tokens."""
+    out = {}
+    for item, y, log_p, log_q in _replies(path, tok, teacher, student):
         if metric == "nll_gap":
             values = log_p.gather(-1, y) - log_q.gather(-1, y)
         else:
@@ -142,12 +148,7 @@ def direct_sparse_kl(path, tok, teacher, student, k):
     """Per sample, mean over response tokens of the top-k teacher's KL with its tail bucket, from float64 logits:
     sum over the top k of p (log p - log q), plus p_tail (log p_tail - log q_tail), each tail 1 - the top k's mass."""
     out = {}
-    for item in ConversationDataset(path, "chat", tok, system=None):
-        ids = item["input_ids"].long()[None]
-        mask = item["loss_mask"][1:]
-        with torch.no_grad():
-            log_p = torch.log_softmax(teacher(input_ids=ids).logits[0, :-1].double(), -1)[mask]
-            log_q = torch.log_softmax(student(input_ids=ids).logits[0, :-1].double(), -1)[mask]
+    for item, _, log_p, log_q in _replies(path, tok, teacher, student):
         top = log_p.topk(k, -1)
         p, q = top.values.exp(), log_q.gather(-1, top.indices).exp()
         p_tail, q_tail = 1 - p.sum(-1), 1 - q.sum(-1)
