@@ -6,9 +6,15 @@ response, read from a pairs file (``distillzoo generate`` mode ``pairs``) or, wi
 the step and the sample id, against the records' replies (the teacher's answers) as
 y_w. Its held-out evaluation is the student's NLL and KL(teacher || student) per
 response token on instruction records.
+
+With ``teacher: {server: URL, model: NAME}`` the teacher's log-probs of y_w and y_l come
+from the server (``prompt_logprobs`` of each sequence's own tokens, summed over the
+response), and the held-out evaluation is the student's NLL alone.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from distillzoo.data.records import as_token_ids
 from distillzoo.data.pairs import PreferenceExample
@@ -39,6 +45,9 @@ class DPKD(Preference):
     eval_records = "instruction"  # held-out student NLL and KL(teacher || student) on instruction records
     eval_batches = Algorithm.eval_batches
     eval_loss = Algorithm.eval_loss
+    #: the teacher may be served: its log-probs of y_w and y_l come from the server's prompt_logprobs
+    served_roles = ("teacher",)
+    served = None
 
     def __init__(self, objective, **params):
         super().__init__(objective, **params)
@@ -48,17 +57,47 @@ class DPKD(Preference):
         if not self.objective.needs_reference:
             raise ConfigError(f"{where}: objective.name: algorithm 'dpkd' uses the teacher as the reference, but "
                               f"{self.objective.name!r} is reference-free; use dpkd or dpo")
-        require_model(spec, "teacher", "algorithm 'dpkd' (the teacher is the reference and the author of y_w)", where)
+        teacher = spec.teacher
+        if teacher is not None and teacher.server is not None:
+            self.served = _served_reference(spec, self.objective, where)
+        else:
+            require_model(spec, "teacher", "algorithm 'dpkd' (the teacher is the reference and the author of y_w)",
+                          where)
         section = spec.reference
         if section is not None and (model_given(section) or section.cache is not None):
             raise ConfigError(f"{where}: reference: algorithm 'dpkd' takes the teacher as the reference; remove the "
                               "reference section (or use algorithm 'preference' for another reference)")
-        self.source = "teacher"
+        self.source = "served" if self.served is not None else "teacher"
+
+    def reads(self, spec):
+        return {"teacher"}  # a model, or a server
+
+    def prepare(self, run):
+        if self.served is not None:
+            from distillzoo.teacher.served import check_served
+
+            check_served(self.served, run.tokenizer, f"{run.where}: teacher.server")
 
     def micro_batches(self, run, examples, step, size):
         if self.online:
             examples = self.online_pairs(run, examples, step)
+        if self.served is not None:
+            examples = self.served_reference(examples)
         return super().micro_batches(run, examples, step, size)
+
+    def served_reference(self, examples: list[PreferenceExample]) -> list[PreferenceExample]:
+        """The pairs with the server's log-probs of y_w and y_l (summed over each response's tokens, given the
+        prompt), read from ``prompt_logprobs`` of the sequences' own tokens, as the batch's reference."""
+        sequences, starts, ids = [], [], []
+        for ex in examples:
+            for response in (ex.chosen, ex.rejected):
+                sequences.append(ex.prompt.tolist() + response.tolist())
+                starts.append(len(ex.prompt))
+                ids.append(ex.id)
+        rows = self.served.token_logprobs(sequences, ids, starts)
+        sums = [float(row[start - 1:].double().sum()) for row, start in zip(rows, starts)]
+        return [dataclasses.replace(ex, reference_chosen_logps=sums[2 * i], reference_rejected_logps=sums[2 * i + 1])
+                for i, ex in enumerate(examples)]
 
     def online_pairs(self, run, examples: list[dict], step: int) -> list[PreferenceExample]:
         """Pairs of the records' replies (y_w) and the current student's samples (y_l) for the same prompts."""
@@ -71,6 +110,17 @@ class DPKD(Preference):
             pairs.append(PreferenceExample(str(ex.get("id", i)), as_token_ids(prompt), as_token_ids(chosen),
                                            as_token_ids(rejected)))
         return pairs
+
+
+def _served_reference(spec, objective, where: str):
+    """The teacher server's client, refused where the objective needs more than its log-probs of the responses."""
+    from distillzoo.teacher.served import ServedTeacher
+
+    if getattr(objective, "rkl_weight", 0):
+        raise ConfigError(f"{where}: objective.rkl_weight: the reverse-KL term needs the teacher's logits along y_w; "
+                          "a served teacher gives its log-probs of the responses only: use teacher.path, or rkl_weight 0")
+    teacher = spec.teacher
+    return ServedTeacher(teacher.server, teacher.model, top_k=1, api=teacher.api)
 
 
 @hookimpl
