@@ -163,6 +163,9 @@ def resolve(cfg: DictConfig, where: str = "<config>", *, construct_callbacks: bo
         if section is not None and section.server is not None and role not in getattr(algorithm, "served_roles", ()):
             raise ConfigError(f"{where}: {role}.server: algorithm {algorithm.name!r} does not read a served {role}; "
                               f"give {role}.path or {role}.tiny (a served teacher: algorithm distill)")
+    if cfg.get("teachers") is not None and not getattr(algorithm, "multi_teacher", False):
+        raise ConfigError(f"{where}: teachers: algorithm {algorithm.name!r} takes one teacher; several teachers are "
+                          "for algorithm distill")
     student = spec.student
     if student is None or (student.path is None) == (student.tiny is None):
         raise ConfigError(f"{where}: student: give exactly one of student.path (a local model directory) or student.tiny")

@@ -116,7 +116,8 @@ class MixedStreams:
             self.epoch, self.position = self.epoch + 1, 0
 
     def take(self, n: int) -> list:
-        """The next ``n`` examples of this rank, as the datasets return them.
+        """The next ``n`` examples of this rank, as the datasets return them (an example that is a dict with its
+        stream's name under ``"stream"``, what a teacher routed by stream reads).
 
         One call consumes ``n * world_size`` global positions (every rank's share
         of the step), so the state after it is the same on every rank and any
@@ -132,7 +133,8 @@ class MixedStreams:
             self.position += 1
             if (self.epoch * len(order) + pos) % self.world_size == self.rank:
                 stream, index = order[pos]
-                out.append(self.streams[int(stream)].dataset[int(index)])
+                item = self.streams[int(stream)].dataset[int(index)]
+                out.append({**item, "stream": self.streams[int(stream)].name} if isinstance(item, dict) else item)
         return out
 
     def peek(self, n: int, ahead: int = 1) -> list:

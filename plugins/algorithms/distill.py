@@ -53,8 +53,11 @@ class Distill(Algorithm):
     records = "instruction"
     #: the roles it can read from a teacher server
     served_roles = ("teacher",)
+    #: it takes ``teachers:``, several served or cached teachers (:mod:`distillzoo.plugins.algorithms.teachers`)
+    multi_teacher = True
     cache = None
     served = None
+    teachers = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -67,13 +70,24 @@ class Distill(Algorithm):
         return spec.teacher is not None and spec.teacher.cache is not None
 
     def roles(self, spec):
-        if self._cache_given(spec) or (spec.teacher is not None and spec.teacher.server is not None):
+        if self._cache_given(spec) or (spec.teacher is not None and spec.teacher.server is not None) or \
+                spec.config.get("teachers") is not None:
             return {}
         needed = bool(self.objective.needs_teacher)
         # a teacher named for a ce run is loaded only to report eval/kl_teacher_student
         return {"teacher": needed} if needed or (spec.data is not None and spec.data.eval is not None) else {}
 
     def check(self, spec, where):
+        if spec.config.get("teachers") is not None:
+            from distillzoo.plugins.algorithms.teachers import parse_teachers
+
+            self.teachers = parse_teachers(spec.config.teachers, spec, lambda one, at: (
+                _served_teacher if one.teacher.server is not None else _open_teacher_cache)(one, self.objective, at),
+                where)
+            if self.on_policy and not all(t.served for t in self.teachers):
+                raise ConfigError(f"{where}: algorithm.on_policy: a teacher cache covers the data's responses only; "
+                                  "the student's own samples need served teachers")
+            return
         if self.on_policy and self._cache_given(spec):
             raise ConfigError(f"{where}: algorithm.on_policy: a teacher cache covers the data's responses only; the "
                               "student's own samples need a live teacher (teacher.path or teacher.tiny)")
@@ -92,9 +106,14 @@ class Distill(Algorithm):
                 self.cache.check(f"{where}: teacher.cache", vocab_size=vocab)
 
     def prepare(self, run):
-        if self.served is not None:
-            from distillzoo.teacher.served import check_served
+        from distillzoo.teacher.served import check_served
 
+        for t in self.teachers or ():
+            if t.served:
+                check_served(t.source, run.tokenizer, f"{run.where}: teachers ({t.name})")
+            else:
+                t.source.check(f"{run.where}: teachers ({t.name})", vocab_size=lm_head_weight(run.student).shape[0])
+        if self.served is not None:
             check_served(self.served, run.tokenizer, f"{run.where}: teacher.server")
         if self.cache is not None:
             self.cache.check(f"{run.where}: teacher.cache", vocab_size=lm_head_weight(run.student).shape[0])
@@ -112,6 +131,9 @@ class Distill(Algorithm):
                 fingerprints = [token_fingerprint(ex) for ex in examples[start:start + size]]
                 b.inputs["sparse"] = self.cache.sparse_teacher(_sample_ids(b.inputs["ids"], run.where),
                                                                b.inputs["targets"], fingerprints)
+        if self.teachers is not None:
+            for start, b in zip(range(0, len(examples), size), batches):
+                b.inputs["routes"] = self._routes(examples[start:start + size], b.inputs)
         if self.served is not None:
             rows = self._served_rows(run, examples, step)
             for start, b in zip(range(0, len(examples), size), batches):
@@ -141,6 +163,24 @@ class Distill(Algorithm):
             self.pending[later] = (later_sequences, self._submit(upcoming, later_sequences))
         return pending[1].result()
 
+    def _routes(self, examples, x):
+        """Per teacher that scores rows of this micro-batch: ``(name, rows, its top-k of those rows, weight)``."""
+        from distillzoo.plugins.algorithms.teachers import routes
+        from distillzoo.teacher.cache import token_fingerprint
+
+        out = []
+        for teacher, rows, weight in routes(self.teachers, examples):
+            index = torch.tensor(rows, device=x["targets"].device)
+            ids = [x["ids"][i] for i in rows]
+            if teacher.served:
+                sparse = teacher.source.sparse_teacher(x["input_ids"][index], x["attention_mask"][index],
+                                                       x["targets"][index], ids)
+            else:
+                sparse = teacher.source.sparse_teacher(ids, x["targets"][index],
+                                                       [token_fingerprint(examples[i]) for i in rows])
+            out.append((teacher.name, index, sparse, weight))
+        return out
+
     def _submit(self, examples, sequences):
         """Ask the server for the examples' top-k from each one's first reply token on (the loss reads no other)."""
         starts = [int(ex["loss_mask"].nonzero()[0]) if bool(ex["loss_mask"].any()) else len(seq)
@@ -151,6 +191,8 @@ class Distill(Algorithm):
         x = batch.inputs
         hs = models.hidden(models.student, x["input_ids"], x["attention_mask"])
         ws = models.head(models.student)
+        if "routes" in x:
+            return self._routed_loss(hs, ws, x)
         teacher, wt = x.get("sparse"), None
         if teacher is None and self.objective.needs_teacher:
             with torch.no_grad():
@@ -165,6 +207,19 @@ class Distill(Algorithm):
         # a mixture's per-term losses are means over the micro-batch's tokens; the loop wants sums
         terms = getattr(self.objective, "term_losses", {})
         return StepLoss(value, {f"loss/{name}": v * batch.count for name, v in terms.items()})
+
+
+    def _routed_loss(self, hs, ws, x):
+        """The objective against each teacher on the rows it scores, weighted; ``teachers/<name>``: its tokens."""
+        value, metrics = hs.new_zeros(()), {}
+        for name, rows, sparse, weight in x["routes"]:
+            targets = x["targets"][rows]
+            value = value + weight * self.objective.from_hidden(hs[rows], ws, sparse, None, targets)
+            count = (targets != IGNORE_INDEX).sum().double()
+            metrics[f"teachers/{name}"] = count
+            for term, v in getattr(self.objective, "term_losses", {}).items():
+                metrics[f"loss/{term}"] = metrics.get(f"loss/{term}", 0) + weight * v * count
+        return StepLoss(value, metrics)
 
 
 def _row_of(row: int | None, inputs: dict) -> str:
