@@ -80,7 +80,7 @@ def test_config_output_is_accepted_by_check(capsys, tmp_path):
     code, out, err = run(capsys, "check", str(path), "objective.temperature=2.5")
     assert code == 0, err
     assert "temperature: 2.5" in out and "ForwardKL(temperature=2.5," in out
-    assert "# algorithm: Distill(on_policy=0.0, max_new_tokens=64, temperature=1.0)" in out  # the objective's default
+    assert "# algorithm: Distill(on_policy=0.0, max_new_tokens=64, temperature=1.0, sampler='student')" in out  # the objective's default
     path.write_text("objective: {name: dpkd}\nalgorithm: {name: dpkd, online: true}\n")
     code, out, err = run(capsys, "check", str(path))
     assert code == 0, err

@@ -423,3 +423,63 @@ def test_generate_with_a_served_teacher_writes_the_server_s_answers_seeded_per_s
                                    Sampling(6, 1.0, seed=sample_seed(3, sample_id)), ids=["0:0"])
         assert written[sample_id]["messages"][-1]["content"] == tok.decode(tokens)
         assert written[sample_id]["finish_reason"] == reason
+
+
+@pytest.mark.parametrize("source", ["server", "model"])
+def test_with_sampler_teacher_the_replies_trained_on_are_the_teacher_s_generation(tmp_path, model, served, source):
+    import distillzoo as dz
+    from distillzoo import train
+    from distillzoo.data.shards import ConversationDataset
+    from distillzoo.models.generation import Sampling, decode, sample_seed, split_last_reply, step_sampling
+    from distillzoo.plugins.algorithms.distill import Distill
+
+    _train_setup(tmp_path)
+    model.save_pretrained(tmp_path / "random-teacher")  # a teacher whose samples are not blank
+    teacher = {"server": served[1], "model": "tiny-teacher", "top_k": 8} if source == "server" else \
+        {"path": str(tmp_path / "random-teacher")}
+    cfg = _config(tmp_path, f"seqkd-{source}", **teacher)
+    cfg["algorithm"] = {"name": "distill", "on_policy": 1.0, "sampler": "teacher", "max_new_tokens": 3}
+    cfg["train"]["steps"] = 2
+    trained: list[list[int]] = []
+    micro_batches = Distill.micro_batches
+
+    def recording(self, run, examples, step, size):
+        batches = micro_batches(self, run, examples, step, size)
+        trained.extend(row[:int(n)].tolist() for b in batches
+                       for row, n in zip(b.inputs["input_ids"], b.inputs["attention_mask"].sum(-1)))
+        return batches
+
+    Distill.micro_batches = recording
+    try:
+        train(dz.load_config(cfg))
+    finally:
+        Distill.micro_batches = micro_batches
+    tok = load_tokenizer()
+    data = {tuple(ex["input_ids"].tolist()): ex for ex in ConversationDataset(tmp_path / "train.jsonl", "chat", tok,
+                                                                              system=None)}
+    assert len(trained) == 8
+    for step in range(2):
+        sampling = step_sampling(3, 1.0, 0, step)
+        for sequence in trained[4 * step:4 * step + 4]:
+            # the example it came from: the one whose prompt it starts with
+            ex = next(e for e in data.values() if sequence[:len(split_last_reply(e)[0])] == split_last_reply(e)[0])
+            prompt = split_last_reply(ex)[0]
+            if source == "server":  # the server decodes each request alone, seeded by the request's seed
+                (answer, finish), = decode(model, tok, [prompt], Sampling(3, 1.0, seed=sample_seed(sampling.seed,
+                                                                                                   ex["id"])),
+                                           ids=["0:0"])
+            else:
+                (answer, finish), = decode(model, tok, [prompt], sampling, ids=[ex["id"]])
+            assert sequence == prompt + answer + ([tok.im_end_id] if finish == "stop" else [])
+
+
+def test_sampler_teacher_needs_a_teacher_that_can_generate(tmp_path):
+    import distillzoo as dz
+    from distillzoo.errors import ConfigError
+    from distillzoo.training.spec import resolve
+
+    _train_setup(tmp_path)
+    cfg = _config(tmp_path, "run", cache=str(tmp_path / "cache"), top_k=4)
+    cfg["algorithm"] = {"name": "distill", "on_policy": 0.5, "sampler": "teacher"}
+    with pytest.raises(ConfigError, match=r"algorithm.sampler: 'teacher' samples from one teacher that can generate"):
+        resolve(dz.load_config(cfg), "cfg.yaml", read_data=False)

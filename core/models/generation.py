@@ -177,6 +177,13 @@ def student_samples(student, tokenizer: ChatTokenizer, examples: list[dict], sam
     prompts = [split_last_reply(ex)[0] for ex in examples]
     ids = [str(ex.get("id", i)) for i, ex in enumerate(examples)]
     answers = decode(student, tokenizer, prompts, sampling, ids=ids, batch_size=len(examples), mix=mix)
+    return with_replies(examples, prompts, answers, tokenizer)
+
+
+def with_replies(examples: list[dict], prompts: list[list[int]], answers: list[tuple[list[int], str]],
+                 tokenizer: ChatTokenizer) -> list[dict]:
+    """The examples with their last reply replaced by ``answers`` (``(token ids, finish reason)`` per prompt, as
+    :func:`decode` returns them), scored, with ``<|im_end|>`` where the answer stopped, so it is never empty."""
     out = []
     for ex, prompt, (answer, finish) in zip(examples, prompts, answers):
         reply = answer + ([tokenizer.im_end_id] if finish == "stop" else [])  # never empty: max_new_tokens >= 1

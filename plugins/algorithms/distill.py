@@ -23,7 +23,8 @@ from distillzoo.data.tokenizer import load_tokenizer
 from distillzoo.errors import ConfigError, DataError, DistillzooError, NonFiniteError
 from distillzoo.hooks.hookspecs import hookimpl
 from distillzoo.models.causal_lm import lm_head_weight, model_vocab
-from distillzoo.models.generation import sample_seed, step_sampling, student_samples
+from distillzoo.models.generation import (decode, sample_seed, split_last_reply, step_sampling,
+                                          student_samples, with_replies)
 from distillzoo.objectives.mixture import Mixture
 from distillzoo.training.algorithm import Algorithm, StepLoss, instruction_batches
 
@@ -47,7 +48,10 @@ class Distill(Algorithm):
         "max_new_tokens": {"type": "int", "default": 64, "range": "[1, inf)",
                            "doc": "with on_policy: the longest student sample"},
         "temperature": {"type": "float", "default": 1.0, "range": "[0, inf)",
-                        "doc": "with on_policy: the student's sampling temperature (0: greedy)"},
+                        "doc": "with on_policy: the sampling temperature (0: greedy)"},
+        "sampler": {"type": "str", "default": "student", "choices": ["student", "teacher"],
+                    "doc": "with on_policy: who writes the sampled replies: the student (GKD), or the teacher "
+                           "(sequence-level KD on the fly: a teacher model, or teacher.server's generation)"},
     }
     objective_kinds = ("logit",)
     records = "instruction"
@@ -73,11 +77,15 @@ class Distill(Algorithm):
         if self._cache_given(spec) or (spec.teacher is not None and spec.teacher.server is not None) or \
                 spec.config.get("teachers") is not None:
             return {}
-        needed = bool(self.objective.needs_teacher)
+        needed = bool(self.objective.needs_teacher) or self.sampler == "teacher"
         # a teacher named for a ce run is loaded only to report eval/kl_teacher_student
         return {"teacher": needed} if needed or (spec.data is not None and spec.data.eval is not None) else {}
 
     def check(self, spec, where):
+        if self.sampler == "teacher" and (spec.config.get("teachers") is not None or self._cache_given(spec)
+                                          or spec.teacher is None):
+            raise ConfigError(f"{where}: algorithm.sampler: 'teacher' samples from one teacher that can generate: "
+                              "teacher.path, teacher.tiny or teacher.server (not a cache, not teachers:)")
         if spec.config.get("teachers") is not None:
             from distillzoo.plugins.algorithms.teachers import parse_teachers
 
@@ -122,7 +130,7 @@ class Distill(Algorithm):
         sampled = bool(self.on_policy) and on_policy_step(run.seed, step, self.on_policy)
         if sampled:
             sampling = step_sampling(self.max_new_tokens, self.temperature, run.seed, step)
-            examples = run.call(lambda models: student_samples(models.student, run.tokenizer, examples, sampling))
+            examples = self._samples(run, examples, sampling)
         batches = instruction_batches(examples, size, run.tokenizer.pad_id, run.device)
         if self.cache is not None:
             from distillzoo.teacher.cache import token_fingerprint
@@ -141,6 +149,20 @@ class Distill(Algorithm):
                                                                 b.inputs["targets"], b.inputs["ids"],
                                                                 rows[start:start + size])
         return batches
+
+    def _samples(self, run, examples, sampling):
+        """The examples with their last reply sampled by the student, or by the teacher (``sampler: teacher``: the
+        served teacher's generation, seeded per sample as the server's ``seed``, or the teacher model's)."""
+        if self.sampler == "student":
+            return run.call(lambda models: student_samples(models.student, run.tokenizer, examples, sampling))
+        prompts = [split_last_reply(ex)[0] for ex in examples]
+        ids = [str(ex.get("id", i)) for i, ex in enumerate(examples)]
+        if self.served is not None:
+            answers = self.served.generate(prompts, sampling, ids, [run.tokenizer.im_end_id])
+        else:
+            answers = run.call(lambda models: decode(models.teacher, run.tokenizer, prompts, sampling, ids=ids,
+                                                     batch_size=len(prompts)))
+        return with_replies(examples, prompts, answers, run.tokenizer)
 
     def _served_rows(self, run, examples, step):
         """The server's top-k of this step's sequences, fetched ahead when ``teacher.prefetch`` > 0: before the
