@@ -162,8 +162,9 @@ class DistillConfig:
     student: Optional[ModelConfig] = _doc("the model trained", None)
     teacher: Optional[ModelConfig] = _doc("the model distilled from (a model, or a teacher cache)", None)
     teachers: Optional[List[Dict[str, Any]]] = _doc(
-        "distill: several teachers instead of teacher, [{name, server|cache, model, top_k, api, streams | weight}]: "
-        "each routed the examples of its data streams, or all mixed by weight on the same tokens", None)
+        "distill: several teachers instead of teacher, [{name, server|cache, model, top_k, api, streams, route | "
+        "weight}]: each routed the examples of its streams whose record fields match its route ({language: zh}), "
+        "or all mixed by weight on the same tokens", None)
     reference: Optional[ModelConfig] = _doc("the frozen reference of preference training (a model, or a "
                                             "reference-cache file)", None)
     callbacks: Optional[List[Dict[str, Any]]] = _doc("[{name, ...params}]: trainer callbacks registered through "

@@ -28,8 +28,9 @@ def setup(tmp_path):
     from distillzoo.teacher.cache import write_teacher_cache
 
     first = _train_setup(tmp_path)  # train.jsonl: the arithmetic stream
-    words = [{"id": f"w{i}", "messages": [{"role": "user", "content": f"spell {w}"},
-                                          {"role": "assistant", "content": " ".join(w) + f" ({len(w)} 个字母)"}]}
+    words = [{"id": f"w{i}", "language": "zh" if i % 2 else "en",
+              "messages": [{"role": "user", "content": f"spell {w}" if i % 2 == 0 else f"拼写 {w}"},
+                           {"role": "assistant", "content": " ".join(w) + f" ({len(w)} 个字母)"}]}
              for i, w in enumerate(["cat", "house", "river", "tree", "stone", "light"])]
     write_jsonl(tmp_path / "words.jsonl", words)
     second = tiny_qwen2(hidden_size=48, num_layers=1, seed=5, tie_word_embeddings=True).eval()
@@ -137,3 +138,31 @@ def test_teachers_that_cannot_work_are_refused_by_name(setup, change, message):
     cfg.update({k: v for k, v in change.items() if k != "teachers_b"})
     with pytest.raises(ConfigError, match=message):
         resolve(dz.load_config(cfg), "cfg.yaml", read_data=False)
+
+
+def test_routed_by_record_field_each_example_is_distilled_from_the_teacher_its_language_names(setup):
+    root, url = setup
+    by_language = [{"name": "first", "server": url, "model": "first", "top_k": 8, "route": {"language": "zh"}},
+                   {"name": "second", "cache": str(root / "words-cache"), "top_k": 8, "route": {"language": ["en"]}}]
+
+    def words_only(cfg):
+        cfg["data"]["streams"] = cfg["data"]["streams"][1:]
+        return cfg
+
+    spec, routed = _prepared(words_only(_config(root, url, by_language)))
+    _, first = _prepared(words_only(_config(root, url, teacher={"server": url, "model": "first", "top_k": 8})))
+    _, second = _prepared(words_only(_config(root, url, teacher={"cache": str(root / "words-cache"), "top_k": 8})))
+    examples = [{**spec.datasets[0][i], "stream": "words"} for i in range(len(spec.datasets[0]))]
+    for i, ex in enumerate(examples):  # w1, w3, w5 are Chinese: the first teacher's; the others the second's
+        want = (first if i % 2 else second)([ex])
+        assert routed([ex]) == pytest.approx(want, rel=1e-6, abs=1e-6)
+    assert first(examples[1:2]) != pytest.approx(second(examples[1:2]), rel=1e-3)  # the teachers do differ
+
+
+def test_a_record_no_teacher_routes_is_refused_naming_its_file_and_line(setup):
+    root, url = setup
+    only_zh = [{"name": "first", "server": url, "model": "first", "top_k": 8, "route": {"language": "zh"}},
+               {"name": "second", "cache": str(root / "words-cache"), "top_k": 8, "streams": ["arith"]}]
+    with pytest.raises(ConfigError, match=r"words.jsonl:1 \(stream 'words', \{'language': 'en'\}\) is read by no "
+                                          r"teacher; each record needs exactly one"):
+        resolve(dz.load_config(_config(root, url, only_zh)), "cfg.yaml", read_data=False)

@@ -62,6 +62,7 @@ class Distill(Algorithm):
     cache = None
     served = None
     teachers = None
+    fields = None  # {sample id: {field: value}}: what teachers routed by record field read
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -92,6 +93,10 @@ class Distill(Algorithm):
             self.teachers = parse_teachers(spec.config.teachers, spec, lambda one, at: (
                 _served_teacher if one.teacher.server is not None else _open_teacher_cache)(one, self.objective, at),
                 where)
+            if any(t.route for t in self.teachers):
+                from distillzoo.plugins.algorithms.teachers import record_fields
+
+                self.fields = record_fields(self.teachers, spec.data.streams, where)
             if self.on_policy and not all(t.served for t in self.teachers):
                 raise ConfigError(f"{where}: algorithm.on_policy: a teacher cache covers the data's responses only; "
                                   "the student's own samples need served teachers")
@@ -191,7 +196,7 @@ class Distill(Algorithm):
         from distillzoo.teacher.cache import token_fingerprint
 
         out = []
-        for teacher, rows, weight in routes(self.teachers, examples):
+        for teacher, rows, weight in routes(self.teachers, examples, self.fields):
             index = torch.tensor(rows, device=x["targets"].device)
             ids = [x["ids"][i] for i in rows]
             if teacher.served:
