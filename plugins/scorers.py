@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Callable
 
 import torch
 
 from distillzoo.hooks.hookspecs import hookimpl
-from distillzoo.errors import ParameterError
+from distillzoo.errors import DataError, ParameterError
 from distillzoo.teacher.scoring import Scorer, per_sample_nll
 
 
@@ -45,17 +46,33 @@ class MFD(Scorer):
         return batch.per_sample_mean(kl)
 
 
-class Judge(Scorer):
-    """An LLM judge (or any rater) as a scorer: ``judge(prompt_messages, response) -> float`` per sample.
+#: what ``judge: teacher`` asks the teacher, with the sample's instruction and response filled in
+JUDGE_TEMPLATE = ("Rate how correct, complete and helpful the response is to the instruction, on a scale from 1 "
+                  "(useless) to 10 (excellent). Reply with the number only.\n\nInstruction:\n{instruction}\n\n"
+                  "Response:\n{response}")
 
-    ``judge`` is a callable, or its import path ``"package.module:function"`` (what a
-    YAML config can name). Nothing here calls a network: the judge decides that.
+
+class Judge(Scorer):
+    """An LLM judge (or any rater) as a scorer.
+
+    ``judge``: a callable ``(prompt_messages, response) -> float``, or its import path
+    ``"package.module:function"`` (what a YAML config can name), which decides for itself what it
+    calls; or ``"teacher"``: the run's teacher, a model or a server (``teacher.server``), answers
+    ``template`` (``{instruction}``, ``{response}``) greedily in at most ``max_new_tokens`` tokens,
+    and the first number of its answer is the score (an answer with none is refused, naming the
+    sample and the answer).
     """
 
     name = "judge"
     needs = ()
 
-    def __init__(self, judge: "str | Callable" = None) -> None:
+    def __init__(self, judge: "str | Callable" = None, template: str = JUDGE_TEMPLATE, max_new_tokens: int = 8) -> None:
+        self.template, self.max_new_tokens = template, int(max_new_tokens)
+        if judge == "teacher":
+            if "{instruction}" not in template or "{response}" not in template:
+                raise ParameterError("judge: template must hold {instruction} and {response}")
+            self.needs, self.judge = ("teacher",), None
+            return
         if isinstance(judge, str):
             module, _, attr = judge.partition(":")
             try:
@@ -63,12 +80,33 @@ class Judge(Scorer):
             except (ImportError, AttributeError, ValueError) as e:
                 raise ParameterError(f"judge: cannot import {module}:{attr} ({e})") from None
         if not callable(judge):
-            raise ParameterError("judge: give judge, a callable (prompt_messages, response) -> float, or its "
-                                 "'module:function' import path")
+            raise ParameterError("judge: give judge, a callable (prompt_messages, response) -> float, its "
+                                 "'module:function' import path, or 'teacher'")
         self.judge = judge
 
     def score(self, batch):
-        return [float(self.judge(messages[:-1], messages[-1]["content"])) for messages in batch.messages]
+        if self.judge is not None:
+            return [float(self.judge(messages[:-1], messages[-1]["content"])) for messages in batch.messages]
+        from distillzoo.models.generation import Sampling, decode
+
+        tok = batch.tokenizer
+        asks = [self.template.format(instruction="\n\n".join(m["content"] for m in messages[:-1] if m["role"] == "user"),
+                                     response=messages[-1]["content"]) for messages in batch.messages]
+        prompts = [tok.encode_prompt([{"role": "user", "content": ask}], None) for ask in asks]
+        sampling = Sampling(self.max_new_tokens, 0.0)
+        if isinstance(batch.teacher, torch.nn.Module):
+            answers = decode(batch.teacher, tok, prompts, sampling, ids=batch.ids)
+        else:  # a served teacher
+            answers = batch.teacher.generate(prompts, sampling, batch.ids, [tok.im_end_id])
+        return [_rating(tok.decode(tokens), sample_id) for (tokens, _), sample_id in zip(answers, batch.ids)]
+
+
+def _rating(answer: str, sample_id: str) -> float:
+    found = re.search(r"-?\d+(?:\.\d+)?", answer)
+    if found is None:
+        raise DataError(f"judge: sample {sample_id!r}: the teacher's answer {answer[:200]!r} holds no number; give a "
+                        "template the judge model follows, or a judge that can rate")
+    return float(found.group())
 
 
 @hookimpl

@@ -188,3 +188,51 @@ def test_mfd_reads_a_served_teacher_s_log_probs_and_top_k(sample, tok, tmp_path)
         assert gaps[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5)
         assert from_config[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5)
         assert kls[key] == pytest.approx(want_kl[key], rel=1e-4, abs=1e-5)
+
+
+def test_judge_teacher_rates_each_sample_by_the_number_a_served_judge_answers(sample, tok, tmp_path):
+    import threading
+
+    from distillzoo.data.records import read_records
+    from distillzoo.errors import DataError
+    from distillzoo.teacher.scoring import score_from_config
+    from distillzoo.teacher.server import TeacherServer
+
+    teacher, _ = models()
+
+    class RatingServer(TeacherServer):
+        """Answers a generation request with the length of the response it is asked to rate, mod 9, plus 1."""
+        asked: list[str] = []
+
+        def completions(self, body):
+            if body.get("prompt_logprobs") is not None:
+                return super().completions(body)
+            text = self.tokenizer.decode(body["prompt"])
+            self.asked.append(text)
+            response = text.split("Response:\n", 1)[1].split("<|im_end|>", 1)[0]
+            answer = "blank" if "nothing" in response else f"Score: {len(response) % 9 + 1}"
+            ids = self.tokenizer.encode(answer)
+            return {"choices": [{"index": 0, "text": answer, "token_ids": ids, "finish_reason": "stop"}]}
+
+    server = RatingServer(teacher, tok, "judge")
+    http = server.http()
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{http.server_address[1]}"
+    cfg = {"teacher": {"server": url, "model": "judge"}, "data": {"system": None},
+           "score": {"data": str(sample), "format": "chat", "out": str(tmp_path / "scores.jsonl"),
+                     "scorer": {"name": "judge", "judge": "teacher"}, "progress": False}}
+    try:
+        scores = score_from_config(dz.load_config(cfg))
+        blank = tmp_path / "blank.jsonl"
+        blank.write_text(json.dumps({"id": "b", "messages": [{"role": "user", "content": "say it"},
+                                                              {"role": "assistant", "content": "nothing"}]}) + "\n")
+        with pytest.raises(DataError, match=r"judge: sample 'b': the teacher's answer 'blank' holds no number"):
+            score_from_config(dz.load_config({**cfg, "score": {**cfg["score"], "data": str(blank),
+                                                               "out": str(tmp_path / "b.jsonl")}}))
+    finally:
+        http.shutdown()
+    records = {str(f["id"]): f["messages"] for _, f in read_records(sample, "chat")}
+    assert len(scores) == 24
+    for sample_id, messages in records.items():
+        assert scores[sample_id] == len(messages[-1]["content"]) % 9 + 1
+    assert all("Rate how correct" in text and "Instruction:\n" in text for text in server.asked)
