@@ -18,13 +18,16 @@ from distillzoo.teacher.evaluation import GROUPS, Decoding
 class Judge:
     """The held-out (and validation) metrics of a trained student, against the run's teacher."""
 
-    def __init__(self, cfg, decoding: Decoding | None = None) -> None:
+    def __init__(self, cfg, decoding: Decoding | None = None, teacher: dict | None = None) -> None:
+        """``teacher``: the teacher model's section when the run's teacher is a server (``serve_teacher``)."""
+        from distillzoo.config import ModelConfig
         from distillzoo.data.tokenizer import load_tokenizer
         from distillzoo.models.causal_lm import model_from_config
 
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)  # as the run tokenizes
         self.system, self.max_length = cfg.data.system, cfg.data.max_length
-        self.teacher = model_from_config(cfg.teacher, "teacher").eval()
+        section = cfg.teacher if teacher is None else ModelConfig(**teacher)
+        self.teacher = model_from_config(section, "teacher").eval()
         self.decoding = decoding or Decoding()
 
     def __call__(self, student_dir: Path, split: dict) -> dict:

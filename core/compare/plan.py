@@ -55,7 +55,10 @@ from distillzoo.data.tables import kind as table_kind
 from distillzoo.errors import ConfigError, DistillzooError
 from distillzoo.training.spec import resolve
 
-KEYS = ("base", "entrants", "seeds", "held_out", "validation", "decoding", "lr_grid", "output_dir")
+KEYS = ("base", "entrants", "seeds", "held_out", "validation", "decoding", "lr_grid", "serve_teacher",
+        "output_dir")
+#: the name the teacher served for every entrant (``serve_teacher``) answers to
+SERVED_TEACHER = "compare-teacher"
 #: what a seed may be: numpy's seed range, as ``distillzoo train`` checks ``seed``
 SEEDS = range(0, 2**32)
 #: the version of definition.json's layout
@@ -82,6 +85,12 @@ class Plan:
     decoding: dict = field(default_factory=dict)
     #: {(entrant name, seed, lr): run_definition(...)}, filled by load_plan
     definitions: dict = field(default_factory=dict, repr=False)
+    #: ``{top_k, port}``: base.teacher served once by ``distillzoo serve`` for every entrant, or None
+    serve_teacher: dict | None = None
+
+    @property
+    def teacher_url(self) -> str:
+        return f"http://127.0.0.1:{self.serve_teacher['port']}"
 
 
 def _decoding(raw, where: str) -> dict:
@@ -226,7 +235,8 @@ def load_plan(path: str | Path) -> Plan:
         raise ConfigError(f"{where}: validation.path: {validation['path']!r} is no records file or datasets "
                           "directory (the learning-rate grid is tuned on it)")
     plan = Plan(where, base, entrants, seeds, _split(raw["held_out"], "held_out", where), validation,
-                Path(str(raw["output_dir"])), _decoding(raw.get("decoding"), where))
+                Path(str(raw["output_dir"])), _decoding(raw.get("decoding"), where),
+                serve_teacher=_serve_teacher(raw.get("serve_teacher"), where))
     for e in entrants:  # names, params, data and models of every run, before the first one trains
         for lr in e.lrs:
             for seed in seeds:
@@ -242,6 +252,24 @@ def load_plan(path: str | Path) -> Plan:
                 plan.definitions[e.name, seed, lr] = _definition(cfg)
     _check_same_budget(plan)
     return plan
+
+
+def _serve_teacher(raw, where: str) -> dict | None:
+    """The ``serve_teacher`` section, checked: ``{top_k: K, port: P}`` (port default 8765: it is in every run's
+    definition, so it must not change between the runs of one comparison)."""
+    if raw is None or raw is False:
+        return None
+    raw = {} if raw is True else raw
+    if not isinstance(raw, dict) or set(raw) - {"top_k", "port"} or "top_k" not in raw:
+        raise ConfigError(f"{where}: serve_teacher: give {{top_k: K, port: P}} (the log-probs per token every entrant "
+                          f"reads from the served teacher; the port, default 8765), got {raw!r}")
+    top_k, port = raw["top_k"], raw.get("port", 8765)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= 64:
+        raise ConfigError(f"{where}: serve_teacher.top_k: an integer in [1, 64] (distillzoo serve's --max-logprobs), "
+                          f"got {top_k!r}")
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ConfigError(f"{where}: serve_teacher.port: a port number, got {port!r}")
+    return {"top_k": top_k, "port": port}
 
 
 def run_dir(plan: Plan, entrant: Entrant, seed: int, lr: float) -> Path:
@@ -262,6 +290,8 @@ def run_config(plan: Plan, entrant: Entrant, seed: int, lr: float) -> dict:
     cfg.setdefault("data", {})["eval"] = {"name": "held-out", **plan.held_out}
     cfg["output_dir"] = str(run_dir(plan, entrant, seed, lr))
     cfg["resume"] = "auto"
+    if plan.serve_teacher is not None:  # every entrant reads the one served teacher's top-k
+        cfg["teacher"] = {"server": plan.teacher_url, "model": SERVED_TEACHER, "top_k": plan.serve_teacher["top_k"]}
     return cfg
 
 

@@ -16,6 +16,7 @@
       - {name: abkd, objective: {name: abkd, alpha: 0.5}, lr: [1.0e-3, 3.0e-3]}   # a plugin's, by name
     seeds: [0, 1, 2]
     lr_grid: null                # a grid for every entrant that gives none
+    serve_teacher: null          # {top_k: 16, port: 8765}: base.teacher served once, every entrant on its top-k
     output_dir: runs/compare
 
 Fair by construction:
@@ -69,6 +70,7 @@ curves.png and bars.png.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -108,7 +110,8 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def run_child(directory: str, train: bool, splits: dict[str, dict], decoding: dict | None = None) -> None:
+def run_child(directory: str, train: bool, splits: dict[str, dict], decoding: dict | None = None,
+              teacher: dict | None = None) -> None:
     """In a forked child: train the run ``directory/compare_run.yaml`` describes (if ``train``), then
     judge its final student on each of ``splits`` ({name: {path, format}}), adding to result.json each
     judgement with the key (:func:`~distillzoo.compare.plan.split_key`) of the content it judged.
@@ -139,7 +142,7 @@ def run_child(directory: str, train: bool, splits: dict[str, dict], decoding: di
         from distillzoo.compare.judge import Judge
         from distillzoo.teacher.evaluation import Decoding
 
-        judge = Judge(cfg, Decoding(**(decoding or {})))
+        judge = Judge(cfg, Decoding(**(decoding or {})), teacher)
         done = _read_json(directory / "result.json") or {}
         for name, split in splits.items():
             key = {**split_key(split, name), "decoding": decoding or {}}  # the bytes the judge is about to read
@@ -175,8 +178,9 @@ def _result(plan: Plan, server: ForkServer, entrant: Entrant, seed: int, lr: flo
     todo = {s: plan.held_out if s == "held_out" else plan.validation for s in splits if s not in done}
     if cost is None or todo:
         log = directory / ("train.log" if cost is None else "judge.log")
-        code = server.run("distillzoo.compare.runner:run_child", {"directory": str(directory), "train": cost is None,
-                                                           "splits": todo, "decoding": plan.decoding}, log)
+        code = server.run("distillzoo.compare.runner:run_child", {
+            "directory": str(directory), "train": cost is None, "splits": todo, "decoding": plan.decoding,
+            "teacher": plan.base["teacher"] if plan.serve_teacher is not None else None}, log)
         if code != 0:
             tail = log.read_text(encoding="utf-8", errors="replace")[-2000:]
             raise DistillzooError(f"compare: run {directory} failed (exit {code}); its log ends:\n{tail}")
@@ -189,6 +193,50 @@ def _result(plan: Plan, server: ForkServer, entrant: Entrant, seed: int, lr: flo
             **{f"{s}/{k}": v for s in done for k, v in done[s].items() if k != "split"}}
 
 
+@contextlib.contextmanager
+def served_teacher(plan: Plan, say):
+    """With ``serve_teacher``: base.teacher behind one ``distillzoo serve`` at ``plan.teacher_url`` while the runs
+    train (a tiny teacher is saved under output_dir/served-teacher first); otherwise nothing."""
+    if plan.serve_teacher is None or all((run_dir(plan, e, s, lr) / "cost.json").exists()
+                                         for e in plan.entrants for lr in e.lrs for s in plan.seeds):
+        yield
+        return
+    import subprocess
+    import sys
+    import urllib.request
+
+    from distillzoo.compare.plan import SERVED_TEACHER
+
+    teacher = plan.base["teacher"]
+    model_dir = teacher.get("path")
+    if model_dir is None:
+        from distillzoo.config import ModelConfig
+        from distillzoo.models.causal_lm import model_from_config
+
+        model_dir = plan.out / "served-teacher"
+        model_from_config(ModelConfig(**teacher), "teacher").save_pretrained(model_dir)
+    process = subprocess.Popen([sys.executable, "-m", "distillzoo", "serve", str(model_dir), "--port",
+                                str(plan.serve_teacher["port"]), "--served-model-name", SERVED_TEACHER],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):
+            if process.poll() is not None:
+                raise DistillzooError(f"compare: serve_teacher: distillzoo serve at {plan.teacher_url} exited "
+                                      f"(port {plan.serve_teacher['port']} in use?): {process.stderr.read()[-2000:]}")
+            try:
+                urllib.request.urlopen(plan.teacher_url + "/v1/models", timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise DistillzooError(f"compare: serve_teacher: distillzoo serve did not answer at {plan.teacher_url}")
+        say(f"serving the teacher at {plan.teacher_url} for every entrant")
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
 def compare(path: str | Path, say=print) -> dict:
     """Run (or finish) the comparison ``path`` describes; writes and returns the results."""
     plan = load_plan(path)
@@ -199,7 +247,7 @@ def compare(path: str | Path, say=print) -> dict:
         keys["validation"] = {**split_key(plan.validation, f"{plan.where}: validation"), "decoding": plan.decoding}
     plan.out.mkdir(parents=True, exist_ok=True)
     rows, chosen = [], {}
-    with ForkServer(PRELOAD) as server:  # started by the first run that needs training or judging
+    with ForkServer(PRELOAD) as server, served_teacher(plan, say):  # each started when first needed
         for e in plan.entrants:
             if len(e.lrs) > 1:  # tuned on the first seed, on the validation split
                 tuning = [_result(plan, server, e, plan.seeds[0], lr, ("validation",), keys, say) for lr in e.lrs]
