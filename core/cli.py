@@ -1,5 +1,5 @@
 """The ``distillzoo`` command line: list, algorithms, show, plugins, config, check, train, eval, generate,
-cache-teacher, score, filter, compare, plot, prepare, reference-cache, serve."""
+cache-teacher, score, curate, filter, compare, plot, prepare, reference-cache, serve."""
 
 from __future__ import annotations
 
@@ -282,6 +282,17 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_curate(args: argparse.Namespace) -> int:
+    from distillzoo.config import load_config
+    from distillzoo.curate.pipeline import curate
+
+    cfg = load_config(args.config, args.overrides)
+    report = curate(cfg.curate, where=args.config, say=lambda line: print(f"curate: {line}", file=sys.stderr))
+    print(f"{cfg.curate.out}: kept {report['output']} of {report['input']} records ({report['malformed']} malformed; "
+          + ", ".join(f"{s['stage']} dropped {s['dropped']}" for s in report["stages"]) + ")")
+    return 0
+
+
 def _cmd_filter(args: argparse.Namespace) -> int:
     from distillzoo.teacher.scoring import filter_records, read_scores
 
@@ -381,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_score)
+    p = sub.add_parser("curate", help="run instruction or preference records through the curation stages of the "
+                                      "config's curate section (dedup, decontaminate, quality, a plugin's); resumable")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_curate)
     p = sub.add_parser("filter", help="keep the records whose score passes a threshold or quantile")
     p.add_argument("data", help="the records the scores were computed on (JSONL, JSON, Parquet, Arrow, a datasets "
                                 "save_to_disk directory)")

@@ -150,6 +150,24 @@ class ScoreConfig:
 
 
 @dataclass
+class CurateConfig:
+    """``distillzoo curate``: which records go through which stages, and where the curated records go."""
+
+    data: Any = _doc("the records to curate: a file or directory, or a list of them (JSONL, JSON, Parquet, Arrow, "
+                     "datasets directories)", None)
+    format: str = _doc("their data format (chat, alpaca, dolly, preference, a plugin's)", "chat")
+    columns: Optional[Dict[str, str]] = _doc("{format field: dataset column}", None)
+    out: Optional[str] = _doc("the directory to write: curated.jsonl, dropped/, rejects.jsonl, report.md", None)
+    stages: Optional[List[Dict[str, Any]]] = _doc("[{name, ...params}]: the stages, in order (dedup, decontaminate, "
+                                                  "quality, a plugin's)", None)
+    eval: Optional[List[Dict[str, Any]]] = _doc("[{path, format, columns}]: the evaluation sets decontaminate "
+                                                "compares against", None)
+    malformed: str = _doc("refuse: stop at a malformed record, naming its file and line, before writing anything; "
+                          "reject: move it to rejects.jsonl and go on", "refuse")
+    shard_size: int = _doc("records per shard, the unit a killed run resumes from", 10000)
+
+
+@dataclass
 class DistillConfig:
     """A distillzoo config: every key a config may hold (struct mode: unknown keys fail)."""
 
@@ -176,6 +194,7 @@ class DistillConfig:
     resume: str = _doc("auto: continue from the newest intact checkpoint of the same run; never: start over", "auto")
     generate: Optional[GenerateConfig] = _doc("`distillzoo generate`'s section", None)
     score: Optional[ScoreConfig] = _doc("`distillzoo score`'s section", None)
+    curate: Optional[CurateConfig] = _doc("`distillzoo curate`'s section", None)
 
 
 #: keys that moved, and where they live now: a config giving one is refused naming the new key
@@ -271,8 +290,9 @@ def load_config(source: str | Path | dict, overrides: Sequence[str] = ()) -> Dic
             continue
         cfg = _merge(cfg, OmegaConf.from_dotlist([override]), lambda key: f"override {override!r}")
     OmegaConf.set_struct(cfg, True)
-    if (cfg.generate is None and cfg.score is None) or cfg.objective is not None or cfg.objectives is not None:
-        objective_terms(cfg, locate)  # a config for distillzoo generate or score alone needs no objective
+    alone = cfg.generate is not None or cfg.score is not None or cfg.curate is not None
+    if not alone or cfg.objective is not None or cfg.objectives is not None:
+        objective_terms(cfg, locate)  # a config for distillzoo generate, score or curate alone needs no objective
     algorithm_choice(cfg, locate)
     return cfg
 

@@ -56,7 +56,7 @@ def test_unknown_top_level_key_names_file_line_and_suggests(tmp_path):
     path = write(tmp_path, "objective: {name: fkl}\nsede: 3\n")
     with pytest.raises(dz.ConfigError) as err:
         dz.load_config(path)
-    assert str(err.value) == f"{path}:2: unknown config key 'sede'. Valid keys: objective, objectives, algorithm, seed, student, teacher, teachers, reference, callbacks, data, train, output_dir, resume, generate, score. Did you mean 'seed'?"
+    assert str(err.value) == f"{path}:2: unknown config key 'sede'. Valid keys: objective, objectives, algorithm, seed, student, teacher, teachers, reference, callbacks, data, train, output_dir, resume, generate, score, curate. Did you mean 'seed'?"
 
 
 def test_unknown_key_in_an_override_names_the_override(tmp_path):

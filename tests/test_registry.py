@@ -270,6 +270,28 @@ def test_hook_register_scorers(register_plugin):
     assert dz.components("scorers")["length"].obj({"response": "abcd"}) == 4.0
 
 
+def test_hook_register_curation_stages(register_plugin):
+    from distillzoo.curate.pipeline import Row, Stage
+
+    class Shortest(Stage):
+        def __init__(self, min_chars: int = 3):
+            self.min_chars = min_chars
+
+        def judge(self, row):
+            return ("short", {}) if len(row.fields["messages"][-1]["content"]) < self.min_chars else None
+
+    class StagePlugin:
+        @dz.hookimpl
+        def register_curation_stages(self, register):
+            register("shortest", Shortest, summary="drops short replies")
+
+    register_plugin(StagePlugin(), "stage-plugin")
+    stage = dz.components("curation_stages")["shortest"].obj(min_chars=4)
+    row = Row("f:1", {}, {"id": "a", "messages": [{"role": "user", "content": "q"},
+                                                  {"role": "assistant", "content": "abc"}]})
+    assert stage.judge(row) == ("short", {}) and "dedup" in dz.components("curation_stages")
+
+
 def test_hook_register_trainer_callbacks(register_plugin):
     register_plugin(ComponentPlugin(), "components-plugin")
     assert dz.components("trainer_callbacks")["print-loss"].obj() is print
@@ -353,7 +375,7 @@ def test_registering_a_non_algorithm_is_isolated(register_plugin):
 
 def test_every_hook_has_a_test_and_a_docs_section():
     hooks = [n for n in dir(hookspecs) if n.startswith("register_")]
-    assert len(hooks) == 5
+    assert len(hooks) == 6
     this_file = Path(__file__).read_text()
     plugins_page = (ROOT / "docs" / "plugins.md").read_text()
     for hook in hooks:

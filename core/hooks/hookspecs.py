@@ -87,6 +87,16 @@ def register_scorers(register: RegisterComponent) -> None:
 
 
 @hookspec
+def register_curation_stages(register: RegisterComponent) -> None:
+    """Declare curation stages that ``distillzoo curate`` runs by name: ``curate.stages: [{name: ..., **params}]``.
+
+    Called by the core when it resolves a stage name; every plugin's implementation is
+    called. Call ``register(name, factory, summary="")``: ``factory(**params)`` returns a
+    ``distillzoo.curate.pipeline.Stage``. Names must be unique across plugins.
+    """
+
+
+@hookspec
 def register_trainer_callbacks(register: RegisterComponent) -> None:
     """Declare trainer callbacks that a config enables by name: ``callbacks: [{name: ..., **params}]``.
 
@@ -115,5 +125,6 @@ __all__ = [
     "register_algorithms",
     "register_data_formats",
     "register_scorers",
+    "register_curation_stages",
     "register_trainer_callbacks",
 ]

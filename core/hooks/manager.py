@@ -37,11 +37,12 @@ ENTRYPOINT_GROUP = "distillzoo"
 DEFAULT_PLUGINS = ("distillzoo.plugins.objectives.divergences", "distillzoo.plugins.objectives.token",
                    "distillzoo.plugins.objectives.sequence", "distillzoo.plugins.formats", "distillzoo.plugins.scorers",
                    "distillzoo.plugins.algorithms.distill", "distillzoo.plugins.algorithms.preference",
-                   "distillzoo.plugins.algorithms.dpkd", "distillzoo.plugins.trackers")
+                   "distillzoo.plugins.algorithms.dpkd", "distillzoo.plugins.trackers", "distillzoo.plugins.curation")
 BUILTIN_PACKAGE = "distillzoo"
 COMPONENT_HOOKS = {
     "data_formats": "register_data_formats",
     "scorers": "register_scorers",
+    "curation_stages": "register_curation_stages",
     "trainer_callbacks": "register_trainer_callbacks",
 }
 
@@ -292,7 +293,7 @@ class Component:
 
 
 def components(kind: str, pm: PluginManager | None = None, problems: list[dict] | None = None) -> dict[str, Component]:
-    """Registered data formats, scorers or trainer callbacks (``kind`` is one of COMPONENT_HOOKS)."""
+    """Registered data formats, scorers, curation stages or trainer callbacks (``kind`` is one of COMPONENT_HOOKS)."""
     pm = pm or get_plugin_manager()
     return {name: r.value for name, r in component_registrations(pm, kind, problems).items()}
 

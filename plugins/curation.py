@@ -1,0 +1,176 @@
+"""Built-in curation stages of ``distillzoo curate``: ``dedup``, ``decontaminate``, ``quality``.
+
+* ``dedup``: exact duplicates (the SHA-1 of the record's normalised text: NFKC, lower case, whitespace
+  collapsed) and, with ``near: true``, near duplicates: MinHash over the record's ``shingle``-word shingles
+  (each CJK character a word, so Chinese is shingled too), indexed by datasketch's LSH tuned to a threshold
+  ``candidate_margin`` below ``threshold`` (so that pairs just above it are found), each candidate confirmed
+  by the exact Jaccard similarity of the two shingle sets (kept as 64-bit hashes). The first record of a
+  group is kept; each later one is dropped naming the record it duplicates (``of``) and their similarity.
+* ``decontaminate``: drops a record that shares an ``n``-word sequence (13 by default, as the GPT-3 and
+  Llama 2 reports count overlap) with any record of ``curate.eval``, naming the evaluation record and the
+  n-gram.
+* ``quality``: Gopher-style gates on the reply: its length in characters (``min_chars``, ``max_chars``),
+  the fraction of its lines that repeat an earlier line (``max_duplicate_line_fraction``), and the fraction
+  of its words covered by its most frequent word bigram (``max_top_bigram_fraction``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+
+from distillzoo.curate.pipeline import Stage
+from distillzoo.curate.text import normalise, record_text, response_text, shingles, words
+from distillzoo.errors import ParameterError
+from distillzoo.hooks.hookspecs import hookimpl
+
+
+def _fraction(value, name: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise ParameterError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+class Dedup(Stage):
+    name = "dedup"
+
+    def __init__(self, near: bool = True, threshold: float = 0.8, num_perm: int = 128, shingle: int = 5,
+                 candidate_margin: float = 0.15, seed: int = 1) -> None:
+        self.near, self.threshold = bool(near), _fraction(threshold, "dedup.threshold")
+        self.margin = _fraction(candidate_margin, "dedup.candidate_margin")
+        if not isinstance(num_perm, int) or num_perm < 16:
+            raise ParameterError(f"dedup.num_perm must be an integer >= 16, got {num_perm!r}")
+        if not isinstance(shingle, int) or shingle < 1:
+            raise ParameterError(f"dedup.shingle must be an integer >= 1, got {shingle!r}")
+        self.num_perm, self.shingle, self.seed = num_perm, shingle, int(seed)
+        self.exact: dict[bytes, str] = {}
+        self.lsh, self.sets, self.order = None, {}, {}
+
+    def begin(self, context) -> None:
+        if self.near:
+            from datasketch import MinHashLSH
+
+            self.lsh = MinHashLSH(threshold=max(self.threshold - self.margin, 0.05), num_perm=self.num_perm)
+
+    def _sketch(self, text: str):
+        """``(MinHash, sorted uint64 hashes of the shingles)`` of a record's text."""
+        import numpy as np
+        from datasketch import MinHash
+
+        encoded = [s.encode("utf-8") for s in shingles(text, self.shingle)]
+        sketch = MinHash(num_perm=self.num_perm, seed=self.seed)
+        sketch.update_batch(encoded)
+        hashes = np.unique(np.array([int.from_bytes(hashlib.blake2b(s, digest_size=8).digest(), "little")
+                                     for s in encoded], dtype=np.uint64))
+        return sketch, hashes
+
+    def _add(self, row, key: bytes, sketch) -> None:
+        self.exact[key] = row.id
+        if sketch is not None:
+            self.lsh.insert(row.id, sketch[0], check_duplication=False)
+            self.sets[row.id] = sketch[1]
+            self.order[row.id] = len(self.order)
+
+    def seen(self, row) -> None:
+        text = record_text(row.fields)
+        self._add(row, hashlib.sha1(normalise(text).encode("utf-8")).digest(), self._sketch(text) if self.near else None)
+
+    def judge(self, row):
+        import numpy as np
+
+        text = record_text(row.fields)
+        key = hashlib.sha1(normalise(text).encode("utf-8")).digest()
+        if key in self.exact:
+            return "exact duplicate", {"of": self.exact[key]}
+        sketch = None
+        if self.near:
+            sketch = self._sketch(text)
+            best = None
+            for candidate in self.lsh.query(sketch[0]):
+                other = self.sets[candidate]
+                shared = len(np.intersect1d(other, sketch[1], assume_unique=True))
+                similarity = shared / max(len(other) + len(sketch[1]) - shared, 1)
+                # the most similar; of equals, the one kept first (the LSH's answer is a set, in no fixed order)
+                rank = (similarity, -self.order[candidate])
+                if similarity >= self.threshold and (best is None or rank > best[2]):
+                    best = (candidate, similarity, rank)
+            if best is not None:
+                return "near duplicate", {"of": best[0], "jaccard": round(best[1], 4)}
+        self._add(row, key, sketch)
+        return None
+
+
+class Decontaminate(Stage):
+    name = "decontaminate"
+
+    def __init__(self, n: int = 13) -> None:
+        if not isinstance(n, int) or n < 1:
+            raise ParameterError(f"decontaminate.n must be an integer >= 1, got {n!r}")
+        self.n = n
+        self.grams: dict[tuple[str, ...], str] = {}
+
+    def begin(self, context) -> None:
+        from distillzoo.curate.pipeline import _fields, read_source
+        from distillzoo.errors import ConfigError
+
+        sets = context.section.get("eval") or []
+        if not sets:
+            raise ConfigError(f"{context.where}: curate.eval: decontaminate needs the evaluation sets to compare "
+                              "against, [{path, format}]")
+        for spec in sets:
+            for where, row, why in read_source([spec["path"]], spec.get("format", "chat"), spec.get("columns")):
+                if why is not None:
+                    raise ConfigError(f"{context.where}: curate.eval: {where}: {why}")
+                w = words(record_text(_fields(row, spec.get("format", "chat"), spec.get("columns"))))
+                for i in range(len(w) - self.n + 1):
+                    self.grams.setdefault(tuple(w[i:i + self.n]), where)
+
+    def judge(self, row):
+        w = words(record_text(row.fields))
+        for i in range(len(w) - self.n + 1):
+            gram = tuple(w[i:i + self.n])
+            if gram in self.grams:
+                return f"shares a {self.n}-gram with an evaluation record", {"eval": self.grams[gram],
+                                                                            "ngram": " ".join(gram)}
+        return None
+
+
+class Quality(Stage):
+    name = "quality"
+
+    def __init__(self, min_chars: int = 1, max_chars: int = 100_000, max_duplicate_line_fraction: float = 0.3,
+                 max_top_bigram_fraction: float = 0.2, min_words_for_bigrams: int = 20) -> None:
+        if not (isinstance(min_chars, int) and isinstance(max_chars, int) and 0 <= min_chars <= max_chars):
+            raise ParameterError(f"quality: min_chars and max_chars must be integers, 0 <= min_chars <= max_chars; got "
+                                 f"{min_chars!r} and {max_chars!r}")
+        self.min_chars, self.max_chars = min_chars, max_chars
+        self.max_dup_lines = _fraction(max_duplicate_line_fraction, "quality.max_duplicate_line_fraction")
+        self.max_bigram = _fraction(max_top_bigram_fraction, "quality.max_top_bigram_fraction")
+        self.min_words = int(min_words_for_bigrams)
+
+    def judge(self, row):
+        reply = response_text(row.fields)
+        length = len(reply.strip())
+        if length < self.min_chars:
+            return "too short", {"chars": length}
+        if length > self.max_chars:
+            return "too long", {"chars": length}
+        lines = [line.strip() for line in reply.splitlines() if line.strip()]
+        if len(lines) > 1:
+            repeated = len(lines) - len(set(lines))
+            if repeated / len(lines) > self.max_dup_lines:
+                return "repeated lines", {"fraction": round(repeated / len(lines), 4)}
+        w = words(reply)
+        if len(w) >= self.min_words:
+            top, count = Counter(zip(w, w[1:])).most_common(1)[0]
+            share = 2 * count / len(w)
+            if share > self.max_bigram:
+                return "a repeated bigram", {"bigram": " ".join(top), "fraction": round(share, 4)}
+        return None
+
+
+@hookimpl
+def register_curation_stages(register):
+    register("dedup", Dedup, summary="exact (normalised text hash) and near duplicates (MinHash LSH over shingles)")
+    register("decontaminate", Decontaminate, summary="drop records sharing an n-gram (13) with an evaluation set")
+    register("quality", Quality, summary="length bounds and Gopher-style repetition gates on the reply")
