@@ -40,6 +40,9 @@ class MFD(Scorer):
         if isinstance(batch.teacher, torch.nn.Module):
             ht, wt = batch.head("teacher")
         else:  # a served teacher: its top-k (teacher.top_k) and tail, as distill trains on them
+            if batch.teacher.top_k < 2:
+                raise ParameterError("mfd: metric 'kl' with a served teacher reads its top-k: give teacher.top_k (the "
+                                     f"log-probs per token to ask for, 2 or more; got {batch.teacher.top_k})")
             ht, wt = batch.teacher.sparse_teacher(batch.input_ids, batch.attention_mask, batch.targets, batch.ids), None
         with torch.no_grad():
             kl = objective("fkl", reduction="none").from_hidden(hs, ws, ht, wt, batch.targets)
@@ -69,7 +72,12 @@ class Judge(Scorer):
     def __init__(self, judge: "str | Callable" = None, template: str = JUDGE_TEMPLATE, max_new_tokens: int = 8) -> None:
         self.template, self.max_new_tokens = template, int(max_new_tokens)
         if judge == "teacher":
-            if "{instruction}" not in template or "{response}" not in template:
+            try:
+                filled = template.format(instruction="\0i", response="\0r")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ParameterError(f"judge: template: {type(e).__name__}: {e}; it may name {{instruction}} and "
+                                     "{response} only (write a literal brace as {{ or }})") from None
+            if "\0i" not in filled or "\0r" not in filled:
                 raise ParameterError("judge: template must hold {instruction} and {response}")
             self.needs, self.judge = ("teacher",), None
             return

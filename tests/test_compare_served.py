@@ -34,7 +34,9 @@ def test_serve_teacher_serves_one_teacher_for_every_entrant(tmp_path, monkeypatc
     for name in ("fkl", "rkl"):
         run = tmp_path / "cmp" / "runs" / name / "seed0-lr0.001"
         cfg = yaml.safe_load((run / "compare_run.yaml").read_text())
-        assert cfg["teacher"] == {"server": f"http://127.0.0.1:{port}", "model": "compare-teacher", "top_k": 8}
+        teacher = cfg["teacher"]
+        assert teacher["server"] == f"http://127.0.0.1:{port}" and teacher["top_k"] == 8
+        assert teacher["model"].startswith("compare-teacher-")  # named by the teacher: a new one, a new definition
         assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
         judged = json.loads((run / "result.json").read_text())["held_out"]
         assert judged["fkl"] > 0 and 0 <= judged["top1_agreement"] <= 1  # the judge read the teacher model
@@ -67,3 +69,14 @@ def test_an_entrant_that_cannot_read_a_top_k_teacher_is_refused_before_anything_
     with pytest.raises(ConfigError, match=r"entrant 'mixed'.*objective temperature 2.0: a server's prompt_logprobs"):
         runner.compare("cmp.yaml", say=lambda line: None)
     assert not (tmp_path / "cmp" / "runs").exists()
+
+
+def test_the_served_teacher_s_name_and_so_every_run_s_definition_follow_the_teacher():
+    from types import SimpleNamespace
+
+    from distillzoo.compare.plan import served_name
+
+    one = served_name(SimpleNamespace(base={"teacher": {"tiny": {"hidden_size": 48, "seed": 7}}}))
+    same = served_name(SimpleNamespace(base={"teacher": {"tiny": {"seed": 7, "hidden_size": 48}}}))
+    other = served_name(SimpleNamespace(base={"teacher": {"tiny": {"hidden_size": 48, "seed": 8}}}))
+    assert one == same != other and one.startswith("compare-teacher-")

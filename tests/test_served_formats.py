@@ -130,3 +130,14 @@ def test_the_sglang_api_scores_what_the_openai_api_scores(sglang_url):
 def test_an_unknown_api_is_refused_with_the_choices():
     with pytest.raises(ServerError, match=r"api 'tgi' is not one of \['openai', 'sglang'\]"):
         ServedTeacher("http://127.0.0.1:1", top_k=2, api="tgi")
+
+
+def test_what_needs_the_openai_api_refuses_an_sglang_client_by_name():
+    from distillzoo.models.generation import Sampling
+
+    client = ServedTeacher("http://127.0.0.1:1", top_k=2, api="sglang")
+    with pytest.raises(ServerError, match=r"the log-probs of a sequence's own tokens .* teacher.api 'sglang' serves "
+                                          r"the top-k only"):
+        client.token_logprobs([[1, 2, 3]], ["a"])
+    with pytest.raises(ServerError, match=r"generation .* teacher.api 'sglang' serves the top-k only"):
+        client.generate([[1, 2]], Sampling(2), ["a"], [3])

@@ -57,8 +57,12 @@ from distillzoo.training.spec import resolve
 
 KEYS = ("base", "entrants", "seeds", "held_out", "validation", "decoding", "lr_grid", "serve_teacher",
         "output_dir")
-#: the name the teacher served for every entrant (``serve_teacher``) answers to
-SERVED_TEACHER = "compare-teacher"
+def served_name(plan: "Plan") -> str:
+    """The name the teacher served for every entrant (``serve_teacher``) answers to: ``compare-teacher-`` and a hash
+    of ``base.teacher``, so that a run's definition changes with the teacher, and a server of another teacher on
+    the port is told apart."""
+    digest = hashlib.sha256(json.dumps(plan.base["teacher"], sort_keys=True).encode()).hexdigest()[:12]
+    return f"compare-teacher-{digest}"
 #: what a seed may be: numpy's seed range, as ``distillzoo train`` checks ``seed``
 SEEDS = range(0, 2**32)
 #: the version of definition.json's layout
@@ -291,7 +295,7 @@ def run_config(plan: Plan, entrant: Entrant, seed: int, lr: float) -> dict:
     cfg["output_dir"] = str(run_dir(plan, entrant, seed, lr))
     cfg["resume"] = "auto"
     if plan.serve_teacher is not None:  # every entrant reads the one served teacher's top-k
-        cfg["teacher"] = {"server": plan.teacher_url, "model": SERVED_TEACHER, "top_k": plan.serve_teacher["top_k"]}
+        cfg["teacher"] = {"server": plan.teacher_url, "model": served_name(plan), "top_k": plan.serve_teacher["top_k"]}
     return cfg
 
 

@@ -205,7 +205,7 @@ def served_teacher(plan: Plan, say):
     import sys
     import urllib.request
 
-    from distillzoo.compare.plan import SERVED_TEACHER
+    from distillzoo.compare.plan import served_name
 
     teacher = plan.base["teacher"]
     model_dir = teacher.get("path")
@@ -215,19 +215,26 @@ def served_teacher(plan: Plan, say):
 
         model_dir = plan.out / "served-teacher"
         model_from_config(ModelConfig(**teacher), "teacher").save_pretrained(model_dir)
-    process = subprocess.Popen([sys.executable, "-m", "distillzoo", "serve", str(model_dir), "--port",
-                                str(plan.serve_teacher["port"]), "--served-model-name", SERVED_TEACHER],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = plan.out / "served-teacher.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w", encoding="utf-8") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "distillzoo", "serve", str(model_dir), "--port",
+                                    str(plan.serve_teacher["port"]), "--served-model-name", served_name(plan)],
+                                   stdout=sink, stderr=subprocess.STDOUT, text=True)
     try:
         for _ in range(1200):
-            if process.poll() is not None:
-                raise DistillzooError(f"compare: serve_teacher: distillzoo serve at {plan.teacher_url} exited "
-                                      f"(port {plan.serve_teacher['port']} in use?): {process.stderr.read()[-2000:]}")
+            answered = False
             try:
                 urllib.request.urlopen(plan.teacher_url + "/v1/models", timeout=1).read()
-                break
+                answered = True
             except OSError:
                 time.sleep(0.1)
+            if process.poll() is not None:  # exited: it could not bind, or failed to load
+                raise DistillzooError(f"compare: serve_teacher: distillzoo serve at {plan.teacher_url} exited (port "
+                                      f"{plan.serve_teacher['port']} in use?); its log ends: "
+                                      f"{log.read_text(encoding='utf-8', errors='replace')[-2000:]}")
+            if answered and f"serving {served_name(plan)} " in log.read_text(encoding="utf-8", errors="replace"):
+                break  # our server, up (another one on the port would have made ours exit)
         else:
             raise DistillzooError(f"compare: serve_teacher: distillzoo serve did not answer at {plan.teacher_url}")
         say(f"serving the teacher at {plan.teacher_url} for every entrant")

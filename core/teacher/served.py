@@ -10,7 +10,7 @@ top-k. The log-probs are the server's raw ones (vLLM's default ``--logprobs-mode
 at temperature 1.
 
 At most ``max_in_flight`` requests are in flight (a thread pool); a request that meets a 429, a
-5xx, a refused connection or a time-out is retried with exponential backoff, and one that still
+500, 502, 503 or 504, a refused or cut-off connection or a time-out is retried with exponential backoff, and one that still
 fails raises :class:`ServerError` naming the URL, the status, the response body and the sample
 ids. A response that does not hold one whole ``prompt_logprobs`` list per sequence is refused:
 never a silently partial teacher.
@@ -18,6 +18,7 @@ never a silently partial teacher.
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import time
@@ -52,9 +53,17 @@ class ServedTeacher:
             raise ServerError(f"api {api!r} is not one of {list(APIS)}")
         self.api = api
         self._background: ThreadPoolExecutor | None = None
+        self._closed = False
         self.url, self.model, self.top_k = url.rstrip("/"), model, top_k
         self.max_in_flight, self.timeout_s, self.retries, self.backoff_s = max_in_flight, timeout_s, retries, backoff_s
         self.sequences_per_request = sequences_per_request
+
+    def close(self) -> None:
+        """Cancel what a prefetch queued and stop retrying what is in flight (a run that stopped, or ended)."""
+        self._closed = True
+        if self._background is not None:
+            self._background.shutdown(wait=False, cancel_futures=True)
+            self._background = None
 
     # ------------------------------------------------------------------------------------------ HTTP
     def _request(self, path: str, body: dict | None, sample_ids: Sequence[str] = ()) -> dict:
@@ -65,15 +74,21 @@ class ServedTeacher:
         for attempt in range(self.retries + 1):
             request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
                                              headers={"Content-Type": "application/json"})
+            if self._closed:
+                raise ServerError(f"teacher server {url}: the client was closed{what}")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    return json.loads(response.read())
+                    answer = json.loads(response.read())
+                if not isinstance(answer, (dict, list)):
+                    raise ServerError(f"teacher server {url}: the response is JSON but neither an object nor a list"
+                                      f"{what}: {str(answer)[:200]}")
+                return answer
             except urllib.error.HTTPError as e:
                 status, text = e.code, e.read().decode("utf-8", "replace")[:500]
                 if status not in RETRY_STATUSES or attempt == self.retries:
                     raise ServerError(f"teacher server {url}: HTTP {status}{what} after {attempt + 1} attempt(s): "
                                       f"{text}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # refused, cut off, timed out
                 if attempt == self.retries:
                     reason = getattr(e, "reason", e)
                     raise ServerError(f"teacher server {url}: no answer{what} after {attempt + 1} attempt(s): "
@@ -82,6 +97,11 @@ class ServedTeacher:
                 raise ServerError(f"teacher server {url}: the response is not JSON{what}: {e}") from None
             time.sleep(min(self.backoff_s * 2 ** attempt, 30.0))
         raise AssertionError("unreachable")
+
+    def _openai_only(self, what: str) -> None:
+        if self.api != "openai":
+            raise ServerError(f"teacher server {self.url}: {what} reads vLLM's OpenAI-compatible /v1/completions "
+                              f"(prompt_logprobs, return_token_ids); teacher.api {self.api!r} serves the top-k only")
 
     # ------------------------------------------------------------------------------------------ checks
     def served_models(self) -> list[dict]:
@@ -156,6 +176,7 @@ class ServedTeacher:
                        starts: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Per sequence of ``L`` ids: ``[L-1]`` fp32, row ``i`` the log-prob of token ``i + 1`` given the tokens up to
         ``i`` (the prompt's own token, which every ``prompt_logprobs`` entry holds), NaN before ``starts``."""
+        self._openai_only("the log-probs of a sequence's own tokens (dpkd, mfd's nll_gap)")
         starts = [1] * len(sequences) if starts is None else [max(int(x), 1) for x in starts]
         body_of = lambda chunk: {"model": self.model, "prompt": [list(map(int, sequences[i])) for i in chunk],  # noqa: E731
                                  "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 1,
@@ -186,6 +207,7 @@ class ServedTeacher:
         (``<|im_end|>``, ``<|endoftext|>``). Token ids come back as vLLM's ``return_token_ids`` gives them."""
         from distillzoo.models.generation import sample_seed
 
+        self._openai_only("generation (generate, sampler: teacher, judge: teacher)")
         stop = set(map(int, stop_ids))
 
         def one(n: int):

@@ -205,6 +205,10 @@ class Algorithm:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def close(self) -> None:
+        """When the run ends, finished or stopped by an error: let go of what the algorithm holds (a teacher
+        server's client and what it fetched ahead); default nothing."""
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={getattr(self, k)!r}" for k in self.params)
 

@@ -68,7 +68,10 @@ def train(cfg: DictConfig | RunSpec, where: str = "<config>") -> TrainResult:
     time), and run the loop."""
     spec = cfg if isinstance(cfg, RunSpec) else resolve(cfg, where)
     with RunDir(spec.output_dir, int(os.environ.get("RANK", "0")), spec.where).owned() as run_dir:
-        return _loop(spec, run_dir)
+        try:
+            return _loop(spec, run_dir)
+        finally:
+            spec.algorithm.close()
 
 
 def _loop(spec: RunSpec, run_dir: RunDir) -> TrainResult:

@@ -20,7 +20,7 @@ import torch
 
 from distillzoo.data.records import IGNORE_INDEX
 from distillzoo.data.tokenizer import load_tokenizer
-from distillzoo.errors import ConfigError, DataError, DistillzooError, NonFiniteError
+from distillzoo.errors import ConfigError, DataError, DistillzooError, NonFiniteError, ServerError
 from distillzoo.hooks.hookspecs import hookimpl
 from distillzoo.models.causal_lm import lm_head_weight, model_vocab
 from distillzoo.models.generation import (decode, sample_seed, split_last_reply, step_sampling,
@@ -62,7 +62,7 @@ class Distill(Algorithm):
     cache = None
     served = None
     teachers = None
-    fields = None  # {sample id: {field: value}}: what teachers routed by record field read
+    fields = None  # {(stream, sample id): {field: value}}: what teachers routed by record field read
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -177,7 +177,8 @@ class Distill(Algorithm):
         pending = self.pending.pop(step, None)
         for old in [s for s in self.pending if s < step]:
             self.pending.pop(old)
-        if pending is None or pending[0] != sequences:  # not fetched ahead (the first step, a resume, a sample)
+        prefetched = pending is not None and pending[0] == sequences
+        if not prefetched:  # not fetched ahead (the first step, a resume, a sample)
             pending = (sequences, self._submit(examples, sequences))
         depth = int(run.spec.teacher.prefetch or 0) if run.peek is not None else 0
         for ahead in range(1, depth + 1):
@@ -188,7 +189,17 @@ class Distill(Algorithm):
             upcoming = run.peek(ahead)
             later_sequences = [ex["input_ids"].tolist() for ex in upcoming]
             self.pending[later] = (later_sequences, self._submit(upcoming, later_sequences))
-        return pending[1].result()
+        try:
+            return pending[1].result()
+        except ServerError:
+            if not prefetched:
+                raise
+            return self._submit(examples, sequences).result()  # fetched ahead while the server was away: once more
+
+    def close(self):
+        for client in [self.served] + [t.source for t in self.teachers or () if t.served]:
+            if client is not None:
+                client.close()
 
     def _routes(self, examples, x):
         """Per teacher that scores rows of this micro-batch: ``(name, rows, its top-k of those rows, weight)``."""
@@ -238,14 +249,18 @@ class Distill(Algorithm):
 
     def _routed_loss(self, hs, ws, x):
         """The objective against each teacher on the rows it scores, weighted; ``teachers/<name>``: its tokens."""
-        value, metrics = hs.new_zeros(()), {}
+        # every teacher's key on every rank, 0 where it scored nothing: the loop all-reduces the keys in order
+        value, metrics = hs.new_zeros(()), {f"teachers/{t.name}": hs.new_zeros((), dtype=torch.float64)
+                                            for t in self.teachers}
+        for term in getattr(self.objective, "term_names", ()):  # a mixture's terms
+            metrics[f"loss/{term}"] = hs.new_zeros(())
         for name, rows, sparse, weight in x["routes"]:
             targets = x["targets"][rows]
             value = value + weight * self.objective.from_hidden(hs[rows], ws, sparse, None, targets)
             count = (targets != IGNORE_INDEX).sum().double()
             metrics[f"teachers/{name}"] = count
             for term, v in getattr(self.objective, "term_losses", {}).items():
-                metrics[f"loss/{term}"] = metrics.get(f"loss/{term}", 0) + weight * v * count
+                metrics[f"loss/{term}"] = metrics[f"loss/{term}"] + weight * v * count
         return StepLoss(value, metrics)
 
 

@@ -107,9 +107,9 @@ def parse_teachers(entries, spec, open_source, where: str) -> list[Teacher]:
     return teachers
 
 
-def record_fields(teachers: list[Teacher], streams, where: str) -> dict[str, dict]:
-    """``{sample id: {field: value}}`` of the fields the teachers route by, read from the streams' records, each
-    record checked to be read by exactly one teacher (a ConfigError naming its file and line otherwise)."""
+def record_fields(teachers: list[Teacher], streams, where: str) -> dict[tuple[str, str], dict]:
+    """``{(stream, sample id): {field: value}}`` of the fields the teachers route by, read from the streams' records,
+    each record checked to be read by exactly one teacher (a ConfigError naming its file and line otherwise)."""
     from distillzoo.data.records import read_records
     from distillzoo.data.tables import kind, read_rows
 
@@ -127,11 +127,11 @@ def record_fields(teachers: list[Teacher], streams, where: str) -> dict[str, dic
             if len(readers) != 1:
                 raise ConfigError(f"{where}: teachers: {at} (stream {stream.name!r}, {tags}) is read by "
                                   f"{readers or 'no teacher'}; each record needs exactly one")
-            out[str(fields["id"])] = tags
+            out[stream.name, str(fields["id"])] = tags
     return out
 
 
-def routes(teachers: list[Teacher], examples: list[dict], fields: dict[str, dict] | None = None
+def routes(teachers: list[Teacher], examples: list[dict], fields: dict[tuple[str, str], dict] | None = None
            ) -> list[tuple[Teacher, list[int], float]]:
     """``(teacher, the rows of examples it scores, the weight of its loss)`` per teacher that scores any;
     ``fields``: what :func:`record_fields` read, when a teacher routes by them."""
@@ -141,7 +141,7 @@ def routes(teachers: list[Teacher], examples: list[dict], fields: dict[str, dict
     out = []
     for t in teachers:
         rows = [i for i, ex in enumerate(examples)
-                if t.reads(ex.get("stream"), (fields or {}).get(str(ex.get("id")), {}))]
+                if t.reads(ex.get("stream"), (fields or {}).get((ex.get("stream"), str(ex.get("id"))), {}))]
         if rows:
             out.append((t, rows, 1.0))
     return out
