@@ -1,4 +1,4 @@
-"""Built-in curation stages of ``distillzoo curate``: ``dedup``, ``decontaminate``, ``quality``.
+"""Built-in curation stages of ``distillzoo curate``: ``dedup``, ``decontaminate``, ``quality``, ``balance``.
 
 * ``dedup``: exact duplicates (the SHA-1 of the record's normalised text: NFKC, lower case, whitespace
   collapsed) and, with ``near: true``, near duplicates: MinHash over the record's ``shingle``-word shingles
@@ -12,6 +12,12 @@
 * ``quality``: Gopher-style gates on the reply: its length in characters (``min_chars``, ``max_chars``),
   the fraction of its lines that repeat an earlier line (``max_duplicate_line_fraction``), and the fraction
   of its words covered by its most frequent word bigram (``max_top_bigram_fraction``).
+* ``balance``: downsamples to target shares over buckets (``by``: record fields such as ``task`` and
+  ``language``, and ``length``, the reply's characters cut at ``length_edges``), at most ``cap`` per bucket.
+  It sees its whole input first: the scarcest bucket relative to its weight is kept whole and every other
+  is cut to its share; within a bucket the records kept are those with the smallest hash of (seed, id),
+  so the choice is deterministic by seed and independent of order and sharding. The report gives each
+  bucket's count in, kept, achieved and target share.
 """
 
 from __future__ import annotations
@@ -169,8 +175,89 @@ class Quality(Stage):
         return None
 
 
+class Balance(Stage):
+    name = "balance"
+    needs_all = True
+
+    def __init__(self, by="language", weights: dict | None = None, cap: int | None = None,
+                 length_edges: list | None = None, seed: int = 0) -> None:
+        self.by = [by] if isinstance(by, str) else list(by or [])
+        if not self.by or not all(isinstance(b, str) and b for b in self.by):
+            raise ParameterError(f"balance.by: a record field, 'length', or a list of them; got {by!r}")
+        if weights is not None and (not isinstance(weights, dict) or not weights or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights.values())):
+            raise ParameterError(f"balance.weights: {{bucket: weight >= 0}}, got {weights!r}")
+        if weights is not None and sum(weights.values()) <= 0:
+            raise ParameterError("balance.weights: at least one weight must be > 0")
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+            raise ParameterError(f"balance.cap: an integer >= 1, got {cap!r}")
+        if weights is None and cap is None:
+            raise ParameterError("balance: give weights (target shares per bucket), cap (the most per bucket), or both")
+        edges = list(length_edges or [100, 500, 2000])
+        if "length" in self.by and (edges != sorted(edges) or not all(isinstance(e, int) and e > 0 for e in edges)):
+            raise ParameterError(f"balance.length_edges: increasing character counts, got {length_edges!r}")
+        self.weights = None if weights is None else {str(k): float(v) for k, v in weights.items()}
+        self.cap, self.edges, self.seed = cap, edges, int(seed)
+        self.ranks: dict[str, list[int]] = {}
+        self.threshold: dict[str, int] = {}
+        self.target: dict[str, int] = {}
+
+    def bucket(self, row) -> str:
+        parts = []
+        for key in self.by:
+            if key == "length":
+                n = len(response_text(row.fields))
+                i = sum(n >= e for e in self.edges)
+                lo = 0 if i == 0 else self.edges[i - 1]
+                parts.append(f"{lo}-{self.edges[i] - 1}" if i < len(self.edges) else f"{lo}+")
+            else:
+                parts.append(str(row.record.get(key, row.fields.get(key))))
+        return "/".join(parts)
+
+    def _rank(self, row) -> int:
+        return int.from_bytes(hashlib.sha256(f"{self.seed}\0{row.id}".encode()).digest()[:8], "little")
+
+    def observe(self, row) -> None:
+        self.ranks.setdefault(self.bucket(row), []).append(self._rank(row))
+
+    def settle(self) -> None:
+        """After every record was observed: how many of each bucket are kept (the most the weights allow, each
+        within cap), and the rank below which a record of the bucket is kept."""
+        counts = {b: len(r) for b, r in self.ranks.items()}
+        if self.weights is not None:
+            unknown = sorted(set(counts) - set(self.weights))
+            if unknown:
+                raise ParameterError(f"balance.weights: the data has buckets {unknown} that weights does not name "
+                                     f"(it names {sorted(self.weights)}); give each a weight (0 drops it)")
+            shares = {b: self.weights.get(b, 0.0) / sum(self.weights[c] for c in counts) for b in counts}
+            room = [(min(counts[b], self.cap or counts[b])) / s for b, s in shares.items() if s > 0]
+            total = min(room) if room else 0
+            self.target = {b: min(counts[b], self.cap or counts[b], int(round(total * s))) for b, s in shares.items()}
+        else:
+            self.target = {b: min(n, self.cap) for b, n in counts.items()}
+        for b, ranks in self.ranks.items():
+            keep = self.target[b]
+            self.threshold[b] = sorted(ranks)[keep - 1] if keep else -1
+
+    def judge(self, row):
+        b = self.bucket(row)
+        if self._rank(row) <= self.threshold[b]:
+            return None
+        return "over its bucket's target", {"bucket": b, "target": self.target[b]}
+
+    def summary(self) -> dict:
+        counts = {b: len(r) for b, r in self.ranks.items()}
+        kept = sum(self.target.values())
+        return {"buckets": {b: {"in": counts[b], "kept": self.target[b],
+                                "share": round(self.target[b] / kept, 4) if kept else 0.0,
+                                **({"target_share": round(self.weights.get(b, 0.0) / sum(self.weights.values()), 4)}
+                                   if self.weights else {})}
+                            for b in sorted(counts)}}
+
+
 @hookimpl
 def register_curation_stages(register):
     register("dedup", Dedup, summary="exact (normalised text hash) and near duplicates (MinHash LSH over shingles)")
     register("decontaminate", Decontaminate, summary="drop records sharing an n-gram (13) with an evaluation set")
     register("quality", Quality, summary="length bounds and Gopher-style repetition gates on the reply")
+    register("balance", Balance, summary="downsample to target shares (or caps) over task, language, length buckets")

@@ -214,7 +214,7 @@ def test_a_rerun_with_another_config_is_refused(tmp_path):
 def test_an_unknown_stage_is_refused_with_the_available_ones(tmp_path):
     data = _write(tmp_path / "in.jsonl", [_chat(0, "q", "a")])
     with pytest.raises(UnknownNameError, match=r"curate.stages\[0\].name: unknown stage 'dedupe'. Available: "
-                                          r"decontaminate, dedup, quality.*Did you mean 'dedup'"):
+                                          r"balance, decontaminate, dedup, quality.*Did you mean 'dedup'"):
         curate(_section(tmp_path, data, [{"name": "dedupe"}]), say=lambda line: None)
 
 
@@ -248,3 +248,58 @@ def test_a_sigkilled_curation_rerun_neither_loses_nor_repeats_a_record(tmp_path)
     dropped = [json.loads(line)["id"] for line in (tmp_path / "killed" / "dropped" / "00-dedup.jsonl").read_text()
                .splitlines()]
     assert len(set(ids)) == len(ids) and sorted(ids + dropped, key=lambda i: int(i[1:])) == [r["id"] for r in rows]
+
+
+def _langs(n_en: int, n_zh: int, seed: int = 0):
+    rng = random.Random(seed)
+    rows = [_chat(i, "q", _text(rng, rng.choice([3, 30, 300]), "en"), language="en") for i in range(n_en)]
+    rows += [_chat(n_en + i, "问", _text(rng, rng.choice([3, 30, 300]), "zh"), language="zh") for i in range(n_zh)]
+    rng.shuffle(rows)
+    return rows
+
+
+def test_balance_reaches_its_target_shares_within_sampling_error(tmp_path):
+    from scipy.stats import chisquare
+
+    rows = _langs(600, 240)
+    weights = {"en": 0.55, "zh": 0.45}
+    report = curate(_section(tmp_path, _write(tmp_path / "in.jsonl", rows),
+                             [{"name": "balance", "by": "language", "weights": weights, "seed": 3}], shard_size=100),
+                    say=lambda line: None)
+    kept = [json.loads(line) for line in (tmp_path / "out" / "curated.jsonl").read_text().splitlines()]
+    counts = {lang: sum(r["language"] == lang for r in kept) for lang in weights}
+    assert counts["zh"] == 240  # the scarce bucket is kept whole; the other is cut to its share
+    total = sum(counts.values())
+    _, p = chisquare([counts[k] for k in weights], [weights[k] * total for k in weights])
+    assert p > 0.05, (counts, p)
+    buckets = report["stages"][0]["buckets"]
+    assert buckets["en"]["in"] == 600 and buckets["en"]["kept"] == counts["en"] and buckets["zh"]["target_share"] == 0.45
+
+
+def test_balance_by_language_and_length_with_a_cap_is_deterministic_by_seed(tmp_path):
+    rows = _langs(400, 400, seed=1)
+    stage = {"name": "balance", "by": ["language", "length"], "cap": 50, "length_edges": [20, 200]}
+
+    def run(name, seed):
+        section = {**_section(tmp_path, _write(tmp_path / "in.jsonl", rows), [{**stage, "seed": seed}]),
+                   "out": str(tmp_path / name)}
+        report = curate(section, say=lambda line: None)
+        ids = [json.loads(line)["id"] for line in (tmp_path / name / "curated.jsonl").read_text().splitlines()]
+        return report, ids
+
+    report, first = run("a", 0)
+    _, again = run("b", 0)
+    _, other = run("c", 1)
+    assert first == again and first != other
+    buckets = report["stages"][0]["buckets"]
+    assert len(buckets) == 6 and all(b["kept"] == min(b["in"], 50) for b in buckets.values())
+    assert set(buckets) == {f"{lang}/{span}" for lang in ("en", "zh") for span in ("0-19", "20-199", "200+")}
+
+
+def test_balance_refuses_a_bucket_its_weights_do_not_name(tmp_path):
+    from distillzoo.errors import ParameterError
+
+    rows = _langs(10, 10)
+    with pytest.raises(ParameterError, match=r"the data has buckets \['zh'\] that weights does not name"):
+        curate(_section(tmp_path, _write(tmp_path / "in.jsonl", rows),
+                        [{"name": "balance", "weights": {"en": 1.0}}]), say=lambda line: None)

@@ -80,6 +80,20 @@ class Stage:
         """``(reason, detail)`` to drop ``row`` (detail: JSON-able, e.g. ``{"of": sample id}``), or None to keep it."""
         raise NotImplementedError
 
+    #: a stage that decides on the whole of its input (a balancer): :meth:`observe` sees every record first, then
+    #: :meth:`settle` is called, then :meth:`judge` (on a resumed run too, so its decisions are the same)
+    needs_all = False
+
+    def observe(self, row: Row) -> None:
+        """With ``needs_all``: one record of the stage's input, before any is judged."""
+
+    def settle(self) -> None:
+        """With ``needs_all``: every record was observed."""
+
+    def summary(self) -> dict:
+        """What the report adds for this stage (JSON-able), after its last record."""
+        return {}
+
 
 @dataclass
 class Context:
@@ -279,6 +293,12 @@ def curate(section: dict, where: str = "<config>", say=print) -> dict:
     context = Context(section, where)
     for label, stage in stages:
         stage.begin(context)
+        if stage.needs_all:
+            for shard in shards:
+                for item in _read_jsonl(shard / "kept.jsonl"):
+                    stage.observe(Row(item["where"], item["record"], _fields(item["record"], section["format"],
+                                                                             section.get("columns"))))
+            stage.settle()
         directory = out / "stages" / label
         directory.mkdir(parents=True, exist_ok=True)
         sweep_temporaries(directory, "shard-*")
@@ -317,7 +337,7 @@ def curate(section: dict, where: str = "<config>", say=print) -> dict:
             side += dropped_items
             next_shards.append(target)
         _write_jsonl(out / "dropped" / f"{label}.jsonl", side)
-        report["stages"].append({**counts, "reasons": dict(reasons)})
+        report["stages"].append({**counts, "reasons": dict(reasons), **stage.summary()})
         say(f"{label}: kept {counts['kept']} of {counts['in']}")
         shards = next_shards
     final = [item["record"] for shard in shards for item in _read_jsonl(shard / "kept.jsonl")]
@@ -342,6 +362,11 @@ def markdown(report: dict) -> str:
     for s in report["stages"]:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(s["reasons"].items())) or "-"
         lines.append(f"| {s['stage']} | {s['in']} | {s['kept']} | {s['dropped']} | {why} |")
+    for s in report["stages"]:
+        if "buckets" in s:  # a balancer: achieved against target, bucket by bucket
+            lines += ["", f"{s['stage']}:", "", "| bucket | in | kept | share | target share |", "|---|---|---|---|---|"]
+            lines += [f"| {b} | {v['in']} | {v['kept']} | {v['share']} | {v.get('target_share', '-')} |"
+                      for b, v in s["buckets"].items()]
     return "\n".join(lines) + "\n"
 
 
