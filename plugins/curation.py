@@ -11,7 +11,10 @@
   n-gram.
 * ``quality``: Gopher-style gates on the reply: its length in characters (``min_chars``, ``max_chars``),
   the fraction of its lines that repeat an earlier line (``max_duplicate_line_fraction``), and the fraction
-  of its words covered by its most frequent word bigram (``max_top_bigram_fraction``).
+  of its words covered by its most frequent word bigram (``max_top_bigram_fraction``); with
+  ``languages`` (ISO 639-1 codes), the language of the record's text, identified offline by lingua over
+  every language it knows (``language_accuracy``: high, about 1 GB of models, or low, about 100 MB), kept
+  when it is one of them or the text is too short to tell (``min_chars_for_language``).
 * ``balance``: downsamples to target shares over buckets (``by``: record fields such as ``task`` and
   ``language``, and ``length``, the reply's characters cut at ``length_edges``), at most ``cap`` per bucket.
   It sees its whole input first: the scarcest bucket relative to its weight is kept whole and every other
@@ -145,7 +148,9 @@ class Quality(Stage):
     name = "quality"
 
     def __init__(self, min_chars: int = 1, max_chars: int = 100_000, max_duplicate_line_fraction: float = 0.3,
-                 max_top_bigram_fraction: float = 0.2, min_words_for_bigrams: int = 20) -> None:
+                 max_top_bigram_fraction: float = 0.2, min_words_for_bigrams: int = 20,
+                 languages: list | None = None, language_accuracy: str = "high",
+                 min_chars_for_language: int = 20) -> None:
         if not (isinstance(min_chars, int) and isinstance(max_chars, int) and 0 <= min_chars <= max_chars):
             raise ParameterError(f"quality: min_chars and max_chars must be integers, 0 <= min_chars <= max_chars; got "
                                  f"{min_chars!r} and {max_chars!r}")
@@ -153,6 +158,35 @@ class Quality(Stage):
         self.max_dup_lines = _fraction(max_duplicate_line_fraction, "quality.max_duplicate_line_fraction")
         self.max_bigram = _fraction(max_top_bigram_fraction, "quality.max_top_bigram_fraction")
         self.min_words = int(min_words_for_bigrams)
+        self.languages, self.detector = None, None
+        if languages is not None:
+            if not isinstance(languages, (list, tuple)) or not languages or \
+                    not all(isinstance(code, str) and len(code) == 2 for code in languages):
+                raise ParameterError(f"quality.languages: ISO 639-1 codes such as [en, zh], got {languages!r}")
+            if language_accuracy not in ("high", "low"):
+                raise ParameterError(f"quality.language_accuracy: 'high' or 'low', got {language_accuracy!r}")
+            self.languages = {code.lower() for code in languages}
+            self.accuracy, self.min_language_chars = language_accuracy, int(min_chars_for_language)
+
+    def begin(self, context) -> None:
+        if self.languages is None:
+            return
+        try:
+            from lingua import LanguageDetectorBuilder
+        except ImportError:
+            from distillzoo.errors import ConfigError
+
+            raise ConfigError(f"{context.where}: curate: quality.languages identifies languages with lingua, which "
+                              "is not installed: pip install 'distillzoo[curate]'") from None
+        builder = LanguageDetectorBuilder.from_all_languages()  # every language, so that a third is told apart
+        self.detector = (builder.with_low_accuracy_mode() if self.accuracy == "low" else builder).build()
+
+    def _language(self, row) -> str | None:
+        text = record_text(row.fields)
+        if len(text.strip()) < self.min_language_chars:
+            return None  # too short to tell
+        found = self.detector.detect_language_of(text)
+        return None if found is None else found.iso_code_639_1.name.lower()
 
     def judge(self, row):
         reply = response_text(row.fields)
@@ -172,6 +206,10 @@ class Quality(Stage):
             share = 2 * count / len(w)
             if share > self.max_bigram:
                 return "a repeated bigram", {"bigram": " ".join(top), "fraction": round(share, 4)}
+        if self.detector is not None:
+            found = self._language(row)
+            if found is not None and found not in self.languages:
+                return "another language", {"language": found}
         return None
 
 

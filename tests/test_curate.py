@@ -303,3 +303,16 @@ def test_balance_refuses_a_bucket_its_weights_do_not_name(tmp_path):
     with pytest.raises(ParameterError, match=r"the data has buckets \['zh'\] that weights does not name"):
         curate(_section(tmp_path, _write(tmp_path / "in.jsonl", rows),
                         [{"name": "balance", "weights": {"en": 1.0}}]), say=lambda line: None)
+
+
+def test_quality_keeps_the_languages_it_is_given_and_names_the_one_it_found(tmp_path):
+    rows = [_chat(0, "Please explain", "The weather today is sunny and warm, a fine day for a long walk."),
+            _chat(1, "请解释一下", "今天天气晴朗温暖，非常适合出去散步，我们一起去公园吧。"),
+            _chat(2, "Expliquez", "Le temps est ensoleillé et chaud aujourd'hui, parfait pour une promenade."),
+            _chat(3, "Erklären", "Das Wetter ist heute sonnig und warm, ideal für einen langen Spaziergang."),
+            _chat(4, "q", "96")]  # too short to tell: kept
+    curate(_section(tmp_path, _write(tmp_path / "in.jsonl", rows),
+                    [{"name": "quality", "languages": ["en", "zh"], "language_accuracy": "low"}]),
+           say=lambda line: None)
+    got = {i: (d["reason"], d["language"]) for i, d in _dropped(tmp_path, "00-quality").items()}
+    assert got == {"r2": ("another language", "fr"), "r3": ("another language", "de")}
