@@ -213,7 +213,7 @@ def _shard(directory: Path, kept: list[dict], dropped: list[dict]) -> None:
     write_dir_atomically(directory, write)
 
 
-def _source_shards(section: dict, out: Path, where: str, say) -> list[Path]:
+def _source_shards(section: dict, out: Path, say) -> list[Path]:
     """The input cut into shards of valid records (``kept``) and malformed ones (``dropped``), resumably."""
     paths, format, columns = section["data"], section["format"], section.get("columns")
     size, refuse = section["shard_size"], section["malformed"] == "refuse"
@@ -282,7 +282,7 @@ def curate(section: dict, where: str = "<config>", say=print) -> dict:
                               f"({'config' if 'curate' in keys else 'input'} changed); give another out, or remove it")
     else:
         write_text_atomically(path, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
-    shards = _source_shards(section, out, where, say)
+    shards = _source_shards(section, out, say)
     report = {"input": 0, "malformed": 0, "stages": []}
     rejects = []
     for shard in shards:

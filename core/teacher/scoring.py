@@ -235,10 +235,9 @@ def per_sample_nll(batch: ScoreBatch, role: str) -> torch.Tensor:
     valid = targets != IGNORE_INDEX
     model = getattr(batch, role)
     if not isinstance(model, torch.nn.Module):  # a ServedTeacher
-        lengths = batch.attention_mask.sum(-1).tolist()
-        starts = [int(v.nonzero()[0]) + 1 if v.any() else n for v, n in zip(valid.cpu(), lengths)]
-        rows = model.token_logprobs([batch.input_ids[r, :n].tolist() for r, n in enumerate(lengths)], batch.ids,
-                                    starts)
+        from distillzoo.teacher.served import batch_sequences
+
+        rows = model.token_logprobs(*batch_sequences(batch.input_ids, batch.attention_mask, targets, batch.ids))
         logps = torch.full(targets.shape, math.nan)
         for r, row in enumerate(rows):
             logps[r, :len(row)] = row

@@ -143,8 +143,6 @@ class ServedTeacher:
         ``i`` whose distribution is needed (its reply's first token); the rows before it are placeholders, and the
         server is asked to skip them (``prompt_logprobs_start``, which ``distillzoo serve`` reads and vLLM ignores)."""
         starts = [1] * len(sequences) if starts is None else [max(int(s), 1) for s in starts]
-        chunks = [range(s, min(s + self.sequences_per_request, len(sequences)))
-                  for s in range(0, len(sequences), self.sequences_per_request)]
 
         def score(chunk: range):
             ids = [str(sample_ids[i]) for i in chunk]
@@ -160,15 +158,28 @@ class ServedTeacher:
                         "prompt_logprobs": self.top_k}
                 if any(starts[i] > 1 for i in chunk):
                     body["prompt_logprobs_start"] = [starts[i] for i in chunk]
-                choices = sorted(self._request("/v1/completions", body, ids).get("choices") or [],
-                                 key=lambda c: c.get("index", 0))
-                entries = [c.get("prompt_logprobs") for c in choices]
+                entries = [c.get("prompt_logprobs") for c in self._choices(body, ids)]
             if len(entries) != len(chunk):
                 raise ServerError(f"teacher server {self.url}: {len(entries)} answers for {len(chunk)} prompts "
                                   f"(samples {', '.join(ids)})")
             return [top_k_rows(e, len(p), self.top_k, f"teacher server {self.url}: sample {n!r}", starts[i])
                     for e, p, n, i in zip(entries, prompts, ids, chunk)]
 
+        return self._in_chunks(len(sequences), score)
+
+    def _choices(self, body: dict, ids: list[str]) -> list[dict]:
+        """``/v1/completions``' choices for ``body``, in prompt order, one per prompt or a ServerError."""
+        choices = sorted(self._request("/v1/completions", body, ids).get("choices") or [],
+                         key=lambda c: c.get("index", 0))
+        if len(choices) != len(ids):
+            raise ServerError(f"teacher server {self.url}: {len(choices)} answers for {len(ids)} prompts "
+                              f"(samples {', '.join(ids)})")
+        return choices
+
+    def _in_chunks(self, n: int, score) -> list:
+        """``score(range)`` over ``n`` sequences, ``sequences_per_request`` a request, at most ``max_in_flight`` at
+        once; the rows of every chunk, in order."""
+        chunks = [range(s, min(s + self.sequences_per_request, n)) for s in range(0, n, self.sequences_per_request)]
         with ThreadPoolExecutor(max_workers=max(1, self.max_in_flight)) as pool:
             return [row for rows in pool.map(score, chunks) for row in rows]
 
@@ -184,19 +195,11 @@ class ServedTeacher:
 
         def score(chunk: range):
             ids = [str(sample_ids[i]) for i in chunk]
-            choices = sorted(self._request("/v1/completions", body_of(chunk), ids).get("choices") or [],
-                             key=lambda c: c.get("index", 0))
-            if len(choices) != len(chunk):
-                raise ServerError(f"teacher server {self.url}: {len(choices)} answers for {len(chunk)} prompts "
-                                  f"(samples {', '.join(ids)})")
             return [own_logprobs(c.get("prompt_logprobs"), sequences[i], starts[i],
                                  f"teacher server {self.url}: sample {ids[n]!r}")
-                    for n, (i, c) in enumerate(zip(chunk, choices))]
+                    for n, (i, c) in enumerate(zip(chunk, self._choices(body_of(chunk), ids)))]
 
-        chunks = [range(s, min(s + self.sequences_per_request, len(sequences)))
-                  for s in range(0, len(sequences), self.sequences_per_request)]
-        with ThreadPoolExecutor(max_workers=max(1, self.max_in_flight)) as pool:
-            return [row for rows in pool.map(score, chunks) for row in rows]
+        return self._in_chunks(len(sequences), score)
 
     # ------------------------------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[Sequence[int]], sampling, ids: Sequence[str], stop_ids: Sequence[int]
@@ -243,11 +246,7 @@ class ServedTeacher:
         """A ``[B, T-1, k]`` SparseTeacher of a right-padded batch, its rows filled at the valid ``targets``: from
         ``rows`` (what :meth:`topk` returned for the batch's sequences) or scored now."""
         if rows is None:
-            lengths = attention_mask.sum(-1).tolist()
-            valid = (targets != IGNORE_INDEX).cpu()
-            starts = [int(v.nonzero()[0]) + 1 if v.any() else n for v, n in zip(valid, lengths)]
-            rows = self.topk([input_ids[row, :n].tolist() for row, n in enumerate(lengths)],
-                             [str(i) for i in sample_ids], starts)
+            rows = self.topk(*batch_sequences(input_ids, attention_mask, targets, sample_ids))
         shape = (*targets.shape, self.top_k)
         ids = torch.arange(self.top_k).expand(shape).clone()  # rows never scored hold a valid uniform top-k
         logprobs = torch.full(shape, -math.log(self.top_k))
@@ -260,6 +259,16 @@ class ServedTeacher:
             tail[row, positions] = top_tail[positions]
         device = targets.device
         return SparseTeacher(ids.to(device), logprobs.to(device), tail.to(device))
+
+
+def batch_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, sample_ids
+                    ) -> tuple[list[list[int]], list[str], list[int]]:
+    """``(sequences, sample ids, starts)`` of a right-padded batch as the client's scoring takes them: each row's
+    ids without padding, and the first token whose distribution its loss reads (one past its first valid target)."""
+    lengths = attention_mask.sum(-1).tolist()
+    valid = (targets != IGNORE_INDEX).cpu()
+    starts = [int(v.nonzero()[0]) + 1 if v.any() else n for v, n in zip(valid, lengths)]
+    return [input_ids[row, :n].tolist() for row, n in enumerate(lengths)], [str(i) for i in sample_ids], starts
 
 
 def top_k_rows(entries, length: int, k: int, where: str, start: int = 1):

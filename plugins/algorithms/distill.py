@@ -246,7 +246,6 @@ class Distill(Algorithm):
         terms = getattr(self.objective, "term_losses", {})
         return StepLoss(value, {f"loss/{name}": v * batch.count for name, v in terms.items()})
 
-
     def _routed_loss(self, hs, ws, x):
         """The objective against each teacher on the rows it scores, weighted; ``teachers/<name>``: its tokens."""
         # every teacher's key on every rank, 0 where it scored nothing: the loop all-reduces the keys in order
