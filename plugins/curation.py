@@ -4,7 +4,9 @@
   collapsed) and, with ``near: true``, near duplicates: MinHash over the record's ``shingle``-word shingles
   (each CJK character a word, so Chinese is shingled too), indexed by datasketch's LSH tuned to a threshold
   ``candidate_margin`` below ``threshold`` (so that pairs just above it are found), each candidate confirmed
-  by the exact Jaccard similarity of the two shingle sets (kept as 64-bit hashes). The first record of a
+  by the exact Jaccard similarity of the two shingle sets (kept as 64-bit hashes). The index (text hashes,
+  band keys, shingle hashes) lives in an SQLite file beside the stage's shards with a page cache of
+  ``index_cache_mb``, so memory stays bounded however many records pass; it is removed when the stage ends. The first record of a
   group is kept; each later one is dropped naming the record it duplicates (``of``) and their similarity.
 * ``decontaminate``: drops a record that shares an ``n``-word sequence (13 by default, as the GPT-3 and
   Llama 2 reports count overlap) with any record of ``curate.eval``, naming the evaluation record and the
@@ -44,7 +46,7 @@ class Dedup(Stage):
     name = "dedup"
 
     def __init__(self, near: bool = True, threshold: float = 0.8, num_perm: int = 128, shingle: int = 5,
-                 candidate_margin: float = 0.15, seed: int = 1) -> None:
+                 candidate_margin: float = 0.15, seed: int = 1, index_cache_mb: int = 64) -> None:
         self.near, self.threshold = bool(near), _fraction(threshold, "dedup.threshold")
         self.margin = _fraction(candidate_margin, "dedup.candidate_margin")
         if not isinstance(num_perm, int) or num_perm < 16:
@@ -52,57 +54,97 @@ class Dedup(Stage):
         if not isinstance(shingle, int) or shingle < 1:
             raise ParameterError(f"dedup.shingle must be an integer >= 1, got {shingle!r}")
         self.num_perm, self.shingle, self.seed = num_perm, shingle, int(seed)
-        self.exact: dict[bytes, str] = {}
-        self.lsh, self.sets, self.order = None, {}, {}
+        self.cache_mb = int(index_cache_mb)
+        self.db, self.count, self.bands = None, 0, (0, 0)
 
     def begin(self, context) -> None:
-        if self.near:
-            from datasketch import MinHashLSH
+        """A fresh index on disk, next to the stage's shards (a resumed run rebuilds it from ``seen``)."""
+        import sqlite3
+        from datasketch import MinHashLSH
 
-            self.lsh = MinHashLSH(threshold=max(self.threshold - self.margin, 0.05), num_perm=self.num_perm)
+        from distillzoo.curate.pipeline import index_path
+
+        path = index_path(context)
+        path.unlink(missing_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path)
+        self.db.executescript(f"""
+            PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA cache_size = -{self.cache_mb * 1024};
+            CREATE TABLE exact (hash INTEGER PRIMARY KEY, id TEXT);
+            CREATE TABLE band (key INTEGER, n INTEGER);
+            CREATE INDEX band_key ON band (key);
+            CREATE TABLE shingles (n INTEGER PRIMARY KEY, id TEXT, hashes BLOB);""")
+        if self.near:  # datasketch's band layout for the candidate threshold (false positives and negatives weighed)
+            from datasketch import MinHash
+
+            lsh = MinHashLSH(threshold=max(self.threshold - self.margin, 0.05), num_perm=self.num_perm)
+            self.bands = (lsh.b, lsh.r)
+            first = MinHash(num_perm=self.num_perm, seed=self.seed)
+            self.permutations, self.scheme = first.permutations, first.scheme  # drawn once
+
+    def end(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+            self.path.unlink(missing_ok=True)
 
     def _sketch(self, text: str):
-        """``(MinHash, sorted uint64 hashes of the shingles)`` of a record's text."""
+        """``(band keys, sorted uint64 hashes of the shingles)`` of a record's text: the MinHash signature (over the
+        shingles' 64-bit hashes, cut to the 32 bits datasketch's permutations take) cut into ``b`` bands of ``r``
+        values, each band hashed with its number to one 63-bit key."""
         import numpy as np
         from datasketch import MinHash
 
-        encoded = [s.encode("utf-8") for s in shingles(text, self.shingle)]
-        sketch = MinHash(num_perm=self.num_perm, seed=self.seed)
-        sketch.update_batch(encoded)
-        hashes = np.unique(np.array([int.from_bytes(hashlib.blake2b(s, digest_size=8).digest(), "little")
-                                     for s in encoded], dtype=np.uint64))
-        return sketch, hashes
+        hashes = np.unique(np.array([int.from_bytes(hashlib.blake2b(s.encode("utf-8"), digest_size=8).digest(),
+                                                     "little") for s in shingles(text, self.shingle)], dtype=np.uint64))
+        sketch = MinHash(num_perm=self.num_perm, seed=self.seed, hashfunc=int, permutations=self.permutations,
+                          scheme=self.scheme)
+        sketch.update_batch((hashes & np.uint64(0xFFFFFFFF)).tolist())
+        b, r = self.bands
+        values = sketch.hashvalues
+        keys = [int.from_bytes(hashlib.blake2b(values[i * r:(i + 1) * r].tobytes(), digest_size=8,
+                                               person=i.to_bytes(2, "little")).digest(), "little", signed=True)
+                for i in range(b)]
+        return keys, hashes
 
-    def _add(self, row, key: bytes, sketch) -> None:
-        self.exact[key] = row.id
+    @staticmethod
+    def _exact_key(text: str) -> int:
+        return int.from_bytes(hashlib.sha1(normalise(text).encode("utf-8")).digest()[:8], "little", signed=True)
+
+    def _add(self, row, key: int, sketch) -> None:
+        self.db.execute("INSERT OR IGNORE INTO exact VALUES (?, ?)", (key, row.id))
         if sketch is not None:
-            self.lsh.insert(row.id, sketch[0], check_duplication=False)
-            self.sets[row.id] = sketch[1]
-            self.order[row.id] = len(self.order)
+            n = self.count
+            self.db.executemany("INSERT INTO band VALUES (?, ?)", [(k, n) for k in sketch[0]])
+            self.db.execute("INSERT INTO shingles VALUES (?, ?, ?)", (n, row.id, sketch[1].tobytes()))
+        self.count += 1
 
     def seen(self, row) -> None:
         text = record_text(row.fields)
-        self._add(row, hashlib.sha1(normalise(text).encode("utf-8")).digest(), self._sketch(text) if self.near else None)
+        self._add(row, self._exact_key(text), self._sketch(text) if self.near else None)
 
     def judge(self, row):
         import numpy as np
 
         text = record_text(row.fields)
-        key = hashlib.sha1(normalise(text).encode("utf-8")).digest()
-        if key in self.exact:
-            return "exact duplicate", {"of": self.exact[key]}
+        key = self._exact_key(text)
+        found = self.db.execute("SELECT id FROM exact WHERE hash = ?", (key,)).fetchone()
+        if found is not None:
+            return "exact duplicate", {"of": found[0]}
         sketch = None
         if self.near:
             sketch = self._sketch(text)
+            marks = ",".join("?" * len(sketch[0]))
             best = None
-            for candidate in self.lsh.query(sketch[0]):
-                other = self.sets[candidate]
+            for n, other_id, blob in self.db.execute(
+                    f"SELECT n, id, hashes FROM shingles WHERE n IN (SELECT n FROM band WHERE key IN ({marks}))",
+                    sketch[0]):
+                other = np.frombuffer(blob, dtype=np.uint64)
                 shared = len(np.intersect1d(other, sketch[1], assume_unique=True))
                 similarity = shared / max(len(other) + len(sketch[1]) - shared, 1)
-                # the most similar; of equals, the one kept first (the LSH's answer is a set, in no fixed order)
-                rank = (similarity, -self.order[candidate])
-                if similarity >= self.threshold and (best is None or rank > best[2]):
-                    best = (candidate, similarity, rank)
+                # the most similar; of equals, the one kept first
+                if similarity >= self.threshold and (best is None or (similarity, -n) > (best[1], -best[2])):
+                    best = (other_id, similarity, n)
             if best is not None:
                 return "near duplicate", {"of": best[0], "jaccard": round(best[1], 4)}
         self._add(row, key, sketch)
@@ -119,7 +161,7 @@ class Decontaminate(Stage):
         self.grams: dict[tuple[str, ...], str] = {}
 
     def begin(self, context) -> None:
-        from distillzoo.curate.pipeline import _fields, read_source
+        from distillzoo.curate.source import fields_of, read_source
         from distillzoo.errors import ConfigError
 
         sets = context.section.get("eval") or []
@@ -130,7 +172,7 @@ class Decontaminate(Stage):
             for where, row, why in read_source([spec["path"]], spec.get("format", "chat"), spec.get("columns")):
                 if why is not None:
                     raise ConfigError(f"{context.where}: curate.eval: {where}: {why}")
-                w = words(record_text(_fields(row, spec.get("format", "chat"), spec.get("columns"))))
+                w = words(record_text(fields_of(row, spec.get("format", "chat"), spec.get("columns"))))
                 for i in range(len(w) - self.n + 1):
                     self.grams.setdefault(tuple(w[i:i + self.n]), where)
 

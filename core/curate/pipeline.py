@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-from distillzoo.atomic import sweep_temporaries, write_dir_atomically, write_text_atomically
+from distillzoo.atomic import sweep_temporaries, write_text_atomically
+from distillzoo.curate.files import each, read_jsonl, write_jsonl, write_shard
+from distillzoo.curate.source import fields_of, source_shards
 from distillzoo.errors import ConfigError, DataError, DistillzooError, UnknownNameError, did_you_mean
 
 MALFORMED = ("refuse", "reject")
@@ -80,6 +79,13 @@ class Stage:
         """``(reason, detail)`` to drop ``row`` (detail: JSON-able, e.g. ``{"of": sample id}``), or None to keep it."""
         raise NotImplementedError
 
+    def transform(self, rows: list[Row]) -> list[list[dict] | tuple[str, dict]]:
+        """One outcome per row of a shard, in order: ``(reason, detail)`` to drop it, or the records that take its
+        place: ``[row.record]`` keeps it as it is, a changed copy rewrites it (same id), and records after it are
+        new rows (each with an id of its own). A stage that calls a model overrides this to batch the shard; by
+        default each row is judged alone."""
+        return [verdict if (verdict := self.judge(row)) is not None else [row.record] for row in rows]
+
     #: a stage that decides on the whole of its input (a balancer): :meth:`observe` sees every record first, then
     #: :meth:`settle` is called, then :meth:`judge` (on a resumed run too, so its decisions are the same)
     needs_all = False
@@ -90,17 +96,79 @@ class Stage:
     def settle(self) -> None:
         """With ``needs_all``: every record was observed."""
 
+    def end(self) -> None:
+        """After the last shard: free what the stage held (an index on disk, ...)."""
+
     def summary(self) -> dict:
         """What the report adds for this stage (JSON-able), after its last record."""
         return {}
 
+    #: the config sections (teacher, student, reference) whose models the stage reads; a resumed run is refused
+    #: when one of them changed
+    roles: tuple[str, ...] = ()
+
+
+class Tagger:
+    """Base of a tagger of the ``tag`` stage, registered through the ``register_taggers`` hook and named in
+    ``{name: tag, tagger: NAME}``: :meth:`tag` gives each row of a shard its label (one of :attr:`labels`) and a
+    JSON-able detail (the scores behind it). A trained classifier (DistilQwen2 tags with a DeBERTa v3 one) is a
+    tagger whose :meth:`begin` loads it and whose :meth:`tag` runs it over the batch."""
+
+    name = ""
+    #: the config sections (teacher, student, reference) whose models the tagger reads
+    roles: tuple[str, ...] = ()
+
+    def begin(self, context: "Context", types: list[dict]) -> None:
+        """Before the first shard: ``types``, the stage's taxonomy (``{name, en, keywords}`` each); a label is a
+        type's ``name``."""
+
+    def tag(self, rows: list[Row]) -> list[tuple[str, dict]]:
+        raise NotImplementedError
+
 
 @dataclass
 class Context:
-    """What a stage sees of the run: the curate section and where it came from."""
+    """What a stage sees of the run: the curate section, where it came from, and the models of the whole config
+    (``cfg``: its ``teacher``, ``student`` and ``reference`` sections, each a model or a server)."""
 
     section: dict
     where: str
+    cfg: object = None
+    say: object = print
+
+    def __post_init__(self) -> None:
+        self.stage = ""  # the label of the stage running (NN-NAME)
+        self._models: dict = {}
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The chat tokenizer of the config's ``data.tokenizer`` (Qwen's by default)."""
+        if self._tokenizer is None:
+            from distillzoo.data.tokenizer import load_tokenizer
+
+            data = getattr(self.cfg, "data", None)
+            self._tokenizer = load_tokenizer(data.tokenizer if data is not None else None)
+        return self._tokenizer
+
+    def model(self, role: str, stage: str):
+        """The model (in process) or the served client of the config's ``role`` section, loaded once per run."""
+        if role not in self._models:
+            from distillzoo.curate.models import load_role
+
+            self._models[role] = load_role(self.cfg, role, self.tokenizer, f"{self.where}: {stage}")
+        return self._models[role]
+
+    def close(self) -> None:
+        for model in self._models.values():
+            getattr(model, "close", lambda: None)()
+
+
+def index_path(context: Context) -> Path:
+    """Where the running stage may keep an index on disk for the length of a run (a hidden file in ``out``)."""
+    out = Path(context.section["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    return out / f".{context.stage}.index"
 
 
 def _stages(section: dict, where: str) -> list[tuple[str, Stage]]:
@@ -125,53 +193,6 @@ def _stages(section: dict, where: str) -> list[tuple[str, Stage]]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- reading
-def read_source(paths: list[str], format: str, columns: dict | None) -> Iterator[tuple[str, dict | None, str | None]]:
-    """``(where, record or None, why it is malformed or None)`` per record of the input, in order. JSONL is read
-    line by line as bytes, so a line that is not UTF-8 or not JSON is one malformed record, not a failed read."""
-    from distillzoo.data.tables import kind, read_rows
-
-    for path in paths:
-        if kind(path) == "jsonl":
-            rows = _jsonl_rows(Path(path))
-        else:
-            rows = ((where, row, None) for where, row in read_rows(path))
-        for where, row, why in rows:
-            if why is None:
-                try:
-                    _fields(row, format, columns)
-                except DistillzooError as e:
-                    why = f"not a {format!r} record: {e}"
-            yield where, row, why
-
-
-def _jsonl_rows(path: Path):
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            where = f"{path}:{n}"
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield where, None, f"not UTF-8 ({e.reason} at byte {e.start})"
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield where, None, f"not JSON ({e.msg} at column {e.colno})"
-                continue
-            yield (where, row, None) if isinstance(row, dict) else (where, None, "not a JSON object")
-
-
-def _fields(row: dict, format: str, columns: dict | None) -> dict:
-    from distillzoo.data.records import data_format
-
-    if columns:
-        row = {**row, **{field: row[column] for field, column in columns.items() if column in row}}
-    return data_format(format)(row)
-
-
 # ---------------------------------------------------------------------------------------------- running
 def _digest(paths: list[str]) -> list[dict]:
     out = []
@@ -186,188 +207,163 @@ def _digest(paths: list[str]) -> list[dict]:
     return out
 
 
-def _write_jsonl(path: Path, items) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_temporaries(path.parent, path.name)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for item in items:
-            f.write(json.dumps(item, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def curate(section: dict, where: str = "<config>", say=print, cfg=None) -> dict:
+    """Run (or finish) the pipeline a ``curate`` section describes; returns the report. ``cfg``, the whole config,
+    gives the model stages their models (its ``teacher``, ``student``, ``reference``)."""
+    from distillzoo.curate.report import Distributions, markdown, plot
 
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-
-
-def _shard(directory: Path, kept: list[dict], dropped: list[dict]) -> None:
-    def write(tmp: Path) -> None:
-        for name, items in (("kept.jsonl", kept), ("dropped.jsonl", dropped)):
-            (tmp / name).write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items),
-                                    encoding="utf-8")
-
-    write_dir_atomically(directory, write)
-
-
-def _source_shards(section: dict, out: Path, say) -> list[Path]:
-    """The input cut into shards of valid records (``kept``) and malformed ones (``dropped``), resumably."""
-    paths, format, columns = section["data"], section["format"], section.get("columns")
-    size, refuse = section["shard_size"], section["malformed"] == "refuse"
-    if refuse:  # nothing is written before the whole input is known to be well-formed
-        seen: dict[str, str] = {}
-        for at, row, why in read_source(paths, format, columns):
-            why = why or _repeat(row, at, format, columns, seen)
-            if why is not None:
-                raise DataError(f"{at}: {why}; nothing was written (curate.malformed: reject moves such records to "
-                                "rejects.jsonl and goes on)")
-    directory = out / "stages" / "source"
-    directory.mkdir(parents=True, exist_ok=True)
-    sweep_temporaries(directory, "shard-*")
-    seen, shards, kept, dropped, index = {}, [], [], [], 0
-
-    def flush():
-        target = directory / f"shard-{index:05d}"
-        if not target.exists():
-            _shard(target, kept, dropped)
-        shards.append(target)
-
-    done = {p.name for p in directory.glob("shard-*")}
-    count = 0
-    for at, row, why in read_source(paths, format, columns):
-        name = f"shard-{index:05d}"
-        if name in done:  # written by an earlier run: its ids are known for the repeat check below
-            if count == 0:
-                for item in _read_jsonl(directory / name / "kept.jsonl"):
-                    seen[str(item["id"])] = item["where"]
-        else:
-            why = why or _repeat(row, at, format, columns, seen)
-            (dropped if why else kept).append({"where": at, "reason": why} if why else
-                                              {"where": at, "id": str(_fields(row, format, columns)["id"]),
-                                               "record": row})
-        count += 1
-        if count == size:
-            flush()
-            index, count, kept, dropped = index + 1, 0, [], []
-    if count:
-        flush()
-    say(f"source: {len(shards)} shard(s) of up to {size} records")
-    return shards
-
-
-def _repeat(row: dict, at: str, format: str, columns, seen: dict) -> str | None:
-    sample_id = str(_fields(row, format, columns)["id"])
-    if sample_id in seen:
-        return f"id {sample_id!r} was used before, at {seen[sample_id]}"
-    seen[sample_id] = at
-    return None
-
-
-def curate(section: dict, where: str = "<config>", say=print) -> dict:
-    """Run (or finish) the pipeline a ``curate`` section describes; returns the report."""
-    section = _checked(section, where)
-    stages = _stages(section, where)
+    section, stages = validate_curate(section, where, cfg)
     out = Path(section["out"])
+    context = Context(section, where, cfg, say)
     manifest = {"distillzoo_curate": 1, "curate": {k: v for k, v in section.items() if k != "out"},
+                "models": _model_identities(context, stages),
                 "inputs": _digest(section["data"] + [e["path"] for e in section.get("eval") or []])}
     path = out / "manifest.json"
     if path.exists():
         old = json.loads(path.read_text(encoding="utf-8"))
         if old != manifest:
-            keys = [k for k in ("curate", "inputs") if old.get(k) != manifest[k]]
+            keys = [k for k in ("curate", "models", "inputs") if old.get(k) != manifest[k]]
             raise ConfigError(f"{where}: curate.out: {out} holds a curation of another {' and '.join(keys)} "
-                              f"({'config' if 'curate' in keys else 'input'} changed); give another out, or remove it")
+                              f"({'config' if 'curate' in keys else 'model' if 'models' in keys else 'input'} "
+                              "changed); give another out, or remove it")
     else:
         write_text_atomically(path, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
-    shards = _source_shards(section, out, say)
+    shards = source_shards(section, out, say)
+    fmt, columns = section["format"], section.get("columns")
+    as_row = lambda item: Row(item["where"], item["record"], fields_of(item["record"], fmt, columns))  # noqa: E731
     report = {"input": 0, "malformed": 0, "stages": []}
-    rejects = []
+    before = Distributions()
     for shard in shards:
-        kept, dropped = _read_jsonl(shard / "kept.jsonl"), _read_jsonl(shard / "dropped.jsonl")
-        report["input"] += len(kept) + len(dropped)
-        report["malformed"] += len(dropped)
-        rejects += dropped
-    context = Context(section, where)
-    for label, stage in stages:
-        stage.begin(context)
-        if stage.needs_all:
-            for shard in shards:
-                for item in _read_jsonl(shard / "kept.jsonl"):
-                    stage.observe(Row(item["where"], item["record"], _fields(item["record"], section["format"],
-                                                                             section.get("columns"))))
-            stage.settle()
-        directory = out / "stages" / label
-        directory.mkdir(parents=True, exist_ok=True)
-        sweep_temporaries(directory, "shard-*")
-        reasons: Counter = Counter()
-        counts = {"stage": label, "in": 0, "kept": 0, "dropped": 0}
-        side = []
-        next_shards = []
-        for shard in shards:
-            target = directory / shard.name
-            rows = _read_jsonl(shard / "kept.jsonl")
-            if target.exists():  # written by an earlier run: the stage learns what it kept
-                kept_items = _read_jsonl(target / "kept.jsonl")
-                for item in kept_items:
-                    stage.seen(Row(item["where"], item["record"], _fields(item["record"], section["format"],
-                                                                          section.get("columns"))))
-                dropped_items = _read_jsonl(target / "dropped.jsonl")
-            else:
-                kept_items, dropped_items = [], []
-                for item in rows:
-                    row = Row(item["where"], item["record"], _fields(item["record"], section["format"],
-                                                                    section.get("columns")))
-                    verdict = stage.judge(row)
-                    if verdict is None:
-                        kept_items.append(item)
-                    else:
-                        reason, detail = verdict
-                        dropped_items.append({"id": row.id, "where": row.where, "reason": reason, **detail})
-                _shard(target, kept_items, dropped_items)
-            if len(kept_items) + len(dropped_items) != len(rows):
-                raise DataError(f"{target}: {len(kept_items)} kept and {len(dropped_items)} dropped of {len(rows)} "
-                                "records; the shard is damaged: remove it and rerun")
-            counts["in"] += len(rows)
-            counts["kept"] += len(kept_items)
-            counts["dropped"] += len(dropped_items)
-            reasons.update(d["reason"].split(":")[0] for d in dropped_items)
-            side += dropped_items
-            next_shards.append(target)
-        _write_jsonl(out / "dropped" / f"{label}.jsonl", side)
-        report["stages"].append({**counts, "reasons": dict(reasons), **stage.summary()})
-        say(f"{label}: kept {counts['kept']} of {counts['in']}")
-        shards = next_shards
-    final = [item["record"] for shard in shards for item in _read_jsonl(shard / "kept.jsonl")]
-    expected = report["input"] - report["malformed"] - sum(s["dropped"] for s in report["stages"])
-    if len(final) != expected:
-        raise DataError(f"{where}: curate: {len(final)} records kept, but the counts say {expected}; nothing final was "
+        report["malformed"] += sum(1 for _ in each(shard / "dropped.jsonl"))
+        for item in each(shard / "kept.jsonl"):
+            report["input"] += 1
+            before.add(as_row(item))
+    report["input"] += report["malformed"]
+    source = shards
+    try:
+        for label, stage in stages:
+            shards = _run_stage(label, stage, shards, out, context, as_row, report, say)
+    finally:
+        context.close()
+    after = Distributions()
+    expected = report["input"] - report["malformed"] + sum(s["added"] - s["dropped"] for s in report["stages"])
+    count = write_jsonl(out / "curated.jsonl", (item["record"] for shard in shards for item in
+                                                 each(shard / "kept.jsonl", lambda i: after.add(as_row(i)))))
+    if count != expected:
+        (out / "curated.jsonl").unlink()
+        raise DataError(f"{where}: curate: {count} records kept, but the counts say {expected}; nothing final was "
                         "written")
-    report["output"] = len(final)
-    _write_jsonl(out / "curated.jsonl", final)
+    report["output"] = count
     if section["malformed"] == "reject":
-        _write_jsonl(out / "rejects.jsonl", rejects)
+        write_jsonl(out / "rejects.jsonl", (item for shard in source for item in each(shard / "dropped.jsonl")))
+    report["distributions"] = {"before": before.table(), "after": after.table()}
+    report["plot"] = plot(report["distributions"], out / "distributions.png")
     write_text_atomically(out / "report.json", json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     write_text_atomically(out / "report.md", markdown(report))
     return report
 
 
-def markdown(report: dict) -> str:
-    """The report as a table: per stage, records in, kept, dropped and why."""
-    lines = ["# distillzoo curate", "",
-             f"{report['input']} records read, {report['malformed']} malformed, {report['output']} kept.", "",
-             "| stage | in | kept | dropped | reasons |", "|---|---|---|---|---|"]
-    for s in report["stages"]:
-        why = ", ".join(f"{k}: {v}" for k, v in sorted(s["reasons"].items())) or "-"
-        lines.append(f"| {s['stage']} | {s['in']} | {s['kept']} | {s['dropped']} | {why} |")
-    for s in report["stages"]:
-        if "buckets" in s:  # a balancer: achieved against target, bucket by bucket
-            lines += ["", f"{s['stage']}:", "", "| bucket | in | kept | share | target share |", "|---|---|---|---|---|"]
-            lines += [f"| {b} | {v['in']} | {v['kept']} | {v['share']} | {v.get('target_share', '-')} |"
-                      for b, v in s["buckets"].items()]
-    return "\n".join(lines) + "\n"
+def _model_identities(context: Context, stages) -> dict:
+    """What the model stages read, by role: a model's config and weights hash, or a server's URL and model name;
+    part of the manifest, so that a rerun with another model is refused rather than mixed in."""
+    from distillzoo.teacher.served import identity
+
+    roles = sorted({role for label, stage in stages for role in stage.roles})
+    users = {role: next(label for label, stage in stages if role in stage.roles) for role in roles}
+    return {role: identity(context.model(role, f"curate.stages[{int(users[role][:2])}]")) for role in roles}
+
+
+def _run_stage(label: str, stage: Stage, shards: list[Path], out: Path, context: Context, as_row, report: dict,
+               say) -> list[Path]:
+    """One stage over every shard: the shards already written are fed to it (``seen``), the others computed and
+    written atomically. Returns the stage's shards."""
+    context.stage = label
+    stage.begin(context)
+    if stage.needs_all:
+        for shard in shards:
+            for item in each(shard / "kept.jsonl"):
+                stage.observe(as_row(item))
+        stage.settle()
+    directory = out / "stages" / label
+    directory.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(directory, "shard-*")
+    reasons: Counter = Counter()
+    counts = {"stage": label, "in": 0, "kept": 0, "dropped": 0, "added": 0}
+    next_shards = []
+    for shard in shards:
+        target = directory / shard.name
+        rows = read_jsonl(shard / "kept.jsonl")
+        if target.exists():  # written by an earlier run: the stage learns what it kept
+            kept_items = read_jsonl(target / "kept.jsonl")
+            for item in kept_items:
+                stage.seen(as_row(item))
+            dropped_items = read_jsonl(target / "dropped.jsonl")
+        else:
+            kept_items, dropped_items = _outcomes(label, stage, [as_row(item) for item in rows], context, as_row)
+            write_shard(target, kept_items, dropped_items)
+        added = sum(1 for item in kept_items if item.get("from") is not None)
+        if len(kept_items) - added + len(dropped_items) != len(rows):
+            raise DataError(f"{target}: {len(kept_items) - added} kept and {len(dropped_items)} dropped of "
+                            f"{len(rows)} records; the shard is damaged: remove it and rerun")
+        counts["in"] += len(rows)
+        counts["kept"] += len(kept_items) - added
+        counts["added"] += added
+        counts["dropped"] += len(dropped_items)
+        reasons.update(d["reason"].split(":")[0] for d in dropped_items)
+        next_shards.append(target)
+    stage.end()
+    write_jsonl(out / "dropped" / f"{label}.jsonl", (d for t in next_shards for d in each(t / "dropped.jsonl")))
+    report["stages"].append({**counts, "reasons": dict(reasons), **stage.summary()})
+    say(f"{label}: kept {counts['kept']} of {counts['in']}" + (f", added {counts['added']}" if counts["added"] else ""))
+    return next_shards
+
+
+def _outcomes(label: str, stage: Stage, rows: list[Row], context: Context, as_row) -> tuple[list[dict], list[dict]]:
+    """The stage's outcomes for a shard's rows as the shard's kept and dropped items. A record a stage wrote is
+    checked to be a record of the format; a rewritten one keeps its row's id, and a new one is marked with the
+    id it came ``from``."""
+    outcomes = stage.transform(rows) if rows else []
+    if len(outcomes) != len(rows):
+        raise DistillzooError(f"curate stage {label}: {len(outcomes)} outcomes for {len(rows)} records")
+    kept, dropped = [], []
+    for row, outcome in zip(rows, outcomes):
+        if isinstance(outcome, tuple):
+            reason, detail = outcome
+            dropped.append({"id": row.id, "where": row.where, "reason": reason, **detail})
+            continue
+        for k, record in enumerate(outcome):
+            item = {"where": row.where if k == 0 else f"{row.where} ({label} {k})", "record": record}
+            try:
+                item["id"] = as_row(item).id
+            except (DistillzooError, KeyError, TypeError) as e:
+                raise DataError(f"curate stage {label}: from {row.where}: the record it wrote is not a "
+                                f"{context.section['format']!r} record: {e}") from None
+            if k == 0 and item["id"] != row.id:
+                raise DataError(f"curate stage {label}: {row.where}: a rewritten record keeps its id {row.id!r}, "
+                                f"got {item['id']!r}")
+            if k > 0:
+                item["from"] = row.id
+            kept.append(item)
+    return kept, dropped
+
+
+def validate_curate(section, where: str = "<config>", cfg=None) -> tuple[dict, list[tuple[str, Stage]]]:
+    """The ``curate`` section checked before any record is read or model loaded: its keys, each stage built from
+    its entry, the evaluation sets there, and each model a stage reads given by the config (``cfg``)."""
+    section = _checked(section, where)
+    stages = _stages(section, where)
+    for spec in section.get("eval") or []:
+        if not isinstance(spec, dict) or not Path(str(spec.get("path"))).exists():
+            raise ConfigError(f"{where}: curate.eval: {spec!r}: give {{path, format}} of an existing file")
+    for label, stage in stages:
+        for role in stage.roles:
+            model = None if cfg is None else cfg.get(role)
+            if model is None or (model.get("server") is None and model.get("path") is None
+                                 and model.get("tiny") is None):
+                raise ConfigError(f"{where}: curate.stages[{int(label[:2])}] ({stage.name}): reads the config's "
+                                  f"{role!r} model, and the config gives none ({role}.path, {role}.tiny or "
+                                  f"{role}.server)")
+    return section, stages
 
 
 def _checked(section, where: str) -> dict:

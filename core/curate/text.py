@@ -50,3 +50,15 @@ def response_text(fields: dict) -> str:
     if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
         return str(messages[-1].get("content", ""))
     return str(fields.get("chosen", ""))
+
+
+def instruction_text(fields: dict) -> str:
+    """The instruction a tagger classifies and a teacher expands: a conversation's user turns (before its last
+    reply), a preference record's prompt."""
+    value = fields.get("messages") or fields.get("prompt")
+    if isinstance(value, str):
+        return value
+    turns = [m for m in value or [] if isinstance(m, dict)]
+    if turns and turns[-1].get("role") == "assistant":
+        turns = turns[:-1]
+    return "\n\n".join(str(m.get("content", "")) for m in turns if m.get("role") == "user")
