@@ -167,6 +167,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
         validate_score(cfg, args.config)
         checked.append("score")
+    if cfg.curate is not None:
+        from distillzoo.curate.pipeline import validate_curate
+
+        validate_curate(cfg.curate, args.config, cfg)
+        checked.append("curate")
     print(f"# checked for: {', '.join(checked)}" if checked else
           "# checked: the objective only; add student, data and output_dir to check it for distillzoo train")
     return 0
@@ -287,7 +292,7 @@ def _cmd_curate(args: argparse.Namespace) -> int:
     from distillzoo.curate.pipeline import curate
 
     cfg = load_config(args.config, args.overrides)
-    report = curate(cfg.curate, where=args.config, say=lambda line: print(f"curate: {line}", file=sys.stderr))
+    report = curate(cfg.curate, where=args.config, say=lambda line: print(f"curate: {line}", file=sys.stderr), cfg=cfg)
     print(f"{cfg.curate.out}: kept {report['output']} of {report['input']} records ({report['malformed']} malformed; "
           + ", ".join(f"{s['stage']} dropped {s['dropped']}" for s in report["stages"]) + ")")
     return 0
@@ -393,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_score)
     p = sub.add_parser("curate", help="run instruction or preference records through the curation stages of the "
-                                      "config's curate section (dedup, decontaminate, quality, a plugin's); resumable")
+                                      "config's curate section (dedup, decontaminate, quality, balance, tag, score, expand, "
+                                      "rewrite, a plugin's); resumable")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_curate)

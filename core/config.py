@@ -159,7 +159,8 @@ class CurateConfig:
     columns: Optional[Dict[str, str]] = _doc("{format field: dataset column}", None)
     out: Optional[str] = _doc("the directory to write: curated.jsonl, dropped/, rejects.jsonl, report.md", None)
     stages: Optional[List[Dict[str, Any]]] = _doc("[{name, ...params}]: the stages, in order (dedup, decontaminate, "
-                                                  "quality, balance, a plugin's)", None)
+                                                  "quality, balance, tag, score, expand, rewrite, a plugin's); the model "
+                                                  "stages read the config's teacher, student or reference", None)
     eval: Optional[List[Dict[str, Any]]] = _doc("[{path, format, columns}]: the evaluation sets decontaminate "
                                                 "compares against", None)
     malformed: str = _doc("refuse: stop at a malformed record, naming its file and line, before writing anything; "

@@ -292,6 +292,36 @@ def test_hook_register_curation_stages(register_plugin):
     assert stage.judge(row) == ("short", {}) and "dedup" in dz.components("curation_stages")
 
 
+def test_hook_register_taggers(register_plugin, tmp_path):
+    from distillzoo.curate.pipeline import Tagger, curate
+
+    class FirstWord(Tagger):
+        """Stands in for a trained classifier: the label is the instruction's first word, when it names a type."""
+
+        def begin(self, context, types):
+            self.names = {t["name"] for t in types}
+
+        def tag(self, rows):
+            first = [row.fields["messages"][0]["content"].split()[0] for row in rows]
+            return [(w if w in self.names else "other", {}) for w in first]
+
+    class TaggerPlugin:
+        @dz.hookimpl
+        def register_taggers(self, register):
+            register("first-word", FirstWord, summary="the first word as the label")
+
+    register_plugin(TaggerPlugin(), "tagger-plugin")
+    assert set(dz.components("taggers")) == {"first-word", "keywords", "model"}
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "messages": [{"role": "user", "content": q},
+                                                              {"role": "assistant", "content": "a"}]}) + "\n"
+                            for i, q in enumerate(["math: 1+1", "math now", "写诗"])), encoding="utf-8")
+    curate({"data": str(data), "format": "chat", "out": str(tmp_path / "out"), "malformed": "refuse",
+            "shard_size": 10, "stages": [{"name": "tag", "tagger": "first-word"}]}, say=lambda _: None)
+    tags = [json.loads(line)["task"] for line in (tmp_path / "out" / "curated.jsonl").read_text().splitlines()]
+    assert tags == ["other", "math", "other"]
+
+
 def test_hook_register_trainer_callbacks(register_plugin):
     register_plugin(ComponentPlugin(), "components-plugin")
     assert dz.components("trainer_callbacks")["print-loss"].obj() is print
@@ -375,7 +405,7 @@ def test_registering_a_non_algorithm_is_isolated(register_plugin):
 
 def test_every_hook_has_a_test_and_a_docs_section():
     hooks = [n for n in dir(hookspecs) if n.startswith("register_")]
-    assert len(hooks) == 6
+    assert len(hooks) == 7
     this_file = Path(__file__).read_text()
     plugins_page = (ROOT / "docs" / "plugins.md").read_text()
     for hook in hooks:

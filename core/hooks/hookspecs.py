@@ -97,6 +97,17 @@ def register_curation_stages(register: RegisterComponent) -> None:
 
 
 @hookspec
+def register_taggers(register: RegisterComponent) -> None:
+    """Declare taggers that the ``tag`` curation stage runs by name: ``{name: tag, tagger: ..., **params}``.
+
+    Called by the core when it resolves a tagger name; every plugin's implementation is
+    called. Call ``register(name, factory, summary="")``: ``factory(**params)`` returns a
+    ``distillzoo.curate.pipeline.Tagger`` (a trained classifier, a rule set). Names must be
+    unique across plugins.
+    """
+
+
+@hookspec
 def register_trainer_callbacks(register: RegisterComponent) -> None:
     """Declare trainer callbacks that a config enables by name: ``callbacks: [{name: ..., **params}]``.
 

@@ -37,12 +37,14 @@ ENTRYPOINT_GROUP = "distillzoo"
 DEFAULT_PLUGINS = ("distillzoo.plugins.objectives.divergences", "distillzoo.plugins.objectives.token",
                    "distillzoo.plugins.objectives.sequence", "distillzoo.plugins.formats", "distillzoo.plugins.scorers",
                    "distillzoo.plugins.algorithms.distill", "distillzoo.plugins.algorithms.preference",
-                   "distillzoo.plugins.algorithms.dpkd", "distillzoo.plugins.trackers", "distillzoo.plugins.curation")
+                   "distillzoo.plugins.algorithms.dpkd", "distillzoo.plugins.trackers", "distillzoo.plugins.curation",
+                   "distillzoo.plugins.curation_models")
 BUILTIN_PACKAGE = "distillzoo"
 COMPONENT_HOOKS = {
     "data_formats": "register_data_formats",
     "scorers": "register_scorers",
     "curation_stages": "register_curation_stages",
+    "taggers": "register_taggers",
     "trainer_callbacks": "register_trainer_callbacks",
 }
 
@@ -293,7 +295,8 @@ class Component:
 
 
 def components(kind: str, pm: PluginManager | None = None, problems: list[dict] | None = None) -> dict[str, Component]:
-    """Registered data formats, scorers, curation stages or trainer callbacks (``kind`` is one of COMPONENT_HOOKS)."""
+    """Registered data formats, scorers, curation stages, taggers or trainer callbacks (``kind`` is one of
+    COMPONENT_HOOKS)."""
     pm = pm or get_plugin_manager()
     return {name: r.value for name, r in component_registrations(pm, kind, problems).items()}
 
