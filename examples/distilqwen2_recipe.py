@@ -7,6 +7,9 @@ which teacher and student differ most (the "model fitting difficulty", MFD), the
 runs KD and a preference stage. Here every stage is a distillzoo command with its
 config under configs/distilqwen2/, printed before it runs:
 
+0. curate: ``distillzoo curate`` deduplicates the training prompts, drops those sharing a
+   13-gram with the held-out set and empty or repetitive replies, balances English and
+   Chinese, and prints the data's distributions after it;
 1. teacher answers: ``distillzoo generate`` (the teacher answers the training prompts);
 2. MFD scores: ``distillzoo score`` with the ``mfd`` scorer (student NLL minus teacher NLL);
 3. filter: ``distillzoo filter --quantile`` keeps the samples with the larger gaps;
@@ -26,11 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
 
 import distillzoo as dz
+from distillzoo.curate.pipeline import curate
 from distillzoo.models.causal_lm import load_causal_lm
 from distillzoo.teacher.evaluation import Decoding, evaluate, read_split
 from distillzoo.teacher.generate import generate_from_config
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not (teacher / "config.json").is_file():
         overrides = [f"output_dir={out / 'teacher'}", "resume=never", *quiet] + (
             [f"train.steps={args.teacher_steps}"] if args.teacher_steps else [])
-        t0 = show("0/6 no trained teacher: train the quickstart's", "distillzoo train configs/quickstart_teacher.yaml "
+        t0 = show("no trained teacher: train the quickstart's first", "distillzoo train configs/quickstart_teacher.yaml "
                   + " ".join(overrides))
         teacher = train(dz.load_config(ROOT / "configs/quickstart_teacher.yaml", overrides)).output_dir / "final"
         print(f"   {time.perf_counter() - t0:.0f} s", flush=True)
@@ -96,6 +101,21 @@ def main(argv: list[str] | None = None) -> dict:
         lines = prompts.read_text(encoding="utf-8").split("\n")[:args.prompts]
         prompts = out / "prompts.jsonl"
         prompts.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    # 0. curate the prompts: dedup, decontamination against the held-out set, quality, language balance
+    curated_dir = out / "curated"
+    cfg, shown = config("0_curate.yaml", [f"curate.data={prompts}", f"curate.out={curated_dir}"], args.set)
+    t0 = show("0/6 curate the training prompts", f"rm -rf {curated_dir}; distillzoo curate {shown}")
+    shutil.rmtree(curated_dir, ignore_errors=True)  # the prompts may differ from a former run's
+    report = curate(cfg.curate, where=str(CONFIGS / "0_curate.yaml"), cfg=cfg, say=lambda line: None)
+    print(f"   kept {report['output']} of {report['input']}: "
+          + ", ".join(f"{s['stage']} dropped {s['dropped']}" for s in report["stages"])
+          + f", {time.perf_counter() - t0:.0f} s", flush=True)
+    after = report["distributions"]["after"]
+    for dimension in ("task", "language", "length"):  # the data after curation (report.md has before and after)
+        total = sum(after[dimension].values())
+        print(f"   {dimension}: " + ", ".join(f"{k} {v} ({v / total:.0%})" for k, v in after[dimension].items()))
+    prompts = curated_dir / "curated.jsonl"
     eval_path = ROOT / EVAL
     if args.held_out:
         eval_path = out / "held_out.jsonl"

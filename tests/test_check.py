@@ -166,6 +166,7 @@ def fixtures(tmp_path: Path) -> dict[str, str]:
 BUNDLED = {  # each config with overrides for what it reads from runs/ (see fixtures)
     "configs/quickstart_teacher.yaml": ["output_dir={out}/teacher"],
     "configs/quickstart.yaml": ["teacher.path={model}", "output_dir={out}/student"],
+    "configs/distilqwen2/0_curate.yaml": ["curate.out={out}/curated"],
     "configs/distilqwen2/1_teacher_answers.yaml": ["teacher.path={model}", "generate.out={out}/answers.jsonl"],
     "configs/distilqwen2/2_mfd_scores.yaml": ["teacher.path={model}", "score.data={records}",
                                               "score.out={out}/scores.jsonl"],

@@ -1,4 +1,4 @@
-"""examples/distilqwen2_recipe.py end to end on a tiny budget: six stages, then the held-out table."""
+"""examples/distilqwen2_recipe.py end to end on a tiny budget: curation, six stages, then the held-out table."""
 
 import json
 import re
@@ -22,17 +22,26 @@ def test_the_recipe_runs_every_stage_and_prints_exact_match_after_each_model(tmp
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    for command in ("distillzoo train configs/quickstart_teacher.yaml", "distillzoo generate configs/distilqwen2/1_",
+    for command in ("distillzoo train configs/quickstart_teacher.yaml", "distillzoo curate configs/distilqwen2/0_",
+                    "distillzoo generate configs/distilqwen2/1_",
                     "distillzoo score configs/distilqwen2/2_", "distillzoo filter ", "distillzoo train configs/distilqwen2/4_",
                     "distillzoo generate configs/distilqwen2/5_", "distillzoo train configs/distilqwen2/6_"):
         assert f"$ {command}" in out or f"; {command}" in out, command
+    curated = lines(tmp_path / "curated" / "curated.jsonl")
+    report = json.loads((tmp_path / "curated" / "report.json").read_text(encoding="utf-8"))
+    # the first 24 training prompts: a shorter output only through the drops the report counts
+    assert report["input"] == 24 and len(curated) == report["output"] == 24 - sum(
+        s["dropped"] for s in report["stages"])
+    language = report["distributions"]["after"]["language"]
+    assert language["en"] == language["zh"] == len(curated) / 2  # balance: equal shares
+    assert f"   language: en {language['en']} (50%), zh {language['zh']} (50%)" in out
     answers = lines(tmp_path / "teacher_answers.jsonl")
     scores = {r["id"]: r["score"] for r in lines(tmp_path / "mfd_scores.jsonl")}
     selected = lines(tmp_path / "selected.jsonl")
     pairs = lines(tmp_path / "pairs.jsonl")
     # sampled from a teacher one step from its random start: 16 tokens of noise per answer, none empty
-    assert len(answers) == 24 and scores.keys() == {r["id"] for r in answers}
-    assert len(selected) == 12  # --quantile 0.5 of 24 distinct gaps
+    assert len(answers) == len(curated) and scores.keys() == {r["id"] for r in answers} == {r["id"] for r in curated}
+    assert len(selected) == len(curated) // 2  # --quantile 0.5 of distinct gaps
     assert min(scores[r["id"]] for r in selected) >= max(s for i, s in scores.items()
                                                           if i not in {r["id"] for r in selected})
     assert {r["id"] for r in pairs} <= {r["id"] for r in selected} and pairs
