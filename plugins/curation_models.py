@@ -339,6 +339,13 @@ STYLES = {
     "writing": "in detail and well structured",
     "concise": "precisely but completely: keep every fact and step that answers the instruction, drop the rest",
 }
+#: the styles as the Chinese template asks for them
+STYLES_ZH = {
+    "reasoning": "逐步推理，解释每一步，最后给出答案",
+    "code": "给出可运行的代码，用注释解释每个部分，再附简短说明",
+    "writing": "内容详细，结构清晰",
+    "concise": "准确而完整：保留回答指令所需的每个事实和步骤，删去其余内容",
+}
 #: which style ``task_aware`` gives a record, by its ``task`` (types not listed: ``concise``)
 TASK_STYLES = {"math": "reasoning", "logical_reasoning": "reasoning", "data_analysis": "reasoning",
                "code_generation": "code", "code_debugging": "code", "creative_writing": "writing",
@@ -382,7 +389,8 @@ class Rewrite(Stage):
         from distillzoo.curate.models import generate
 
         asks = [[{"role": "user", "content": _fill(self.templates[_language(row)], "rewrite.template",
-                                                   style=STYLES[self.style_of(row)],
+                                                   style=(STYLES_ZH if _language(row) == "zh" else
+                                                          STYLES)[self.style_of(row)],
                                                    instruction=instruction_text(row.fields),
                                                    answer=response_text(row.fields))}] for row in rows]
         answers = generate(self.model, self.tokenizer, asks, [f"{row.id}/rewrite" for row in rows], self.sampling,

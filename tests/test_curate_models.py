@@ -137,7 +137,7 @@ def server():
 
 
 def test_expand_then_dedup_then_rewrite_write_chat_rows_keeping_ids_and_provenance(tmp_path, server):
-    from distillzoo.plugins.curation_models import STYLES
+    from distillzoo.plugins.curation_models import STYLES, STYLES_ZH
 
     rows = [_chat(0, "Solve 2 + 2.", "4", task="math"), _chat(1, "写一首诗。", "春天……", task="creative_writing"),
             _chat(2, "Solve 2 + 3.", "5", task="math")]
@@ -155,7 +155,7 @@ def test_expand_then_dedup_then_rewrite_write_chat_rows_keeping_ids_and_provenan
     new = out["r0-language-0"]
     # a row in Chinese now: rewritten through the Chinese template
     assert new["messages"][:2] == [{"role": "user", "content": "NEW(language): Solve"},
-                                   {"role": "assistant", "content": "REWRITE[" + STYLES["reasoning"][:8] + "]"}]
+                                   {"role": "assistant", "content": "REWRITE[" + STYLES_ZH["reasoning"][:8] + "]"}]
     assert out["r0-same_task-0"]["messages"][1]["content"] == "REWRITE[" + STYLES["reasoning"].split(".")[0] + "]"
     assert new["language"] == "zh" and new["task"] == "math"
     assert new["provenance"] == [{"stage": "expand", "mode": "language", "from": "r0", "model": "teacher"},
@@ -165,7 +165,7 @@ def test_expand_then_dedup_then_rewrite_write_chat_rows_keeping_ids_and_provenan
     assert [m["role"] for m in follow] == ["user", "assistant", "user", "assistant"]
     assert follow[:3] == [{"role": "user", "content": "写一首诗。"}, {"role": "assistant", "content": "春天……"},
                           {"role": "user", "content": "ASK: 春天……"}]
-    assert out["r1"]["messages"][-1]["content"] == "REWRITE[" + STYLES["writing"][:8] + "]"
+    assert out["r1"]["messages"][-1]["content"] == "REWRITE[" + STYLES_ZH["writing"][:8] + "]"
     assert out["r1-language-0"]["language"] == "en"
     dropped = {json.loads(line)["id"] for line in (tmp_path / "out" / "dropped" / "01-dedup.jsonl").read_text().splitlines()}
     assert dropped == {"r2-same_task-0", "r2-language-0"}
