@@ -226,3 +226,47 @@ def test_a_rerun_with_another_model_is_refused_and_a_chat_only_stage_refuses_oth
         curate(cfg.curate, cfg=cfg, say=lambda _: None)
     with pytest.raises(ConfigError, match=r"reads the config's 'teacher' model, and the config gives none"):
         curate(_section(tmp_path, data, [{"name": "expand"}]) | {"out": str(tmp_path / "o3")}, say=lambda _: None)
+
+
+def test_model_stages_under_torchrun_write_what_one_process_writes(tmp_path):
+    """Two gloo processes: each tags and expands every other record of a shard, rank 0 writes; the outputs equal
+    a single process's byte for byte."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    rows = [_chat(i, f"Please calculate {i} + {i} and explain." if i % 2 else f"请把第{i}句话翻译成英文。", f"a{i}")
+            for i in range(7)]
+    data = write_jsonl(tmp_path / "in.jsonl", rows)
+
+    def config(name):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"teacher": {"tiny": TEACHER}, "seed": 0, "curate": {
+            **_section(tmp_path, data, [{"name": "tag", "tagger": "model"},
+                                        {"name": "expand", "modes": ["same_task"], "max_new_tokens": 5},
+                                        {"name": "dedup"}]), "out": str(tmp_path / name)}}), encoding="utf-8")
+        return str(path)
+
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "distillzoo", "curate", config("one")], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "distillzoo",
+                          "curate", config("two")], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def files(out):
+        root = tmp_path / out
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file() and p.name not in ("manifest.json", "distributions.png")}
+
+    a, b = files("one"), files("two")
+    assert a.keys() == b.keys() and "curated.jsonl" in a
+    for name in a:
+        if name == "report.json":
+            assert json.loads(a[name]) == json.loads(b[name])
+        else:
+            assert a[name] == b[name].replace(b"/two/", b"/one/"), name
+    curated = [json.loads(line) for line in a["curated.jsonl"].decode().splitlines()]
+    assert len(curated) > len(rows) and all("task" in r for r in curated)

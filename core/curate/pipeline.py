@@ -135,8 +135,13 @@ class Context:
     where: str
     cfg: object = None
     say: object = print
+    launch: object = None  # the torchrun launch (distillzoo.teacher.launch.Launch); one process when None
 
     def __post_init__(self) -> None:
+        if self.launch is None:
+            from distillzoo.teacher.launch import Launch
+
+            self.launch = Launch()
         self.stage = ""  # the label of the stage running (NN-NAME)
         self._models: dict = {}
         self._tokenizer = None
@@ -209,12 +214,17 @@ def _digest(paths: list[str]) -> list[dict]:
 
 def curate(section: dict, where: str = "<config>", say=print, cfg=None) -> dict:
     """Run (or finish) the pipeline a ``curate`` section describes; returns the report. ``cfg``, the whole config,
-    gives the model stages their models (its ``teacher``, ``student``, ``reference``)."""
-    from distillzoo.curate.report import Distributions, markdown, plot
+    gives the model stages their models (its ``teacher``, ``student``, ``reference``).
+
+    Under ``torchrun`` every rank loads the models of the model stages and answers its share of each shard's
+    records (every ``world``-th), and rank 0 runs the other stages and writes every file, as one process
+    would."""
+    from distillzoo.teacher.launch import Launch
 
     section, stages = validate_curate(section, where, cfg)
     out = Path(section["out"])
-    context = Context(section, where, cfg, say)
+    launch = Launch.from_env()
+    context = Context(section, where, cfg, say, launch)
     manifest = {"distillzoo_curate": 1, "curate": {k: v for k, v in section.items() if k != "out"},
                 "models": _model_identities(context, stages),
                 "inputs": _digest(section["data"] + [e["path"] for e in section.get("eval") or []])}
@@ -226,26 +236,39 @@ def curate(section: dict, where: str = "<config>", say=print, cfg=None) -> dict:
             raise ConfigError(f"{where}: curate.out: {out} holds a curation of another {' and '.join(keys)} "
                               f"({'config' if 'curate' in keys else 'model' if 'models' in keys else 'input'} "
                               "changed); give another out, or remove it")
-    else:
+    elif launch.main:
         write_text_atomically(path, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
-    shards = source_shards(section, out, say)
+    if launch.main:
+        source_shards(section, out, say)
+    launch.barrier()
+    shards = sorted((out / "stages" / "source").glob("shard-*"))
     fmt, columns = section["format"], section.get("columns")
     as_row = lambda item: Row(item["where"], item["record"], fields_of(item["record"], fmt, columns))  # noqa: E731
     report = {"input": 0, "malformed": 0, "stages": []}
-    before = Distributions()
-    for shard in shards:
-        report["malformed"] += sum(1 for _ in each(shard / "dropped.jsonl"))
-        for item in each(shard / "kept.jsonl"):
-            report["input"] += 1
-            before.add(as_row(item))
-    report["input"] += report["malformed"]
     source = shards
     try:
         for label, stage in stages:
             shards = _run_stage(label, stage, shards, out, context, as_row, report, say)
     finally:
         context.close()
-    after = Distributions()
+    if launch.main:
+        _finish(section, where, source, shards, out, as_row, report)
+    launch.barrier()
+    return json.loads((out / "report.json").read_text(encoding="utf-8"))
+
+
+def _finish(section: dict, where: str, source: list[Path], shards: list[Path], out: Path, as_row, report: dict):
+    """The outputs: curated.jsonl (its count checked against the report), rejects.jsonl, the report with the
+    distributions before and after."""
+    from distillzoo.curate.report import Distributions, markdown, plot
+
+    before, after = Distributions(), Distributions()
+    for shard in source:
+        report["malformed"] += sum(1 for _ in each(shard / "dropped.jsonl"))
+        for item in each(shard / "kept.jsonl"):
+            report["input"] += 1
+            before.add(as_row(item))
+    report["input"] += report["malformed"]
     expected = report["input"] - report["malformed"] + sum(s["added"] - s["dropped"] for s in report["stages"])
     count = write_jsonl(out / "curated.jsonl", (item["record"] for shard in shards for item in
                                                  each(shard / "kept.jsonl", lambda i: after.add(as_row(i)))))
@@ -260,7 +283,6 @@ def curate(section: dict, where: str = "<config>", say=print, cfg=None) -> dict:
     report["plot"] = plot(report["distributions"], out / "distributions.png")
     write_text_atomically(out / "report.json", json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     write_text_atomically(out / "report.md", markdown(report))
-    return report
 
 
 def _model_identities(context: Context, stages) -> dict:
@@ -276,7 +298,14 @@ def _model_identities(context: Context, stages) -> dict:
 def _run_stage(label: str, stage: Stage, shards: list[Path], out: Path, context: Context, as_row, report: dict,
                say) -> list[Path]:
     """One stage over every shard: the shards already written are fed to it (``seen``), the others computed and
-    written atomically. Returns the stage's shards."""
+    written atomically. Returns the stage's shards. Under torchrun a model stage runs on every rank (each its
+    share of a shard's records); any other stage on rank 0 alone, while the others wait."""
+    launch = context.launch
+    directory = out / "stages" / label
+    shared = launch.world > 1 and bool(stage.roles)
+    if not (launch.main or shared):
+        launch.barrier()
+        return [directory / shard.name for shard in shards]
     context.stage = label
     stage.begin(context)
     if stage.needs_all:
@@ -284,22 +313,30 @@ def _run_stage(label: str, stage: Stage, shards: list[Path], out: Path, context:
             for item in each(shard / "kept.jsonl"):
                 stage.observe(as_row(item))
         stage.settle()
-    directory = out / "stages" / label
-    directory.mkdir(parents=True, exist_ok=True)
-    sweep_temporaries(directory, "shard-*")
+    if launch.main:
+        directory.mkdir(parents=True, exist_ok=True)
+        sweep_temporaries(directory, "shard-*")
+    done = {p.name for p in directory.glob("shard-*")} if launch.main else set()
+    done = launch.gather(done)[0] if shared else done  # every rank skips the shards rank 0 found written
     reasons: Counter = Counter()
     counts = {"stage": label, "in": 0, "kept": 0, "dropped": 0, "added": 0}
     next_shards = []
     for shard in shards:
         target = directory / shard.name
+        next_shards.append(target)
         rows = read_jsonl(shard / "kept.jsonl")
-        if target.exists():  # written by an earlier run: the stage learns what it kept
+        if shard.name in done:  # written by an earlier run: the stage learns what it kept
+            if not launch.main:
+                continue
             kept_items = read_jsonl(target / "kept.jsonl")
             for item in kept_items:
                 stage.seen(as_row(item))
             dropped_items = read_jsonl(target / "dropped.jsonl")
         else:
-            kept_items, dropped_items = _outcomes(label, stage, [as_row(item) for item in rows], context, as_row)
+            outcomes = _transform(stage, [as_row(item) for item in rows], launch, shared)
+            if not launch.main:
+                continue
+            kept_items, dropped_items = _outcomes(label, rows, outcomes, context, as_row)
             write_shard(target, kept_items, dropped_items)
         added = sum(1 for item in kept_items if item.get("from") is not None)
         if len(kept_items) - added + len(dropped_items) != len(rows):
@@ -310,23 +347,50 @@ def _run_stage(label: str, stage: Stage, shards: list[Path], out: Path, context:
         counts["added"] += added
         counts["dropped"] += len(dropped_items)
         reasons.update(d["reason"].split(":")[0] for d in dropped_items)
-        next_shards.append(target)
     stage.end()
-    write_jsonl(out / "dropped" / f"{label}.jsonl", (d for t in next_shards for d in each(t / "dropped.jsonl")))
-    report["stages"].append({**counts, "reasons": dict(reasons), **stage.summary()})
-    say(f"{label}: kept {counts['kept']} of {counts['in']}" + (f", added {counts['added']}" if counts["added"] else ""))
+    summaries = launch.gather(stage.summary()) if shared else [stage.summary()]
+    if launch.main:
+        write_jsonl(out / "dropped" / f"{label}.jsonl", (d for t in next_shards for d in each(t / "dropped.jsonl")))
+        report["stages"].append({**counts, "reasons": dict(reasons), **_merged(summaries)})
+        say(f"{label}: kept {counts['kept']} of {counts['in']}"
+            + (f", added {counts['added']}" if counts["added"] else ""))
+    launch.barrier()
     return next_shards
 
 
-def _outcomes(label: str, stage: Stage, rows: list[Row], context: Context, as_row) -> tuple[list[dict], list[dict]]:
+def _transform(stage: Stage, rows: list[Row], launch, shared: bool) -> list:
+    """The stage's outcomes for a shard's rows; ``shared`` among the ranks, each transforming every ``world``-th
+    row, the outcomes gathered back into order on every rank."""
+    if not shared:
+        return stage.transform(rows) if rows else []
+    mine = rows[launch.rank::launch.world]
+    got = launch.gather(stage.transform(mine) if mine else [])
+    return [got[i % launch.world][i // launch.world] for i in range(len(rows))]
+
+
+def _merged(summaries: list[dict]) -> dict:
+    """The ranks' summaries of a stage as one: numbers added, mappings merged key by key, anything else rank 0's."""
+    out = dict(summaries[0])
+    for other in summaries[1:]:
+        for key, value in other.items():
+            mine = out.get(key)
+            if isinstance(value, (int, float)) and isinstance(mine, (int, float)):
+                out[key] = mine + value
+            elif isinstance(value, dict) and isinstance(mine, dict):
+                out[key] = _merged([mine, value])
+            elif key not in out:
+                out[key] = value
+    return out
+
+
+def _outcomes(label: str, items: list[dict], outcomes: list, context: Context, as_row) -> tuple[list[dict], list[dict]]:
     """The stage's outcomes for a shard's rows as the shard's kept and dropped items. A record a stage wrote is
     checked to be a record of the format; a rewritten one keeps its row's id, and a new one is marked with the
     id it came ``from``."""
-    outcomes = stage.transform(rows) if rows else []
-    if len(outcomes) != len(rows):
-        raise DistillzooError(f"curate stage {label}: {len(outcomes)} outcomes for {len(rows)} records")
+    if len(outcomes) != len(items):
+        raise DistillzooError(f"curate stage {label}: {len(outcomes)} outcomes for {len(items)} records")
     kept, dropped = [], []
-    for row, outcome in zip(rows, outcomes):
+    for row, outcome in zip(map(as_row, items), outcomes):
         if isinstance(outcome, tuple):
             reason, detail = outcome
             dropped.append({"id": row.id, "where": row.where, "reason": reason, **detail})
