@@ -361,8 +361,22 @@ def served_teacher(data, name):
             "teacher's time.")
 
 
+def curate(data, name):
+    """Rows/s and peak RSS of each curation tool at each size, and how peak RSS grows from the smallest size."""
+    runs = sorted((b["extra_info"] for b in data["benchmarks"]), key=lambda e: (e["tool"], e["rows"]))
+    smallest = {}
+    rows = []
+    for e in runs:
+        base = smallest.setdefault(e["tool"], e)
+        growth = "" if e is base else f" ({e['peak_rss_mib'] / base['peak_rss_mib']:.2f}x)"
+        rows.append([e["tool"], f"{e['rows']:,}", f"{e['rows_per_s']:,.0f}", f"{e['seconds']:.0f}",
+                     f"{e['peak_rss_mib']:,.0f}{growth}", f"{e['kept']:,}"])
+    header = ["tool", "rows", "rows/s", "seconds", "peak RSS MiB", "rows kept"]
+    return table(header, rows)
+
+
 VIEWS = {"providers": providers, "cpu-goals": cpu_goals, "gpu-goals": gpu_goals, "scaling": scaling,
-         "cache-teacher": cache_teacher, "served-teacher": served_teacher}
+         "cache-teacher": cache_teacher, "served-teacher": served_teacher, "curate": curate}
 
 
 def region(args):

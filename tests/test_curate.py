@@ -212,7 +212,7 @@ def test_a_rerun_with_another_config_is_refused(tmp_path):
 
 
 def test_an_unknown_stage_is_refused_with_the_available_ones(tmp_path):
-    data = _write(tmp_path / "in.jsonl", [_chat(0, "q", "a")])
+    data = _write(tmp_path / "in.jsonl", [_chat(0, "q", "a"), _chat(1, "问", "答")])
     with pytest.raises(UnknownNameError, match=r"curate.stages\[0\].name: unknown stage 'dedupe'. Available: "
                                           r"balance, decontaminate, dedup, expand, quality, rewrite, score, tag. Did you mean 'dedup'"):
         curate(_section(tmp_path, data, [{"name": "dedupe"}]), say=lambda line: None)

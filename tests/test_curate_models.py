@@ -186,7 +186,7 @@ def test_rewrite_by_a_tiny_model_in_process_keeps_ids_and_the_prompt(tmp_path):
 
 
 def test_the_score_stage_gates_by_a_judge_and_writes_each_score(tmp_path):
-    rows = [_chat(i, f"q{i}", "x" * (i + 1)) for i in range(6)]
+    rows = [_chat(i, f"q{i}" if i % 2 else f"问题{i}", ("x" if i % 2 else "答") * (i + 1)) for i in range(6)]
     data = write_jsonl(tmp_path / "in.jsonl", rows)
     report = curate(_section(tmp_path, data, [{"name": "score", "min": 3, "max": 5, "scorer": {
         "name": "judge", "judge": "helpers:answer_length_judge"}}]), say=lambda _: None)
@@ -212,7 +212,7 @@ def test_the_report_counts_languages_and_lengths_before_and_after_and_draws_them
 
 
 def test_a_rerun_with_another_model_is_refused_and_a_chat_only_stage_refuses_other_formats(tmp_path):
-    data = write_jsonl(tmp_path / "in.jsonl", [_chat(0, "q", "a")])
+    data = write_jsonl(tmp_path / "in.jsonl", [_chat(0, "q", "a"), _chat(1, "问", "答")])
     section = _section(tmp_path, data, [{"name": "tag", "tagger": "model"}])
     cfg = dz.load_config({"teacher": {"tiny": TEACHER}, "curate": section})
     curate(cfg.curate, cfg=cfg, say=lambda _: None)
