@@ -52,9 +52,9 @@ class ModelConfig:
                                  "instead of a model: train's teacher (top-k by vLLM's prompt_logprobs), and the "
                                  "answering models of generate", None)
     model: Optional[str] = _doc("with server: the served model's name, checked against its /v1/models", None)
-    prefetch: int = _doc("with server: the steps ahead whose top-k is fetched while the student computes (0: "
+    prefetch: int = _doc("teacher only, with server: the steps ahead whose top-k is fetched while the student computes (0: "
                          "fetched when the step needs it); never changes which examples a step draws", 1)
-    api: str = _doc("with server: how it scores, openai (vLLM's prompt_logprobs on /v1/completions: vllm serve, "
+    api: str = _doc("teacher only, with server: how it scores, openai (vLLM's prompt_logprobs on /v1/completions: vllm serve, "
                     "distillzoo serve) or sglang (SGLang's /generate with input_top_logprobs)", "openai")
     lora: Optional[Dict[str, Any]] = _doc(
         "the student only: LoRA adapters instead of full training, {r, alpha, dropout, target_modules, train_head} "
@@ -279,6 +279,7 @@ def load_config(source: str | Path | dict, overrides: Sequence[str] = ()) -> Dic
         raise ConfigError(f"{where}: the top level must be a mapping of keys, got {type(raw).__name__}")
     locate = _Locator(where, text, overrides)
     _refuse_moved(raw, overrides, locate)
+    _refuse_teacher_only(raw, overrides, locate)
     _check_containers(DistillConfig, raw, "", locate.in_file)
     schema = OmegaConf.structured(DistillConfig)
     cfg = _merge(schema, OmegaConf.create(raw), locate.in_file)
@@ -307,6 +308,23 @@ def _refuse_moved(raw: dict, overrides: Sequence[str], locate: _Locator) -> None
             given.setdefault(key, locate.in_file(key))
         if key in given:
             raise ConfigError(f"{given[key]}: {key} is an algorithm's parameter now: use {now}")
+
+
+#: ModelConfig keys only a teacher's section is read for (prefetch in train, api in every teacher command)
+TEACHER_ONLY = ("prefetch", "api")
+
+
+def _refuse_teacher_only(raw: dict, overrides: Sequence[str], locate: _Locator) -> None:
+    """``student.prefetch`` and the like fail: nothing reads them outside ``teacher``."""
+    given = {o.partition("=")[0].strip(): f"override {o!r}" for o in overrides}
+    for role in ("student", "reference"):
+        for key in TEACHER_ONLY:
+            name = f"{role}.{key}"
+            if isinstance(raw.get(role), dict) and key in raw[role]:
+                given.setdefault(name, locate.in_file(name))
+            if name in given:
+                raise ConfigError(f"{given[name]}: {name}: only the teacher's section is read for {key} "
+                                  f"(teacher.{key}); remove it")
 
 
 def _container_kind(hint) -> tuple[str | None, Any]:

@@ -172,3 +172,15 @@ def test_overrides_reach_into_list_items_and_name_the_override_when_wrong():
     assert cfg.data.streams[0].name == written.name and written.path != "other.jsonl"  # the rest of the item is kept
     with pytest.raises(dz.ConfigError, match=r"override 'data.streams\[0\].pathz=1': .*Key 'pathz' not in 'StreamConfig'"):
         dz.load_config(root / "configs" / "quickstart.yaml", ["data.streams[0].pathz=1"])
+
+
+def test_teacher_only_keys_on_the_student_or_reference_are_refused_where_given(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("objective: {name: fkl}\nstudent:\n  tiny: {hidden_size: 32}\n  prefetch: 2\n")
+    with pytest.raises(dz.ConfigError, match=r"c.yaml:4: student.prefetch: only the teacher's section is read for "
+                                             r"prefetch \(teacher.prefetch\)"):
+        dz.load_config(cfg)
+    cfg.write_text("objective: {name: fkl}\nstudent: {tiny: {hidden_size: 32}}\n")
+    with pytest.raises(dz.ConfigError, match=r"override 'reference.api=sglang': reference.api: only the teacher's"):
+        dz.load_config(cfg, ["reference.api=sglang"])
+    assert dz.load_config(cfg, ["teacher.prefetch=0", "teacher.api=sglang"]).teacher.prefetch == 0
