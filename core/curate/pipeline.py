@@ -333,10 +333,11 @@ def _run_stage(label: str, stage: Stage, shards: list[Path], out: Path, context:
                 stage.seen(as_row(item))
             dropped_items = read_jsonl(target / "dropped.jsonl")
         else:
-            outcomes = _transform(stage, [as_row(item) for item in rows], launch, shared)
+            batch = [as_row(item) for item in rows]
+            outcomes = _transform(stage, batch, launch, shared)
             if not launch.main:
                 continue
-            kept_items, dropped_items = _outcomes(label, rows, outcomes, context, as_row)
+            kept_items, dropped_items = _outcomes(label, batch, outcomes, context, as_row)
             write_shard(target, kept_items, dropped_items)
         added = sum(1 for item in kept_items if item.get("from") is not None)
         if len(kept_items) - added + len(dropped_items) != len(rows):
@@ -383,20 +384,24 @@ def _merged(summaries: list[dict]) -> dict:
     return out
 
 
-def _outcomes(label: str, items: list[dict], outcomes: list, context: Context, as_row) -> tuple[list[dict], list[dict]]:
+def _outcomes(label: str, rows: list[Row], outcomes: list, context: Context, as_row) -> tuple[list[dict], list[dict]]:
     """The stage's outcomes for a shard's rows as the shard's kept and dropped items. A record a stage wrote is
     checked to be a record of the format; a rewritten one keeps its row's id, and a new one is marked with the
     id it came ``from``."""
-    if len(outcomes) != len(items):
-        raise DistillzooError(f"curate stage {label}: {len(outcomes)} outcomes for {len(items)} records")
+    if len(outcomes) != len(rows):
+        raise DistillzooError(f"curate stage {label}: {len(outcomes)} outcomes for {len(rows)} records")
     kept, dropped = [], []
-    for row, outcome in zip(map(as_row, items), outcomes):
+    for row, outcome in zip(rows, outcomes):
         if isinstance(outcome, tuple):
             reason, detail = outcome
             dropped.append({"id": row.id, "where": row.where, "reason": reason, **detail})
             continue
         for k, record in enumerate(outcome):
             item = {"where": row.where if k == 0 else f"{row.where} ({label} {k})", "record": record}
+            if record is row.record:  # kept as it was read: already a record of the format
+                item["id"] = row.id
+                kept.append(item)
+                continue
             try:
                 item["id"] = as_row(item).id
             except (DistillzooError, KeyError, TypeError) as e:
