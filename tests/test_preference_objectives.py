@@ -205,7 +205,8 @@ def test_bad_inputs_say_what_is_wrong(build, args, kwargs, message):
 
 
 def test_eps_only_where_the_loss_type_takes_it():
-    with pytest.raises(dz.ParameterError, match=r"dpo: eps=0.1 applies to loss_type sigmoid or robust, not 'hinge'"):
+    with pytest.raises(dz.ParameterError, match=r"dpo: eps=0.1 \(TRL's label_smoothing\) applies to loss_type sigmoid, "
+                                             r"robust, exo_pair, aot or aot_unpaired, not \['hinge'\]"):
         dz.objective("dpo", loss_type="hinge", eps=0.1)
     with pytest.raises(dz.ParameterError, match=r"parameter 'loss_type' = 'sigmod' is not one of .* Did you mean 'sigmoid'"):
         dz.objective("dpo", loss_type="sigmod")

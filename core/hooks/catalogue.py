@@ -20,7 +20,7 @@ import yaml
 
 from distillzoo.errors import ParameterError, PluginError, UnknownNameError, did_you_mean
 
-_TYPES = {"float", "int", "bool", "str"}
+_TYPES = {"float", "int", "bool", "str", "str | list[str]", "list[float]"}
 _RANGE = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])\s*$")
 ENTRY_FIELDS = ("kind", "summary", "formula", "params", "inputs", "paper")
 
@@ -100,6 +100,8 @@ class ParamSpec:
         """Return ``value`` coerced to this parameter's type, or raise ParameterError."""
         if value is None and self.default is None:
             return None
+        if self.type in ("str | list[str]", "list[float]"):
+            return self._validate_list(value, where)
         ok = {
             "float": isinstance(value, (int, float)) and not isinstance(value, bool),
             "int": isinstance(value, int) and not isinstance(value, bool),
@@ -121,6 +123,31 @@ class ParamSpec:
                 + did_you_mean(str(value), [str(c) for c in self.choices])
             )
         return value
+
+    def _validate_list(self, value: Any, where: str) -> Any:
+        """A list parameter: ``list[float]`` (each in range), or ``str | list[str]`` (one name or a non-empty list,
+        each among the choices)."""
+        words = self.type == "str | list[str]"
+        if words and isinstance(value, str):
+            items = [value]
+        elif isinstance(value, (list, tuple)) and (value or not words):
+            items = list(value)
+        else:
+            items = None
+        good = (lambda v: isinstance(v, str)) if words else (
+            lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+        if items is None or not all(good(v) for v in items):
+            kind = "a str or a non-empty list of str" if words else "a list of numbers"
+            raise ParameterError(f"{where}: parameter {self.name!r} must be {kind}"
+                                 f"{' or null' if self.default is None else ''}, got {type(value).__name__} {value!r}")
+        for v in items:
+            if not words and self.range is not None and float(v) not in self.range:
+                raise ParameterError(f"{where}: parameter {self.name!r}: {v!r} is out of range {self.range}")
+            if self.choices is not None and v not in self.choices:
+                which = f" = {v!r}" if isinstance(value, str) else f": {v!r}"
+                raise ParameterError(f"{where}: parameter {self.name!r}{which} is not one of {list(self.choices)}"
+                                     + did_you_mean(str(v), [str(c) for c in self.choices]))
+        return value if words and isinstance(value, str) else [v if words else float(v) for v in items]
 
     def describe(self) -> str:
         valid = f" in {self.range}" if self.range else f" one of {list(self.choices)}" if self.choices else ""
