@@ -38,7 +38,7 @@ def _ours(b, **params):
 
 
 def _trl(b, loss_type, loss_weights=None, beta=0.1, label_smoothing=0.0, f_divergence_type="reverse_kl",
-         f_alpha_divergence_coef=0.5, discopop_tau=0.05):
+         f_alpha_divergence_coef=0.5, discopop_tau=0.05, ld_alpha=None, log_sum_sq_probs=None):
     """TRL 1.16's DPOTrainer._compute_loss on these log-probs: its own code, with the policy's per-token log-probs
     as the model's output and the reference's sums as precomputed reference log-probs."""
     pytest.importorskip("trl", minversion="1.16")
@@ -48,13 +48,14 @@ def _trl(b, loss_type, loss_weights=None, beta=0.1, label_smoothing=0.0, f_diver
     b = SimpleNamespace(**{k: v.float() if v.is_floating_point() else v for k, v in vars(b).items()})  # TRL: fp32
     out = SimpleNamespace(log_probs=b.policy_tokens, entropy=torch.zeros_like(b.policy_tokens),
                           mean_logits=torch.zeros_like(b.policy_tokens),
-                          is_top1=torch.zeros_like(b.policy_tokens, dtype=torch.bool))
+                          is_top1=torch.zeros_like(b.policy_tokens, dtype=torch.bool),
+                          log_sum_sq_probs=None if log_sum_sq_probs is None else log_sum_sq_probs.float())
     trainer = SimpleNamespace(
-        model=SimpleNamespace(training=True), aux_loss_enabled=False, precompute_ref_logps=True, ld_alpha=None,
+        model=SimpleNamespace(training=True), aux_loss_enabled=False, precompute_ref_logps=True, ld_alpha=ld_alpha,
         accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x),
         beta=beta, loss_types=types, loss_weights=loss_weights or [1.0] * len(types),
         label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
-        f_alpha_divergence_coef=f_alpha_divergence_coef, use_weighting=False,
+        f_alpha_divergence_coef=f_alpha_divergence_coef, use_weighting=log_sum_sq_probs is not None,
         args=SimpleNamespace(discopop_tau=discopop_tau), _metrics=defaultdict(lambda: defaultdict(list)),
         _total_train_tokens=0, _tp_size=1)
     inputs = {"input_ids": torch.zeros_like(b.mask), "attention_mask": torch.ones_like(b.mask),
@@ -173,3 +174,73 @@ def test_the_f_divergences_equal_the_f_dpo_papers_f_prime(name, f):
 def test_bad_parameters_are_refused_by_name_with_the_valid_choices(params, message):
     with pytest.raises(dz.ParameterError, match=message):
         dz.objective("dpo", **params)
+
+
+def _sequences(tokens, mask, **more):
+    """A forward pass's SequenceLogps from per-token log-probs [2B, T] and the completion mask [2B, T + 1]."""
+    from distillzoo.models.causal_lm import SequenceLogps
+
+    shifted = mask[:, 1:].bool()
+    targets = torch.where(shifted, more.pop("targets", torch.ones_like(mask[:, 1:])), -100)
+    return SequenceLogps(tokens.sum(-1), shifted.sum(-1), targets=targets, tokens=tokens, **more)
+
+
+def test_ld_dpo_weighs_the_tokens_past_the_shorter_response_as_trl_and_the_paper_do():
+    from distillzoo.objectives.preference import preference_loss
+
+    b, alpha = _batch(5), 0.4
+    g = torch.Generator().manual_seed(6)
+    reference_tokens = -torch.rand(b.policy_tokens.shape, generator=g, dtype=torch.float64) * 2 * b.mask[:, 1:]
+    n = len(b.pc)
+
+    def ld_sums(tokens):  # by hand: per pair, the first min(|y_w|, |y_l|) response tokens whole, the rest x alpha
+        out = []
+        for i in range(2 * n):
+            values = tokens[i][b.mask[i, 1:].bool()].tolist()
+            shared = int(min(b.cl[i % n], b.rl[i % n]))
+            out.append(sum(values[:shared]) + alpha * sum(values[shared:]))
+        return torch.tensor(out, dtype=torch.float64)
+
+    pol, ref = ld_sums(b.policy_tokens), ld_sums(reference_tokens)
+    hand = -F.logsigmoid(0.1 * ((pol[:n] - ref[:n]) - (pol[n:] - ref[n:]))).mean()
+    want = _trl(SimpleNamespace(**{**vars(b), "rc": ref[:n], "rr": ref[n:]}), "sigmoid", ld_alpha=alpha)
+    dpo = dz.objective("dpo", ld_alpha=alpha)
+    batch = SimpleNamespace(n_pairs=n, reference_chosen_logps=None, reference_rejected_logps=None)
+    got = preference_loss(dpo, batch, _sequences(b.policy_tokens, b.mask), _sequences(reference_tokens, b.mask))
+    assert float(got) == pytest.approx(float(hand), rel=1e-12) and float(got) == pytest.approx(float(want), rel=1e-6)
+    with pytest.raises(dz.ParameterError, match=r"dpo reweights each response's tokens, so it needs the reference's "
+                                                r"per-token log-probs: a reference model"):
+        preference_loss(dpo, SimpleNamespace(n_pairs=n, reference_chosen_logps=ref[:n],
+                                             reference_rejected_logps=ref[n:]), _sequences(b.policy_tokens, b.mask),
+                        None)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_wpo_weighting_equals_trl_with_the_policys_log_sum_of_squared_probs(loss_type):
+    """The policy's hidden states and head at the real vocab; the weights come from the fused path's chunks, TRL's
+    from log sum_v p_v^2 computed here by hand from the full logits."""
+    from distillzoo.objectives.preference import preference_loss
+
+    b = _batch(7, pairs=3, width=6)
+    g = torch.Generator().manual_seed(8)
+    hidden = torch.randn(*b.policy_tokens.shape, 16, generator=g)
+    weight = torch.randn(151_936, 16, generator=g) * 0.3
+    targets = torch.randint(0, 151_936, b.policy_tokens.shape, generator=g)
+    logits = (hidden.double() @ weight.double().T)
+    log_probs = torch.log_softmax(logits, -1)
+    shifted = b.mask[:, 1:].bool()
+    tokens = torch.where(shifted, log_probs.gather(-1, targets[..., None]).squeeze(-1), 0.0)
+    squares = torch.logsumexp(2 * log_probs, -1)
+    n = len(b.pc)
+    b = SimpleNamespace(**{**vars(b), "policy_tokens": tokens, "pc": tokens.sum(1)[:n], "pr": tokens.sum(1)[n:]})
+    want = _trl(b, loss_type, log_sum_sq_probs=squares)
+    batch = SimpleNamespace(n_pairs=n, reference_chosen_logps=b.rc, reference_rejected_logps=b.rr)
+    dpo = dz.objective("dpo", loss_type=loss_type, use_weighting=True)
+    got = preference_loss(dpo, batch, _sequences(tokens, b.mask, targets=targets, hidden=hidden, weight=weight), None)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    w = torch.exp(torch.where(shifted, tokens - squares, 0.0).sum(-1) / shifted.sum(-1))
+    plain = dz.objective("dpo", loss_type=loss_type, reduction="none")(
+        b.pc, b.pr, b.rc, b.rr, chosen_lengths=b.cl, rejected_lengths=b.rl)
+    assert float(got) == pytest.approx(float((plain * w[:n] * w[n:]).mean()), rel=1e-5)
+    with pytest.raises(dz.ParameterError, match=r"use_weighting weighs each pair, and \['aot'\] sort"):
+        dz.objective("dpo", loss_type="aot", use_weighting=True)

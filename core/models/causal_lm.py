@@ -61,7 +61,8 @@ class SequenceLogps:
     the model). ``lengths``: ``[B]`` int64 response token counts. ``hidden``,
     ``targets`` (``[B, T-1, H]`` and ``[B, T-1]``, shifted so that row ``t`` scores
     ``targets[t]``) and the lm_head ``weight`` they were scored with are kept for
-    token-level terms on the same forward pass; None on the naive path.
+    token-level terms on the same forward pass (hidden and weight are None on the naive
+    path); ``tokens`` holds the per-token log-probs (LD-DPO reweights them).
     """
 
     logps: Tensor
@@ -69,6 +70,8 @@ class SequenceLogps:
     hidden: Tensor | None = None
     targets: Tensor | None = None
     weight: Tensor | None = None
+    #: ``[B, T-1]`` the per-token log-probs the sums add up (0 off the response), aligned with ``targets``
+    tokens: Tensor | None = None
 
 
 def _check(input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> None:
@@ -103,7 +106,8 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor | None, labe
     log_probs = torch.log_softmax(logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32), dim=-1)
     mask = targets != ignore_index
     picked = log_probs.gather(-1, torch.where(mask, targets, 0).long()[..., None]).squeeze(-1)
-    return SequenceLogps(torch.where(mask, picked, 0.0).sum(-1), lengths)
+    tokens = torch.where(mask, picked, 0.0)
+    return SequenceLogps(tokens.sum(-1), lengths, targets=targets, tokens=tokens)
 
 
 def response_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100,
@@ -112,7 +116,7 @@ def response_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_in
     ``[B, T-1, H]`` (row ``t`` scores ``targets[t]``) and the lm_head ``weight`` ``[V, H]``, through the fused
     token log-prob op: what :func:`sequence_logps` and the training algorithms both compute with."""
     per_token = token_logprobs(hidden, weight, targets, ignore_index=ignore_index, chunk_size=chunk_size)
-    return SequenceLogps(per_token.sum(-1), (targets != ignore_index).sum(-1), hidden, targets, weight)
+    return SequenceLogps(per_token.sum(-1), (targets != ignore_index).sum(-1), hidden, targets, weight, per_token)
 
 
 QWEN_VOCAB = 151_936

@@ -95,6 +95,14 @@ class PreferenceObjective(Objective):
         """
         return {}
 
+    #: True for an objective whose :meth:`summed_logps` weighs tokens unequally (dpo's ``ld_alpha``)
+    reweights_tokens: bool = False
+
+    def summed_logps(self, seq: "SequenceLogps", n_pairs: int) -> Tensor:
+        """The ``[2B]`` response log-probs the loss reads, from one forward pass's :class:`SequenceLogps` (chosen
+        rows first): their plain sums by default."""
+        return seq.logps
+
     # ------------------------------------------------------------------ what the base owns
     def forward(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
                 reference_chosen_logps: Tensor | None = None, reference_rejected_logps: Tensor | None = None, *,
@@ -197,7 +205,14 @@ def preference_loss(objective: PreferenceObjective, batch, policy: SequenceLogps
             raise ParameterError(f"{name} needs reference log-probs: pass a reference model, or data whose records carry "
                                  "reference_chosen_logps/reference_rejected_logps (a column or a reference cache)")
     extra = objective.step_inputs(policy, reference, n, policy_model, reference_model)
-    return objective(policy.logps[:n], policy.logps[n:], ref_chosen, ref_rejected,
+    pol = objective.summed_logps(policy, n)
+    if reference is not None:
+        ref = objective.summed_logps(reference, n)
+        ref_chosen, ref_rejected = ref[:n], ref[n:]
+    elif objective.needs_reference and objective.reweights_tokens:
+        raise ParameterError(f"{name} reweights each response's tokens, so it needs the reference's per-token "
+                             "log-probs: a reference model, not log-probs from the data or a reference cache")
+    return objective(pol[:n], pol[n:], ref_chosen, ref_rejected,
                      chosen_lengths=policy.lengths[:n], rejected_lengths=policy.lengths[n:], **extra)
 
 

@@ -42,6 +42,7 @@ from distillzoo.models.causal_lm import lm_head_weight
 from distillzoo.errors import ParameterError, did_you_mean
 from distillzoo.hooks.hookspecs import hookimpl
 from distillzoo.objectives.registry import objective
+from distillzoo.data.records import IGNORE_INDEX
 from distillzoo.objectives.preference import PairTerms, PreferenceObjective, length_normalised
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
@@ -87,7 +88,7 @@ class DPO(PreferenceObjective):
     def __init__(self, *, beta: float = 0.1, loss_type="sigmoid", loss_weights=None, eps: float = 0.0,
                  label_smoothing: float | None = None, f_divergence_type: str = "reverse_kl",
                  f_alpha_divergence_coef: float = 0.5, discopop_tau: float = 0.05, rpo_alpha: float = 0.0,
-                 **common) -> None:
+                 ld_alpha: float | None = None, use_weighting: bool = False, **common) -> None:
         super().__init__(**common)
         types = [loss_type] if isinstance(loss_type, str) else list(loss_type or [])
         if not types:
@@ -126,6 +127,54 @@ class DPO(PreferenceObjective):
         self.loss_type = types[0] if len(types) == 1 else types
         self.f_divergence_type, self.alpha = f_divergence_type, float(f_alpha_divergence_coef)
         self.discopop_tau = float(discopop_tau)
+        if ld_alpha is not None and not 0 <= float(ld_alpha) <= 1:
+            raise ParameterError(f"{self.name}: ld_alpha={ld_alpha} must be in [0, 1] (1: no down-weighting)")
+        sorted_types = [t for t in types if t in ("aot", "aot_unpaired")]
+        if use_weighting and sorted_types:
+            raise ParameterError(f"{self.name}: use_weighting weighs each pair, and {sorted_types} sort the batch's "
+                                 "margins, which would misalign the weights; use another loss type")
+        self.ld_alpha = None if ld_alpha is None else float(ld_alpha)
+        self.reweights_tokens = self.ld_alpha is not None
+        self.use_weighting = bool(use_weighting)
+
+    extra_inputs = ("wpo_weights",)
+
+    def summed_logps(self, seq, n_pairs: int) -> Tensor:
+        """The response log-probs: plain sums, or with ``ld_alpha`` (LD-DPO, Liu et al. 2024) each pair's tokens past
+        the shorter response's length weighted by alpha: ``sum_{t <= min(|y_w|, |y_l|)} + alpha sum_{t > ...}``."""
+        if self.ld_alpha is None:
+            return seq.logps
+        if seq.tokens is None or seq.targets is None:
+            raise ParameterError(f"{self.name}: ld_alpha needs each response's per-token log-probs")
+        mask = seq.targets != IGNORE_INDEX
+        lengths = mask.sum(-1)
+        shared = torch.minimum(lengths[:n_pairs], lengths[n_pairs:]).repeat(2)
+        tail = torch.full_like(seq.tokens, self.ld_alpha)
+        weights = torch.where(mask.cumsum(-1) <= shared[:, None], torch.ones_like(tail), tail) * mask
+        return (seq.tokens * weights).sum(-1)
+
+    def step_inputs(self, policy, reference, n_pairs, policy_model, reference_model):
+        """With ``use_weighting`` (WPO, Zhou et al. 2024): each pair's weight ``w(y_w) w(y_l)``, where ``w(y)`` is
+        the exponential of the mean over y's tokens of ``log pi(y_t) - log sum_v pi_v^2`` (the policy's, without
+        grad), from the fused path's hidden states in chunks of rows, never a ``[2B, T, V]`` tensor."""
+        if not self.use_weighting:
+            return {}
+        if policy.hidden is None or policy.tokens is None:
+            raise ParameterError(f"{self.name}: use_weighting needs the fused path (the policy's hidden states), "
+                                 "not the naive one")
+        weight = policy.weight if policy.weight is not None else lm_head_weight(policy_model)
+        with torch.no_grad():
+            mask = policy.targets != IGNORE_INDEX
+            rows = policy.hidden[mask]
+            squares = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+            step = max(1, (1 << 24) // weight.shape[0])
+            for start in range(0, rows.shape[0], step):
+                z = (rows[start:start + step] @ weight.T).float()
+                squares[start:start + step] = torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1)
+            aligned = torch.zeros(mask.shape, dtype=torch.float32, device=rows.device)
+            aligned[mask] = policy.tokens.detach()[mask].float() - squares
+            w = torch.exp(aligned.sum(-1) / mask.sum(-1).clamp(min=1))
+        return {"wpo_weights": w[:n_pairs] * w[n_pairs:]}
 
     def scores(self, logratio: Tensor) -> Tensor:
         """f'(u) at u = pi / rho, from log u: log u (reverse KL, DPO), 1 - 1/u (forward KL), log(2u / (1 + u))
@@ -181,12 +230,17 @@ class DPO(PreferenceObjective):
         # sft: the chosen responses' NLL per token over the whole batch, the same for every pair
         return (-pc.sum() / cl.sum()).expand_as(pc)
 
-    def pair_losses(self, pc, pr, rc, rr, cl, rl, **extra) -> PairTerms:
+    def pair_losses(self, pc, pr, rc, rr, cl, rl, wpo_weights: Tensor | None = None, **extra) -> PairTerms:
         c, r = pc - rc, pr - rr
         cs, rs = self.scores(c), self.scores(r)
         losses, metrics = 0, {}
+        if self.use_weighting and wpo_weights is None:
+            raise ParameterError(f"{self.name}: use_weighting needs wpo_weights= [B], each pair's WPO weight "
+                                 "(preference_step computes it from the policy's hidden states)")
         for loss_type, weight in zip(self.loss_types, self.loss_weights):
             part = self.loss(loss_type, c, r, cs, rs, pc, pr, rc, rr, cl, rl)
+            if wpo_weights is not None:
+                part = part * wpo_weights.to(part.dtype)
             losses = losses + weight * part
             if len(self.loss_types) > 1:
                 metrics[f"loss/{loss_type}"] = part.detach().mean()
