@@ -44,7 +44,7 @@ from distillzoo.kernels.backend import block_size, interpreting, launch_grid_dev
 from distillzoo.kernels.triton_common import (combine_stats, grad_store, logaddexp, row_softmax_stats, segment_softmax_stats,
                             tile_log_probs)
 
-KINDS = {"fkl": 0, "rkl": 1, "jsd": 2, "skl": 3, "srkl": 4, "tvd": 5}
+KINDS = {"fkl": 0, "rkl": 1, "jsd": 2, "skl": 3, "srkl": 4, "tvd": 5, "abkd": 6}
 #: the smallest vocab segment a split-row program takes (below it, launches cost more than they spread)
 MIN_SEGMENT = 8192
 
@@ -101,12 +101,18 @@ def _pointwise(lp, lq, c_a, c_b, w, KIND: tl.constexpr):
         ratio = tl.where(q > 0, lq - lm, 0.0)
         f = q * ratio
         g = q * (ratio + 1.0 - w * tl.exp(ratio))
-    else:  # tvd: 1/2 |p - q|, subgradient 0 where p = q
+    elif KIND == 5:  # tvd: 1/2 |p - q|, subgradient 0 where p = q
         p = tl.exp(lp)
         q = tl.exp(lq)
         diff = q - p
         f = 0.5 * tl.abs(diff)
         g = tl.where(diff > 0, 0.5 * q, tl.where(diff < 0, -0.5 * q, 0.0))
+    else:  # abkd: -1/(a b) [p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)]; c_a = a, c_b = b
+        cross = tl.exp(c_a * lp + c_b * lq)
+        own_q = tl.exp((c_a + c_b) * lq)
+        own_p = tl.exp((c_a + c_b) * lp)
+        f = -(cross - c_a / (c_a + c_b) * own_p - c_b / (c_a + c_b) * own_q) / (c_a * c_b)
+        g = -(cross - own_q) / c_a
     return f, g
 
 
@@ -268,8 +274,12 @@ def _split_loss_and_grad(kind, student, teacher, tau, grad, grad_scale, weight, 
     return partial[:, 0].sum(1)
 
 
-def _mixture_constants(kind: str, weight: float) -> tuple[float, float, float]:
-    """(c_a, c_b, w) for the mixture m = w * first + (1 - w) * second: c_a = log w, c_b = log(1 - w)."""
+def _mixture_constants(kind: str, weight) -> tuple[float, float, float]:
+    """(c_a, c_b, w) for the mixture m = w * first + (1 - w) * second: c_a = log w, c_b = log(1 - w); for abkd
+    its exponents (alpha, beta, 0)."""
+    if kind == "abkd":
+        alpha, beta = weight
+        return float(alpha), float(beta), 0.0
     if kind in ("jsd", "skl", "srkl"):
         log_w = math.log(weight) if weight > 0 else -math.inf
         return log_w, math.log1p(-weight), weight
@@ -282,7 +292,7 @@ def loss_and_grad(kind: str, student: Tensor, teacher: Tensor, tau: float, grad:
     """Per-row divergence ``[rows]`` (fp32) of ``[rows, V]`` logits; adds ``grad_scale * dD/dz_s`` into ``grad``
     (``accumulate=False``: writes it over every entry of ``grad``, which may hold anything).
 
-    ``kind`` is one of :data:`KINDS`; ``weight`` is jsd's beta or skl/srkl's alpha.
+    ``kind`` is one of :data:`KINDS`; ``weight`` is jsd's beta or skl/srkl's alpha, or abkd's (alpha, beta).
     Rows of student, teacher and grad may have any stride (views of wider tensors).
     ``splits``: vocab segments per row (1: one program per row; None: :func:`split_count`).
     """

@@ -75,6 +75,13 @@ def dpkd_token_reference(student_logits, teacher_logits, labels=None, beta=0.1, 
     return -(1 - eps) * logsigmoid(beta * h) - eps * logsigmoid(-beta * h)
 
 
+def abkd_reference(student_logits, teacher_logits, labels=None, alpha=0.5, beta=0.5):
+    """The alpha-beta divergence of the ABKD paper per row, from probabilities."""
+    p, q = torch.softmax(teacher_logits, -1), torch.softmax(student_logits, -1)
+    s = alpha + beta
+    return -(p ** alpha * q ** beta - alpha / s * p ** s - beta / s * q ** s).sum(-1) / (alpha * beta)
+
+
 REFERENCES = {
     "fkl": fkl_reference,
     "rkl": rkl_reference,
@@ -84,6 +91,7 @@ REFERENCES = {
     "tvd": tvd_reference,
     "ce": ce_reference,
     "dpkd_token": dpkd_token_reference,
+    "abkd": abkd_reference,
 }
 
 

@@ -8,7 +8,7 @@ from helpers import REFERENCES
 
 import distillzoo as dz
 
-SPARSE = ["fkl", "jsd", "rkl", "skl", "srkl", "tvd"]
+SPARSE = ["fkl", "jsd", "rkl", "skl", "srkl", "tvd", "abkd"]
 PARAMS = {"jsd": {"beta": 0.3}, "skl": {"alpha": 0.2}, "srkl": {"alpha": 0.25}}
 QWEN_VOCAB = 151_936
 

@@ -21,11 +21,11 @@ pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QWEN_VOCAB = 151_936
 QWEN_TEACHER_VOCAB = 152_064
-DIVERGENCES = ["fkl", "rkl", "jsd", "skl", "srkl", "tvd"]
+DIVERGENCES = ["fkl", "rkl", "jsd", "skl", "srkl", "tvd", "abkd"]
 OBJECTIVES = DIVERGENCES + ["ce", "dpkd_token"]
 PARAMS = {"jsd": {"beta": 0.3}, "skl": {"alpha": 0.2}, "srkl": {"alpha": 0.25}, "ce": {"label_smoothing": 0.1},
-          "dpkd_token": {"beta": 0.5, "eps": 0.1}}
-WEIGHT = {"jsd": 0.3, "skl": 0.2, "srkl": 0.25}
+          "dpkd_token": {"beta": 0.5, "eps": 0.1}, "abkd": {"alpha": 0.3, "beta": 0.6}}
+WEIGHT = {"jsd": 0.3, "skl": 0.2, "srkl": 0.25, "abkd": (0.3, 0.6)}
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def reference_rows(name, student, teacher, tau=1.0):
     s, t = student / tau, teacher / tau
     if name in ("jsd", "skl", "srkl"):
         return log_space_reference(name, s, t, beta=WEIGHT.get(name, 0.5), alpha=WEIGHT.get(name, 0.1))
-    return REFERENCES[name](s, t)
+    return REFERENCES[name](s, t, **PARAMS.get(name, {}) if name == "abkd" else {})
 
 
 # ---------------------------------------------------------------- the divergence kernel, directly

@@ -361,7 +361,8 @@ class PointwiseDivergence(LogitObjective):
     #: Honoured only on the class that also defines ``pointwise``: a subclass that overrides
     #: ``pointwise`` without naming a kernel takes the chunked torch path.
     triton_kind: ClassVar[str | None] = None
-    #: The attribute holding the kernel's mixture weight (jsd's ``beta``, skl/srkl's ``alpha``).
+    #: The attribute holding the kernel's mixture weight (jsd's ``beta``, skl/srkl's ``alpha``; abkd's pair of
+    #: exponents).
     triton_weight: ClassVar[str | None] = None
 
     def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
@@ -421,7 +422,8 @@ class PointwiseDivergence(LogitObjective):
         backend = self._backend(student_logits, teacher)
         if backend == "triton":
             kernels = kernel_backend.kernel_module("divergence")
-            weight = float(getattr(self, self.triton_weight)) if self.triton_weight else 0.0
+            value = getattr(self, self.triton_weight) if self.triton_weight else 0.0
+            weight = tuple(map(float, value)) if isinstance(value, tuple) else float(value)
             loss = kernels.loss_and_grad(self._kernel_kind(), student_logits, teacher, self.temperature, grad,
                                          grad_scale * scale, weight, accumulate=not overwrite)
             return loss * scale

@@ -146,6 +146,36 @@ class TotalVariation(PointwiseDivergence):
         return 0.5 * diff.abs(), 0.5 * torch.sign(diff) * q
 
 
+class AlphaBeta(PointwiseDivergence):
+    """ABKD's alpha-beta divergence (Wang et al. 2025; Cichocki et al.'s AB-divergence):
+    ``-1/(alpha beta) sum_v [p^alpha q^beta - alpha/(alpha+beta) p^(alpha+beta) - beta/(alpha+beta) q^(alpha+beta)]``.
+
+    alpha -> 1, beta -> 0 tends to forward KL and alpha -> 0, beta -> 1 to reverse KL; alpha weighs the
+    modes the student misses (hardness), beta the modes it is confident on. Both are > 0 here (the limits are
+    fkl and rkl). d/dlog q = -(p^alpha q^beta - q^(alpha+beta)) / alpha; an entry the teacher masks (p = 0)
+    adds q^(alpha+beta) / (alpha (alpha+beta)), finite.
+    """
+
+    name = "abkd"
+    triton_kind = "abkd"
+    triton_weight = "exponents"
+
+    def __init__(self, *, alpha: float = 0.5, beta: float = 0.5, **common) -> None:
+        super().__init__(**common)
+        self.alpha, self.beta = float(alpha), float(beta)
+
+    @property
+    def exponents(self) -> tuple[float, float]:
+        return self.alpha, self.beta
+
+    def pointwise(self, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = self.alpha, self.beta
+        cross = torch.exp(a * log_p + b * log_q)
+        own_q = torch.exp((a + b) * log_q)
+        value = -(cross - a / (a + b) * torch.exp((a + b) * log_p) - b / (a + b) * own_q) / (a * b)
+        return value, -(cross - own_q) / a
+
+
 @hookimpl
 def register_objectives(register):
     register(ForwardKL)
@@ -154,3 +184,4 @@ def register_objectives(register):
     register(SkewKL)
     register(SkewReverseKL)
     register(TotalVariation)
+    register(AlphaBeta)

@@ -123,9 +123,10 @@ class DPO(PreferenceObjective):
         if not math.isfinite(float(f_alpha_divergence_coef)):
             raise ParameterError(f"{self.name}: f_alpha_divergence_coef must be finite, got {f_alpha_divergence_coef}")
         self.beta, self.eps, self.rpo_alpha = float(beta), eps, float(rpo_alpha)
-        self.loss_types, self.loss_weights = types, weights
+        self.loss_types, self.weights = types, weights
+        self.loss_weights, self.label_smoothing = loss_weights, label_smoothing  # as given
         self.loss_type = types[0] if len(types) == 1 else types
-        self.f_divergence_type, self.alpha = f_divergence_type, float(f_alpha_divergence_coef)
+        self.f_divergence_type, self.f_alpha_divergence_coef = f_divergence_type, float(f_alpha_divergence_coef)
         self.discopop_tau = float(discopop_tau)
         if ld_alpha is not None and not 0 <= float(ld_alpha) <= 1:
             raise ParameterError(f"{self.name}: ld_alpha={ld_alpha} must be in [0, 1] (1: no down-weighting)")
@@ -184,9 +185,10 @@ class DPO(PreferenceObjective):
             return 1 - torch.exp(-logratio)
         if kind == "js_divergence":
             return math.log(2) + F.logsigmoid(logratio)
-        if kind == "alpha_divergence" and abs(self.alpha - 1) >= 1e-6:
-            t = ((self.alpha - 1) * logratio).clamp(max=80.0)  # exp stays finite in fp32, as TRL clamps
-            return torch.expm1(t) / (self.alpha - 1)
+        a = self.f_alpha_divergence_coef
+        if kind == "alpha_divergence" and abs(a - 1) >= 1e-6:
+            t = ((a - 1) * logratio).clamp(max=80.0)  # exp stays finite in fp32, as TRL clamps
+            return torch.expm1(t) / (a - 1)
         return logratio
 
     def loss(self, loss_type: str, c: Tensor, r: Tensor, cs: Tensor, rs: Tensor, pc, pr, rc, rr, cl, rl) -> Tensor:
@@ -237,7 +239,7 @@ class DPO(PreferenceObjective):
         if self.use_weighting and wpo_weights is None:
             raise ParameterError(f"{self.name}: use_weighting needs wpo_weights= [B], each pair's WPO weight "
                                  "(preference_step computes it from the policy's hidden states)")
-        for loss_type, weight in zip(self.loss_types, self.loss_weights):
+        for loss_type, weight in zip(self.loss_types, self.weights):
             part = self.loss(loss_type, c, r, cs, rs, pc, pr, rc, rr, cl, rl)
             if wpo_weights is not None:
                 part = part * wpo_weights.to(part.dtype)
@@ -253,7 +255,7 @@ class DPO(PreferenceObjective):
         return PairTerms(losses, self.beta * c.detach(), self.beta * r.detach(), metrics)
 
     def extra_repr(self) -> str:
-        weights = "" if len(self.loss_types) == 1 else f", loss_weights={self.loss_weights}"
+        weights = "" if len(self.loss_types) == 1 else f", loss_weights={self.weights}"
         fdiv = "" if self.f_divergence_type == "reverse_kl" else f", f_divergence_type={self.f_divergence_type!r}"
         return (f"beta={self.beta}, loss_type={self.loss_type!r}{weights}{fdiv}, eps={self.eps}, "
                 f"rpo_alpha={self.rpo_alpha}, " + super().extra_repr())
@@ -332,6 +334,7 @@ class SimPO(PreferenceObjective):
                  label_smoothing: float | None = None, **common) -> None:
         super().__init__(**common)
         self.beta, self.gamma, self.eps = float(beta), float(gamma), _smoothing(self.name, eps, label_smoothing)
+        self.label_smoothing = label_smoothing
 
     def pair_losses(self, pc, pr, rc, rr, cl, rl, **extra) -> PairTerms:
         chosen = self.beta * length_normalised(pc, cl)
