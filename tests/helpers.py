@@ -82,6 +82,22 @@ def abkd_reference(student_logits, teacher_logits, labels=None, alpha=0.5, beta=
     return -(p ** alpha * q ** beta - alpha / s * p ** s - beta / s * q ** s).sum(-1) / (alpha * beta)
 
 
+def akl_reference(student_logits, teacher_logits, labels=None, mu=0.5):
+    """AKL per row: the tail the teacher's least probable entries whose cumulative mass is below mu (found by
+    searchsorted on the ascending cumulative mass), the head the rest, the weights from the gaps on each side
+    taken as constants."""
+    p, q = torch.softmax(teacher_logits, -1), torch.softmax(student_logits, -1)
+    ranked, order = p.detach().sort(-1)
+    cumulative = ranked.cumsum(-1)
+    first_head = torch.searchsorted(cumulative, torch.full((len(p), 1), mu, dtype=p.dtype))  # cum >= mu from here
+    rank = torch.arange(p.shape[-1]).expand_as(p)
+    gap = (ranked - q.detach().gather(-1, order)).abs()
+    g_head = torch.where(rank >= first_head, gap, 0.0).sum(-1)
+    g_tail = torch.where(rank < first_head, gap, 0.0).sum(-1)
+    w = g_head / (g_head + g_tail)
+    return w * fkl_reference(student_logits, teacher_logits) + (1 - w) * rkl_reference(student_logits, teacher_logits)
+
+
 REFERENCES = {
     "fkl": fkl_reference,
     "rkl": rkl_reference,
@@ -92,6 +108,7 @@ REFERENCES = {
     "ce": ce_reference,
     "dpkd_token": dpkd_token_reference,
     "abkd": abkd_reference,
+    "akl": akl_reference,
 }
 
 

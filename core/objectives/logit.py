@@ -67,6 +67,9 @@ class LogitObjective(Objective):
     needs_teacher: ClassVar[bool] = True
     #: True for objectives computed from the two distributions alone, which accept a SparseTeacher.
     accepts_sparse_teacher: ClassVar[bool] = False
+    #: The coefficients an objective holds constant in its gradient (a stop-gradient, e.g. AKL's weights);
+    #: the conformance kit then checks its gradient against the reference's rather than by gradcheck.
+    holds_constant: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
