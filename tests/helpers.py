@@ -98,6 +98,15 @@ def akl_reference(student_logits, teacher_logits, labels=None, mu=0.5):
     return w * fkl_reference(student_logits, teacher_logits) + (1 - w) * rkl_reference(student_logits, teacher_logits)
 
 
+def taid_reference(student_logits, teacher_logits, labels=None, t_start=0.4):
+    """TAID before any update (t = t_start): KL(p_t || q), p_t = softmax((1 - t) z_s + t z_t), the student's logits
+    held constant in p_t."""
+    t = t_start
+    log_pt = torch.log_softmax((1 - t) * student_logits.detach() + t * teacher_logits, -1)
+    log_q = torch.log_softmax(student_logits, -1)
+    return torch.where(log_pt > -torch.inf, log_pt.exp() * (log_pt - log_q), 0.0).sum(-1)
+
+
 REFERENCES = {
     "fkl": fkl_reference,
     "rkl": rkl_reference,
@@ -109,6 +118,7 @@ REFERENCES = {
     "dpkd_token": dpkd_token_reference,
     "abkd": abkd_reference,
     "akl": akl_reference,
+    "taid": taid_reference,
 }
 
 

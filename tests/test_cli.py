@@ -44,7 +44,7 @@ def test_show_unknown_name_fails_with_suggestion(capsys):
     code, out, err = run(capsys, "show", "rkll")
     assert code == 2 and out == ""
     assert err.strip() == ("distillzoo show: error: unknown objective or training algorithm 'rkll'. Objectives: abkd, akl, ce, "
-                           "dpkd, dpkd_token, dpo, fkl, jsd, rkl, simpo, skl, srkl, tvd; algorithms: distill, dpkd, "
+                           "dpkd, dpkd_token, dpo, fkl, jsd, rkl, simpo, skl, srkl, taid, tvd; algorithms: distill, dpkd, "
                            "preference. Did you mean 'rkl'?")
     assert run(capsys, "show", "distil")[2].strip().endswith("Did you mean 'distill'?")
 
@@ -69,7 +69,7 @@ def test_plugins_json(capsys):
     code, out, _ = run(capsys, "plugins")
     [builtin] = [p for p in json.loads(out) if p["name"] == "distillzoo.plugins.objectives.divergences"]
     assert builtin["package"] == "distillzoo" and builtin["version"] == "0.1.0"
-    assert builtin["objectives"] == ["abkd", "akl", "fkl", "jsd", "rkl", "skl", "srkl", "tvd"] and builtin["hooks"] == ["register_objectives"]
+    assert builtin["objectives"] == ["abkd", "akl", "fkl", "jsd", "rkl", "skl", "srkl", "taid", "tvd"] and builtin["hooks"] == ["register_objectives"]
 
 
 def test_config_output_is_accepted_by_check(capsys, tmp_path):

@@ -70,7 +70,7 @@ def test_unknown_objective_name_in_a_list_names_the_path(tmp_path):
     with pytest.raises(dz.ConfigError) as err:
         dz.load_config(path)
     assert str(err.value) == (
-        f"{path}:4: objectives[1].name: unknown objective 'rlk'. Available: abkd, akl, ce, dpkd, dpkd_token, dpo, fkl, jsd, rkl, simpo, skl, srkl, tvd. Did you mean 'rkl'?"
+        f"{path}:4: objectives[1].name: unknown objective 'rlk'. Available: abkd, akl, ce, dpkd, dpkd_token, dpo, fkl, jsd, rkl, simpo, skl, srkl, taid, tvd. Did you mean 'rkl'?"
     )
 
 
@@ -89,9 +89,9 @@ def test_out_of_range_value_from_override(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("seed: 1\n", r"no objective selected: add `objective: \{name: fkl\}` or a weighted `objectives:` list\. Available: abkd, akl, ce, dpkd, dpkd_token, dpo, fkl, jsd, rkl, simpo, skl, srkl, tvd"),
+    ("seed: 1\n", r"no objective selected: add `objective: \{name: fkl\}` or a weighted `objectives:` list\. Available: abkd, akl, ce, dpkd, dpkd_token, dpo, fkl, jsd, rkl, simpo, skl, srkl, taid, tvd"),
     ("objective: {name: fkl}\nobjectives: [{name: rkl}]\n", r":2: give either 'objective' or 'objectives', not both"),
-    ("objective: {temperature: 2}\n", r":1: objective has no 'name'\. Available: abkd, akl, ce, dpkd, dpkd_token, dpo, fkl, jsd, rkl, simpo, skl, srkl, tvd"),
+    ("objective: {temperature: 2}\n", r":1: objective has no 'name'\. Available: abkd, akl, ce, dpkd, dpkd_token, dpo, fkl, jsd, rkl, simpo, skl, srkl, taid, tvd"),
     ("objective: {name: fkl, weight: 0.5}\n", r":1: a single 'objective' takes no weight; use 'objectives:' to mix"),
     ("objectives: []\n", r":1: 'objectives' must be a non-empty list"),
     ("objectives: [{name: fkl, weight: heavy}]\n", r":1: objectives\[0\]\.weight must be a number, got 'heavy'"),

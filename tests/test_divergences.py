@@ -12,7 +12,7 @@ DIVERGENCES = [name for name in OBJECTIVES if name not in ("ce", "dpkd_token")]
 # Non-default parameters so that a parameter ignored by the implementation shows.
 PARAMS = {"jsd": {"beta": 0.3}, "skl": {"alpha": 0.2}, "srkl": {"alpha": 0.25}, "ce": {"label_smoothing": 0.1},
           "dpkd_token": {"beta": 0.5, "eps": 0.1}, "abkd": {"alpha": 0.3, "beta": 0.6},
-          "akl": {"mu": 0.4}}
+          "akl": {"mu": 0.4}, "taid": {"t_start": 0.3}}
 
 import distillzoo as dz
 from distillzoo.testing import CHECKS
@@ -123,7 +123,7 @@ def rel_err(actual, expected):
 
 
 GRAD_RTOL = {"fkl": 2e-5, "rkl": 2e-5, "skl": 2e-5, "ce": 2e-5, "dpkd_token": 2e-5, "jsd": 1e-3, "srkl": 1e-3, "tvd": 5e-3,
-             "abkd": 1e-4, "akl": 1e-4}
+             "abkd": 1e-4, "akl": 1e-4, "taid": 1e-4}
 CASES = {
     # case id: (n, ignored rows, tau, student vocab, teacher vocab)
     "plain": (8, [], 1.0, QWEN_VOCAB, QWEN_VOCAB),

@@ -52,7 +52,7 @@ def test_list_objectives_and_build_by_name():
 def test_unknown_objective_lists_names_and_suggests():
     with pytest.raises(dz.UnknownNameError) as err:
         dz.objective("fkll")
-    assert str(err.value) == "unknown objective 'fkll'. Available: abkd, akl, ce, dpkd, dpkd_token, dpo, fkl, jsd, rkl, simpo, skl, srkl, tvd. Did you mean 'fkl'?"
+    assert str(err.value) == "unknown objective 'fkll'. Available: abkd, akl, ce, dpkd, dpkd_token, dpo, fkl, jsd, rkl, simpo, skl, srkl, taid, tvd. Did you mean 'fkl'?"
 
 
 def test_unknown_parameter_lists_valid_ones_and_suggests():
@@ -210,7 +210,7 @@ def test_plugins_command_lists_problems_instead_of_failing(register_plugin, caps
     (clash,) = info["copycat-kd"]["problems"]
     assert "objective 'fkl' is registered twice: by package 'distillzoo' and by package 'copycat-kd'" in clash["error"]
     assert info["components-plugin"]["problems"] == [] and info["components-plugin"]["scorers"] == ["length"]
-    assert info["distillzoo.plugins.objectives.divergences"]["objectives"] == ["abkd", "akl", "fkl", "jsd", "rkl", "skl", "srkl", "tvd"]
+    assert info["distillzoo.plugins.objectives.divergences"]["objectives"] == ["abkd", "akl", "fkl", "jsd", "rkl", "skl", "srkl", "taid", "tvd"]
     with isolated("half-broken"), pytest.raises(dz.PluginError, match="objective 'fkl' is registered twice"):
         dz.objective("fkl")  # using a clashing name stays an error
 
@@ -338,7 +338,7 @@ def test_plugins_info_reports_hooks_and_names(register_plugin):
     register_plugin(ComponentPlugin(), "components-plugin")
     info = {p["name"]: p for p in dz.plugins_info()}
     builtin = info["distillzoo.plugins.objectives.divergences"]
-    assert builtin["package"] == "distillzoo" and builtin["objectives"] == ["abkd", "akl", "fkl", "jsd", "rkl", "skl", "srkl", "tvd"]
+    assert builtin["package"] == "distillzoo" and builtin["objectives"] == ["abkd", "akl", "fkl", "jsd", "rkl", "skl", "srkl", "taid", "tvd"]
     assert builtin["hooks"] == ["register_objectives"]
     mine = info["components-plugin"]
     assert mine["hooks"] == ["register_data_formats", "register_scorers", "register_trainer_callbacks"]

@@ -44,12 +44,33 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 class Objective(torch.nn.Module):
-    """Root of every distillzoo objective. ``name`` is the catalogue name."""
+    """Root of every distillzoo objective. ``name`` is the catalogue name.
+
+    Training progress: an objective that depends on it (TAID's interpolation) sets :attr:`wants_progress`; the
+    training loop then calls :meth:`begin_step` before each optimizer step and :meth:`end_step` after it, and
+    checkpoints :meth:`progress_state` with the run, so a resumed run continues the same schedule.
+    """
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""
     #: the training algorithm ``distillzoo train`` runs it with when a config names none
     default_algorithm: ClassVar[str] = ""
+    #: True for an objective that reads the training step (:meth:`begin_step`, :meth:`end_step`)
+    wants_progress: ClassVar[bool] = False
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        """Before optimizer step ``step`` (0-based) of ``total_steps``."""
+
+    def end_step(self, losses: dict) -> None:
+        """After the step: ``losses`` holds its global mean losses (``loss``, and ``loss/<term>`` of a mixture's
+        terms), the same on every rank."""
+
+    def progress_state(self) -> dict:
+        """What a checkpoint holds for the schedule to resume exactly (JSON-able floats); default none."""
+        return {}
+
+    def load_progress_state(self, state: dict) -> None:
+        pass
 
 
 class LogitObjective(Objective):

@@ -50,6 +50,28 @@ class Mixture(LogitObjective):
         self.term_losses: dict[str, Tensor] = {}
         self._sums: list[Tensor | float] = []
 
+    @property
+    def wants_progress(self) -> bool:
+        return any(t.wants_progress for t in self.terms)
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        for term in self.terms:
+            term.begin_step(step, total_steps)
+
+    def end_step(self, losses: dict) -> None:
+        """Each term sees its own loss as ``loss``."""
+        for name, term in zip(self.term_names, self.terms):
+            if term.wants_progress:
+                term.end_step({**losses, "loss": losses.get(f"loss/{name}", losses.get("loss"))})
+
+    def progress_state(self) -> dict:
+        return {name: term.progress_state() for name, term in zip(self.term_names, self.terms) if term.wants_progress}
+
+    def load_progress_state(self, state: dict) -> None:
+        for name, term in zip(self.term_names, self.terms):
+            if name in state:
+                term.load_progress_state(state[name])
+
     def overwrites_grad(self, student_logits, teacher):
         first = self.terms[0]
         return first.overwrites_grad(student_logits, teacher if first.needs_teacher else None)

@@ -194,16 +194,31 @@ class Algorithm:
                                                                                         x["targets"]).double()
         return StepLoss(nll, metrics)
 
+    # ------------------------------------------------------------------ training progress
+    def begin_step(self, step: int, total_steps: int) -> None:
+        """Before optimizer step ``step`` (0-based) of ``total_steps``: an objective that reads the step hears it."""
+        if self.objective.wants_progress:
+            self.objective.begin_step(step, total_steps)
+
+    def end_step(self, losses: dict) -> None:
+        """After the step, with its global mean losses (the same on every rank)."""
+        if self.objective.wants_progress:
+            self.objective.end_step(losses)
+
     # ------------------------------------------------------------------ state kept across steps
     def state_dict(self) -> dict:
-        """What a checkpoint must hold for an exact resume (schedules, running statistics); default none.
+        """What a checkpoint must hold for an exact resume (schedules, running statistics): by default the
+        objective's schedule (:meth:`~distillzoo.objectives.logit.Objective.progress_state`), if it has one.
+        A subclass that keeps its own state adds it to ``super().state_dict()``.
 
         Keep it the same on every rank (derive it from all-reduced values): rank 0's is saved.
         """
-        return {}
+        progress = self.objective.progress_state() if self.objective.wants_progress else {}
+        return {"objective": progress} if progress else {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if self.objective.wants_progress and state.get("objective"):
+            self.objective.load_progress_state(state["objective"])
 
     def close(self) -> None:
         """When the run ends, finished or stopped by an error: let go of what the algorithm holds (a teacher

@@ -132,6 +132,7 @@ def _loop(spec: RunSpec, run_dir: RunDir) -> TrainResult:
         started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, t)
+        algorithm.begin_step(step, t.steps)
         try:
             batches = algorithm.micro_batches(run, streams.take(per_rank), step, micro)
         except ServerError as e:  # the teacher server gave up after its retries: say what is safe on disk
@@ -152,6 +153,7 @@ def _loop(spec: RunSpec, run_dir: RunDir) -> TrainResult:
         means = parallel.global_means(sums, n_global, distributed)
         loss_value = means.pop("loss")
         _refuse_non_finite(loss_value, float(norm), step + 1, batches, run_dir, spec.where)  # before the weights move
+        algorithm.end_step({"loss": loss_value, **means})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

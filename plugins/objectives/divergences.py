@@ -211,6 +211,61 @@ class AdaptiveKL(LogitObjective):
         return w * forward + (1 - w) * reverse
 
 
+class TAID(LogitObjective):
+    """TAID, temporally adaptive interpolated distillation (Shing et al., ICLR 2025): forward KL toward
+    ``p_t = softmax((1 - t) log q' + t log p)``, an interpolation of the student's own distribution (``q'``,
+    held constant) and the teacher's, ``KL(p_t || q)``; ``t`` moves from ``t_start`` to ``t_end`` over training.
+
+    After each step (the step's global mean TAID loss ``J``): the relative change ``d = (J_prev - J) / J_prev``
+    feeds a momentum ``m = beta m + (1 - beta) d``, and ``t = min(t_end, max(t_lin, t + alpha s(m) (1 - t)))``
+    with ``t_lin`` the linear schedule ``t_start + (t_end - t_start) step / steps``; at the first step ``J`` is
+    only remembered. ``adaptive: false`` follows ``t_lin`` alone. ``t``, ``J_prev`` and ``m`` are checkpointed.
+    Not pointwise (``p_t`` is normalised over the vocab), so it takes the row path (logits and from_hidden).
+    The authors' code feeds the update the cross-entropy ``-sum p_t log q``, which adds ``p_t``'s entropy to
+    ``J``; here ``J`` is the divergence itself, as the paper writes it.
+    """
+
+    name = "taid"
+    wants_progress = True
+    holds_constant = ("q'",)
+
+    def __init__(self, *, t_start: float = 0.4, t_end: float = 1.0, alpha: float = 5e-4, beta: float = 0.99,
+                 adaptive: bool = True, **common) -> None:
+        super().__init__(**common)
+        if not 0 <= t_start <= t_end <= 1:
+            from distillzoo.errors import ParameterError
+
+            raise ParameterError(f"taid: need 0 <= t_start <= t_end <= 1, got t_start={t_start}, t_end={t_end}")
+        self.t_start, self.t_end, self.alpha, self.beta = float(t_start), float(t_end), float(alpha), float(beta)
+        self.adaptive = bool(adaptive)
+        self.t, self.previous, self.momentum, self.step, self.steps = self.t_start, math.inf, 0.0, 0, 1
+
+    def token_loss(self, student_logprobs: Tensor, teacher_logprobs: Tensor, labels: Tensor) -> Tensor:
+        log_pt = torch.log_softmax((1 - self.t) * student_logprobs.detach() + self.t * teacher_logprobs, -1)
+        return kl(log_pt, student_logprobs)
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        self.step, self.steps = int(step), max(int(total_steps), 1)
+
+    def end_step(self, losses: dict) -> None:
+        loss = float(losses["loss"])
+        if math.isinf(self.previous):
+            self.previous = loss
+            return
+        change = (self.previous - loss) / (self.previous + 1e-15)
+        self.momentum = self.beta * self.momentum + (1 - self.beta) * change
+        linear = self.t_start + (self.t_end - self.t_start) * self.step / self.steps
+        grown = self.t + self.alpha / (1 + math.exp(-self.momentum)) * (1 - self.t)
+        self.t = min(self.t_end, max(linear, grown)) if self.adaptive else linear
+        self.previous = loss
+
+    def progress_state(self) -> dict:
+        return {"t": self.t, "previous": self.previous, "momentum": self.momentum}
+
+    def load_progress_state(self, state: dict) -> None:
+        self.t, self.previous, self.momentum = float(state["t"]), float(state["previous"]), float(state["momentum"])
+
+
 @hookimpl
 def register_objectives(register):
     register(ForwardKL)
@@ -221,3 +276,4 @@ def register_objectives(register):
     register(TotalVariation)
     register(AlphaBeta)
     register(AdaptiveKL)
+    register(TAID)
