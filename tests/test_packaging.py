@@ -66,12 +66,12 @@ def test_installed_wheel_reads_its_registry(wheel, tmp_path):
     python("-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel), cwd=tmp_path)
     out = python("-c", PROBE, cwd=tmp_path, env_path=target)
     assert out[0] == str(target / "distillzoo" / "__init__.py")  # the wheel, not the source tree
-    assert out[1:] == ["[]", "['ce', 'dpkd', 'dpkd_token', 'dpo', 'fkl', 'jsd', 'rkl', 'simpo', 'skl', 'srkl', 'tvd']", "2.0"]
+    assert out[1:] == ["[]", "['abkd', 'akl', 'ce', 'dpkd', 'dpkd_token', 'dpo', 'fkl', 'jsd', 'rkl', 'simpo', 'skl', 'srkl', 'taid', 'tvd']", "2.0"]
 
 
 def test_development_install_exposes_only_distillzoo(tmp_path):
     out = python("-c", PROBE, cwd=tmp_path)
-    assert out[1:] == ["[]", "['ce', 'dpkd', 'dpkd_token', 'dpo', 'fkl', 'jsd', 'rkl', 'simpo', 'skl', 'srkl', 'tvd']", "2.0"]
+    assert out[1:] == ["[]", "['abkd', 'akl', 'ce', 'dpkd', 'dpkd_token', 'dpo', 'fkl', 'jsd', 'rkl', 'simpo', 'skl', 'srkl', 'taid', 'tvd']", "2.0"]
 
 
 def test_console_script_lists_the_zoo(tmp_path):
