@@ -114,6 +114,8 @@ def _show_objective(spec) -> None:
     print(textwrap.fill(spec.summary, 88))
     print(f"\nformula:  {spec.formula}")
     print(f"inputs:   {', '.join(spec.inputs)}")
+    for device, how in (spec.cls.paths().items() if hasattr(spec.cls, "paths") else ()):
+        print(f"{device + ':':<9} {how}")
     _show_params(spec.params)
     _show_paper(spec.paper)
 

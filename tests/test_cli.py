@@ -121,3 +121,19 @@ def test_version_and_help_need_no_torch():
     assert lines[0] == f"distillzoo {version('distillzoo')}"
     assert lines[1].startswith("usage: distillzoo")
     assert lines[-1] == "False"  # torch is imported only by the commands that need it
+
+
+def test_show_says_how_each_device_computes_an_objective(capsys):
+    code, out, _ = run(capsys, "show", "fkl")
+    assert code == 0 and "cuda:     the Triton kernel 'fkl'\n" in out and "sparse teacher: yes" in out
+    code, out, _ = run(capsys, "show", "akl")
+    assert code == 0 and "cuda:     row chunks, autograd over token_loss\n" in out and "sparse teacher: no\n" in out
+
+    import distillzoo as dz
+
+    class Plugin(dz.PointwiseDivergence):  # a third party's pointwise terms, no kernel of its own
+        def pointwise(self, log_p, log_q):
+            return (log_p - log_q) ** 2, -2 * (log_p - log_q)
+
+    assert Plugin.paths()["cuda"] == "vocab-chunked torch over its pointwise terms (no [N, V] autograd graph)"
+    assert Plugin.paths()["cpu"].endswith("the column path (W @ h.T), over its pointwise terms")

@@ -185,6 +185,13 @@ class LogitObjective(Objective):
                 grad.add_(d_student, alpha=grad_scale)
         return loss.detach()
 
+    @classmethod
+    def paths(cls) -> dict[str, str]:
+        """How an objective of this class is computed on each device (what ``distillzoo show`` prints)."""
+        return {"cuda": "row chunks, autograd over token_loss",
+                "cpu": "autograd over token_loss on row chunks (from_hidden: of the W @ h.T columns)",
+                "sparse teacher": "yes" if cls.accepts_sparse_teacher else "no"}
+
     #: fp32 ``[V, c]`` buffers :meth:`columns_loss_and_grad` holds at once; the CPU fused path sizes its
     #: chunks from it (the default's copies and whole-row autograd hold about eight)
     columns_buffers: ClassVar[int] = 8
@@ -421,6 +428,16 @@ class PointwiseDivergence(LogitObjective):
         return super().grad_dtype(student_logits, teacher)
 
     columns_buffers: ClassVar[int] = 3  # the student's logits, the teacher's, and a block's temporaries
+
+    @classmethod
+    def paths(cls) -> dict[str, str]:
+        kind = cls._kernel_kind()
+        own_columns = cls.columns_terms is not PointwiseDivergence.columns_terms
+        return {"cuda": f"the Triton kernel {kind!r}" if kind else
+                "vocab-chunked torch over its pointwise terms (no [N, V] autograd graph)",
+                "cpu": "vocab-chunked torch; from_hidden: the column path (W @ h.T), "
+                       + ("its own column form" if own_columns else "over its pointwise terms"),
+                "sparse teacher": "yes (the kept ids and one tail bucket)"}
 
     def columns_loss_and_grad(self, student, teacher, labels, want_grad):
         loss, grad = self.columns_terms(student, teacher, want_grad)

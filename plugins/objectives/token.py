@@ -30,6 +30,12 @@ class CrossEntropy(LogitObjective):
     """
 
     name = "ce"
+
+    @classmethod
+    def paths(cls) -> dict[str, str]:
+        return {"cuda": "the Triton cross-entropy kernel",
+                "cpu": "vocab-chunked torch; from_hidden: the column path, its own column form",
+                "sparse teacher": "needs no teacher"}
     needs_teacher = False
 
     def __init__(self, *, label_smoothing: float = 0.0, **common) -> None:
@@ -92,6 +98,12 @@ class TokenDPKD(LogitObjective):
     """
 
     name = "dpkd_token"
+
+    @classmethod
+    def paths(cls) -> dict[str, str]:
+        return {"cuda": "the Triton dpkd_token kernel",
+                "cpu": "vocab-chunked torch (two argmax ids per row); from_hidden: the column path",
+                "sparse teacher": "no"}
 
     def __init__(self, *, beta: float = 0.1, eps: float = 0.0, loss_type: str = "sigmoid", **common) -> None:
         super().__init__(**common)
