@@ -61,10 +61,7 @@ def read_taxonomy(path: str | Path | None = None) -> list[dict]:
 def _sampling(max_new_tokens, temperature, seed):
     from distillzoo.models.generation import Sampling
 
-    try:
-        return Sampling(int(max_new_tokens), float(temperature), seed=int(seed))
-    except ParameterError as e:
-        raise ParameterError(f"{e}") from None
+    return Sampling(int(max_new_tokens), float(temperature), seed=int(seed))
 
 
 def _language(row) -> str:

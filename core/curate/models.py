@@ -18,12 +18,8 @@ from distillzoo.errors import ConfigError
 ROLES = ("teacher", "student", "reference")
 
 
-def load_role(cfg, role: str, tokenizer, where: str):
-    """The model of the config's ``role`` section, on this process's device, or the client of its server."""
-    from distillzoo.models.causal_lm import check_vocab, place_model
-    from distillzoo.teacher.launch import Launch
-    from distillzoo.teacher.served import served_client, served_roles
-
+def require_role(cfg, role: str, where: str) -> None:
+    """A ConfigError unless ``role`` is a model section the config fills: a path, a tiny model or a server."""
     if role not in ROLES:
         raise ConfigError(f"{where}: model: {role!r} is not one of {list(ROLES)} (the config section whose model "
                           "the stage uses)")
@@ -31,6 +27,16 @@ def load_role(cfg, role: str, tokenizer, where: str):
     if section is None or (section.server is None and section.path is None and section.tiny is None):
         raise ConfigError(f"{where}: reads the config's {role!r} model, and the config gives none ({role}.path, "
                           f"{role}.tiny or {role}.server)")
+
+
+def load_role(cfg, role: str, tokenizer, where: str):
+    """The model of the config's ``role`` section, on this process's device, or the client of its server."""
+    from distillzoo.models.causal_lm import check_vocab, place_model
+    from distillzoo.teacher.launch import Launch
+    from distillzoo.teacher.served import served_client, served_roles
+
+    require_role(cfg, role, where)
+    section = cfg[role]
     if served_roles(cfg, (role,), where):
         return served_client(section, role, tokenizer, where)
     check_vocab(cfg, role, tokenizer.vocab_size, where)

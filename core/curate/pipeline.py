@@ -221,6 +221,9 @@ def curate(section: dict, where: str = "<config>", say=print, cfg=None) -> dict:
     would."""
     from distillzoo.teacher.launch import Launch
 
+    from distillzoo.curate.source import forget_readers
+
+    forget_readers()  # the formats' readers as the plugins of this run register them
     section, stages = validate_curate(section, where, cfg)
     out = Path(section["out"])
     launch = Launch.from_env()
@@ -424,14 +427,12 @@ def validate_curate(section, where: str = "<config>", cfg=None) -> tuple[dict, l
     for spec in section.get("eval") or []:
         if not isinstance(spec, dict) or not Path(str(spec.get("path"))).exists():
             raise ConfigError(f"{where}: curate.eval: {spec!r}: give {{path, format}} of an existing file")
-    for label, stage in stages:
-        for role in stage.roles:
-            model = None if cfg is None else cfg.get(role)
-            if model is None or (model.get("server") is None and model.get("path") is None
-                                 and model.get("tiny") is None):
-                raise ConfigError(f"{where}: curate.stages[{int(label[:2])}] ({stage.name}): reads the config's "
-                                  f"{role!r} model, and the config gives none ({role}.path, {role}.tiny or "
-                                  f"{role}.server)")
+    if any(stage.roles for _, stage in stages):
+        from distillzoo.curate.models import require_role
+
+        for label, stage in stages:
+            for role in stage.roles:
+                require_role(cfg, role, f"{where}: curate.stages[{int(label[:2])}] ({stage.name})")
     return section, stages
 
 

@@ -64,8 +64,13 @@ def fields_of(row: dict, format: str, columns: dict | None) -> dict:
 _readers: dict = {}
 
 
+def forget_readers() -> None:
+    """Start a run with no reader remembered (a plugin registered since the last run is seen)."""
+    _readers.clear()
+
+
 def _reader(format: str):
-    """The format's reader, looked up once per process and format (a lookup asks every plugin)."""
+    """The format's reader, looked up once per run and format (a lookup asks every plugin)."""
     from distillzoo.data.records import data_format
 
     if format not in _readers:

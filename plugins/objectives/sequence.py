@@ -250,7 +250,7 @@ class DPO(PreferenceObjective):
             nll = _chosen_nll(self.name, "rpo_alpha", pc, cl)
             losses = losses + self.rpo_alpha * nll
             metrics["nll_loss"] = nll.detach().mean()
-        if self.loss_types in (["ipo"], ["sigmoid_norm"]):  # the rewards of the log-ratios these losses read
+        if len(self.loss_types) == 1 and self.loss_types[0] in BY_LENGTH:  # the rewards of the ratios they read
             c, r = length_normalised(c, cl), length_normalised(r, rl)
         return PairTerms(losses, self.beta * c.detach(), self.beta * r.detach(), metrics)
 
